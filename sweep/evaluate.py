@@ -1,0 +1,64 @@
+"""Zero-shot classification and image-text retrieval, at the token lengths of the stage being evaluated.
+
+Both run the model through the same reduction as training (strategy and token counts of the stage), with a fixed
+generator so that random masks at evaluation are the same for every run of a seed.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from sweep.models import encode_image, encode_text
+
+ImageFeatures = Callable[[torch.Tensor], torch.Tensor]  # uint8 images -> normalised features
+TextFeatures = Callable[[list[str]], torch.Tensor]  # captions -> normalised features
+
+
+def _batched(fn, items, batch_size: int) -> torch.Tensor:
+    return torch.cat([fn(items[i:i + batch_size]) for i in range(0, len(items), batch_size)])
+
+
+@torch.no_grad()
+def zeroshot(image_features: ImageFeatures, text_features: TextFeatures, images: torch.Tensor,
+             labels: torch.Tensor, classnames: tuple[str, ...], templates: tuple[str, ...],
+             batch_size: int = 256) -> dict[str, float]:
+    """Top-1/top-5 (percent) against class embeddings averaged over prompt templates, as CLIP does."""
+    per_template = [text_features([t.format(c) for c in classnames]) for t in templates]
+    classes = torch.nn.functional.normalize(torch.stack(per_template).mean(0), dim=-1)  # [C, D]
+    logits = _batched(image_features, images, batch_size) @ classes.T
+    top5 = logits.topk(min(5, len(classnames)), dim=1).indices
+    hit = top5 == labels[:, None]
+    return {
+        "zeroshot_top1": 100.0 * hit[:, 0].float().mean().item(),
+        "zeroshot_top5": 100.0 * hit.any(dim=1).float().mean().item(),
+        "zeroshot_classes": len(classnames),
+    }
+
+
+@torch.no_grad()
+def retrieval(image_features: ImageFeatures, text_features: TextFeatures, images: torch.Tensor,
+              captions: list[str], batch_size: int = 256) -> dict[str, float]:
+    """Recall@1 (percent) of the paired caption among all captions, and of the paired image among all images."""
+    sim = _batched(image_features, images, batch_size) @ _batched(text_features, captions, batch_size).T
+    target = torch.arange(len(captions))
+    return {
+        "i2t_r1": 100.0 * (sim.argmax(dim=1) == target).float().mean().item(),
+        "t2i_r1": 100.0 * (sim.argmax(dim=0) == target).float().mean().item(),
+    }
+
+
+def feature_fns(model, to_input: Callable[[torch.Tensor], torch.Tensor],
+                reduce_images: Callable, reduce_text: Callable, seed: int) -> tuple[ImageFeatures, TextFeatures]:
+    """Feature functions that apply the stage's reductions with generators fixed by ``seed``."""
+    image_gen = torch.Generator().manual_seed(seed)
+    text_gen = torch.Generator().manual_seed(seed + 1)
+
+    def image_features(uint8_images: torch.Tensor) -> torch.Tensor:
+        images, keep = reduce_images(to_input(uint8_images), image_gen)
+        return encode_image(model, images, keep)
+
+    def text_features(captions: list[str]) -> torch.Tensor:
+        return encode_text(model, reduce_text(captions, text_gen))
+
+    return image_features, text_features

@@ -1,0 +1,145 @@
+"""Model sizes -> open_clip CLIP models, and encoders that accept reduced token sequences.
+
+Every size is an open_clip ``CLIP`` built from a config dict (the same dicts are registered with open_clip under
+``sweep-<size>``, so a saved checkpoint loads with ``open_clip.create_model("sweep-<size>", pretrained=path)``).
+
+open_clip's own ``encode_image``/``encode_text`` assume the full sequence. The two functions at the bottom run the
+same open_clip modules on shorter sequences, so one set of weights serves every image resolution, every subset of
+patches and every text context length:
+- image: the learned position table (full grid) is bilinearly resized to the grid actually fed (``resize``), then
+  the kept patches are gathered before the transformer blocks (masking strategies), so compute really falls;
+- text: the position table and the causal mask are sliced to the context fed.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from open_clip.transformer import VisionTransformer
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model size: open_clip's CLIP config plus the shapes the rest of the project reads."""
+
+    name: str
+    config: dict  # open_clip model config: embed_dim, vision_cfg, text_cfg
+    scale: str  # "cpu" (embedded default) or "paper"
+
+    @property
+    def image_size(self) -> int:
+        return self.config["vision_cfg"]["image_size"]
+
+    @property
+    def patch_size(self) -> int:
+        return self.config["vision_cfg"]["patch_size"]
+
+    @property
+    def grid(self) -> int:
+        """Patches per side at full resolution."""
+        return self.image_size // self.patch_size
+
+    @property
+    def image_tokens(self) -> int:
+        """Full image sequence: grid x grid patches plus the class token (64 px / patch 8 -> 65)."""
+        return self.grid**2 + 1
+
+    @property
+    def text_tokens(self) -> int:
+        """Full text context, start and end tokens included."""
+        return self.config["text_cfg"]["context_length"]
+
+    @property
+    def open_clip_name(self) -> str:
+        return f"sweep-{self.name}"
+
+
+def _config(embed_dim, image_size, patch_size, width, layers, head_width, text_width, text_layers, text_heads):
+    return {
+        "embed_dim": embed_dim,
+        "vision_cfg": {"image_size": image_size, "patch_size": patch_size, "width": width, "layers": layers,
+                       "head_width": head_width},
+        "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": text_width, "heads": text_heads,
+                     "layers": text_layers},
+    }
+
+
+# The CPU sizes are sized so that the whole embedded study runs on a laptop: their vision transformers differ
+# ~3.5x in parameters from one size to the next (0.1M, 0.33M, 1.2M) (the token embedding table, 49408 x text width, is counted in `params`
+# too, as open_clip counts it). Paper sizes follow the CLIPA recipe: 224 px, patch 16 (14 for H), text context 32.
+MODELS: dict[str, ModelSpec] = {
+    "cpu-s": ModelSpec("cpu-s", _config(64, 64, 8, 64, 2, 32, 64, 2, 2), "cpu"),
+    "cpu-m": ModelSpec("cpu-m", _config(96, 64, 8, 96, 3, 32, 96, 2, 3), "cpu"),
+    "cpu-l": ModelSpec("cpu-l", _config(128, 64, 8, 160, 4, 32, 128, 3, 4), "cpu"),
+    "ViT-S-16": ModelSpec("ViT-S-16", _config(384, 224, 16, 384, 12, 64, 384, 12, 6), "paper"),
+    "ViT-B-16": ModelSpec("ViT-B-16", _config(512, 224, 16, 768, 12, 64, 512, 12, 8), "paper"),
+    "ViT-L-16": ModelSpec("ViT-L-16", _config(768, 224, 16, 1024, 24, 64, 768, 12, 12), "paper"),
+    "ViT-H-14": ModelSpec("ViT-H-14", _config(1024, 224, 14, 1280, 32, 80, 1024, 24, 16), "paper"),
+}
+
+
+def register_open_clip_configs() -> None:
+    """Make every size known to open_clip as ``sweep-<size>`` (idempotent)."""
+    from open_clip.factory import _MODEL_CONFIGS
+
+    for spec in MODELS.values():
+        _MODEL_CONFIGS.setdefault(spec.open_clip_name, copy.deepcopy(spec.config))
+
+
+def build_model(name: str) -> open_clip.CLIP:
+    """A freshly initialised open_clip CLIP of the named size (call ``torch.manual_seed`` first for determinism)."""
+    return open_clip.CLIP(**copy.deepcopy(MODELS[name].config))
+
+
+def count_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def position_embedding_for_grid(visual: VisionTransformer, grid: int) -> torch.Tensor:
+    """The class position and ``grid x grid`` patch positions, resized from the learned full-grid table."""
+    table = visual.positional_embedding
+    full = visual.grid_size[0]
+    if grid == full:
+        return table
+    patches = table[1:].reshape(1, full, full, -1).permute(0, 3, 1, 2)
+    patches = F.interpolate(patches, size=(grid, grid), mode="bilinear", align_corners=False)
+    return torch.cat([table[:1], patches.permute(0, 2, 3, 1).reshape(grid * grid, -1)])
+
+
+def encode_image(model: open_clip.CLIP, images: torch.Tensor, keep: torch.Tensor | None = None,
+                 normalize: bool = True) -> torch.Tensor:
+    """Image features from ``images`` [B, 3, H, W] (any H = W multiple of the patch size).
+
+    ``keep`` [B, n] holds the indices (row-major into the patch grid) of the patches that enter the transformer;
+    None keeps all of them. The class token is always kept, so the blocks see ``n + 1`` tokens.
+    """
+    visual = model.visual
+    x = visual.conv1(images)  # [B, width, grid, grid]
+    grid = x.shape[-1]
+    x = x.flatten(2).transpose(1, 2)  # [B, grid*grid, width]
+    pos = position_embedding_for_grid(visual, grid).to(x.dtype)
+    x = x + pos[1:]
+    if keep is not None:  # drop patches before the blocks: the attention and MLP FLOPs fall with the count
+        x = torch.gather(x, 1, keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    cls = (visual.class_embedding + pos[0]).to(x.dtype).expand(x.shape[0], 1, -1)
+    x = visual.ln_pre(torch.cat([cls, x], dim=1))
+    x = visual.transformer(x)
+    pooled, _ = visual._pool(x)
+    if visual.proj is not None:
+        pooled = pooled @ visual.proj
+    return F.normalize(pooled, dim=-1) if normalize else pooled
+
+
+def encode_text(model: open_clip.CLIP, text: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+    """Text features from token ids [B, L] for any context L up to the model's full context."""
+    length = text.shape[1]
+    x = model.token_embedding(text) + model.positional_embedding[:length]
+    x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
+    x = model.ln_final(x)
+    # open_clip pools at the end-of-text token, the highest id in every row
+    x = x[torch.arange(x.shape[0]), text.argmax(dim=-1)]
+    x = x @ model.text_projection
+    return F.normalize(x, dim=-1) if normalize else x

@@ -1,0 +1,328 @@
+"""One run, top to bottom: pre-train at reduced token lengths, optionally fine-tune at full length, evaluate after
+each stage, and write the result record.
+
+Everything random is a pure function of (seed, stage, step): the data order of an epoch, every mask, every word
+choice. A run therefore resumes from its last checkpoint (model, optimizer, step) and ends exactly where an
+uninterrupted run of the same config ends, on the same machine and thread count.
+
+Files in the run directory:
+    config.yaml          the fully resolved RunConfig (a rerun with another config is refused)
+    checkpoint.pt        the latest resumable state, replaced atomically every `checkpoint_every` steps and on
+                         SIGTERM / SIGUSR2
+    model.pt             final weights, an open_clip state dict (see `load_trained_model`)
+    result.json          the result record (SPEC.md), written atomically once the run has ended
+"""
+from __future__ import annotations
+
+import math
+import platform
+import signal
+import subprocess
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import torch
+import yaml
+from open_clip.loss import ClipLoss
+from torch.utils.flop_counter import FlopCounterMode
+from tqdm import tqdm
+
+from sweep.config import ConfigError, RunConfig
+from sweep.data import Data, load_data
+from sweep.evaluate import feature_fns, retrieval, zeroshot
+from sweep.models import build_model, count_params, encode_image, encode_text, register_open_clip_configs
+from sweep.results import atomic_write, write_json_atomic
+from sweep.strategies.image import reduce_images
+from sweep.strategies.text import TextReducer
+
+STAGES = ("pretrain", "finetune")
+STAGE_IDS = {"pretrain": 0, "finetune": 1}
+
+
+class Diverged(RuntimeError):
+    """The loss stopped being finite; the run ends as failed with this message."""
+
+
+class Interrupted(RuntimeError):
+    """A SIGTERM/SIGUSR2 arrived; a checkpoint was written and a rerun resumes from it."""
+
+    def __init__(self, signum: int, step: int):
+        self.signum = signum
+        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}; checkpoint written, "
+                         f"rerun on the same directory to resume")
+
+
+def generator(*keys: int) -> torch.Generator:
+    """A torch generator seeded by a tuple of ints (e.g. seed, stage, step), independent across tuples."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence(list(keys)).generate_state(1)[0]))
+
+
+def lr_at(step: int, steps: int, peak: float, warmup_fraction: float) -> float:
+    """Linear warmup to `peak`, then cosine decay to 0 at the last step."""
+    warmup = int(warmup_fraction * steps)
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return 0.5 * peak * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: torch.nn.Module, cfg: RunConfig, lr: float) -> torch.optim.AdamW:
+    # as in CLIP/open_clip: no weight decay on gains, biases, the logit scale and other 0/1-d parameters
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "logit_scale" not in n]
+    rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "logit_scale" not in n)]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": rest, "weight_decay": 0.0}], lr=lr, betas=(cfg.beta1, cfg.beta2), eps=1e-6)
+
+
+class Pixels:
+    """uint8 images -> the normalised float tensors open_clip's ViTs expect."""
+
+    def __init__(self):
+        self.mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
+        self.std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return (images.float() / 255.0 - self.mean) / self.std
+
+
+class EpochOrder:
+    """Sample position -> training scene index: every epoch visits every scene once, in an order set by the seed."""
+
+    def __init__(self, n: int, seed: int, stage: str):
+        self.n, self.seed, self.stage, self._perms = n, seed, STAGE_IDS[stage], {}
+
+    def batch(self, step: int, batch_size: int) -> torch.Tensor:
+        positions = torch.arange(step * batch_size, (step + 1) * batch_size)
+        epochs, within = positions // self.n, positions % self.n
+        out = torch.empty(batch_size, dtype=torch.long)
+        for epoch in epochs.unique().tolist():
+            if epoch not in self._perms:
+                self._perms = {epoch: torch.randperm(self.n, generator=generator(self.seed, self.stage, epoch))}
+            sel = epochs == epoch
+            out[sel] = self._perms[epoch][within[sel]]
+        return out
+
+
+@contextmanager
+def stop_signals(enabled: bool):
+    """Turn SIGTERM/SIGUSR2 into a flag the loop checks after each step (a Slurm preemption or a kill)."""
+    received: list[int] = []
+    if not enabled:
+        yield received
+        return
+    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum))
+                for s in (signal.SIGTERM, signal.SIGUSR2)}
+    try:
+        yield received
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def train_stage(model, cfg: RunConfig, stage: str, data: Data, pixels: Pixels, state: dict, run_dir: Path,
+                stop: list[int], progress: bool) -> None:
+    """Run (or finish) one stage, updating `state` in place; checkpoints as it goes."""
+    samples = cfg.pretrain_samples if stage == "pretrain" else cfg.finetune_samples
+    steps = samples // cfg.batch_size  # the tail that does not fill a batch is not trained on
+    image_strategy, image_tokens, text_strategy, text_tokens = cfg.stage_settings(stage)
+    patch = cfg.spec.patch_size
+    text = TextReducer(text_strategy, text_tokens, context_length=cfg.spec.text_tokens,
+                       spacy_model=cfg.spacy_model)
+    text.prepare(data.train_captions)  # tokenise (and tag) every caption before the clock starts
+    peak = cfg.lr if stage == "pretrain" else cfg.finetune_lr
+    optimizer = make_optimizer(model, cfg, peak)
+    start = 0
+    if state.get("stage") == stage and "optimizer" in state:
+        optimizer.load_state_dict(state.pop("optimizer"))
+        start = state["step"]
+    order = EpochOrder(len(data.train_captions), cfg.seed, stage)
+    loss_fn = ClipLoss()
+    stats = state.setdefault("compute", {}).setdefault(stage, {"train_seconds": 0.0, "flops_per_step": None})
+    losses = state.setdefault("losses", {}).setdefault(stage, [])
+
+    def save(next_step: int) -> None:
+        ckpt = {**{k: v for k, v in state.items() if not k.startswith("_")}, "stage": stage, "step": next_step,
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "config": cfg.to_dict(),
+                "elapsed": state["elapsed"] + time.time() - state["_started"]}
+        atomic_write(run_dir / "checkpoint.pt", lambda path: torch.save(ckpt, path))
+
+    model.train()
+    bar = tqdm(range(start, steps), desc=stage, initial=start, total=steps, disable=not progress, leave=False,
+               dynamic_ncols=True)
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, steps, peak, cfg.warmup_fraction)
+        tic = time.perf_counter()
+        idx = order.batch(step, cfg.batch_size)
+        gen = generator(cfg.seed, STAGE_IDS[stage], step, 1)
+        images, keep = reduce_images(pixels(data.train_images[idx]), image_strategy, image_tokens, patch, gen)
+        tokens = text([data.train_captions[i] for i in idx.tolist()], gen)
+        # Count FLOPs once per stage on a real step: every step of a stage has the same shapes.
+        counter = FlopCounterMode(display=False) if stats["flops_per_step"] is None else None
+        with counter or _nothing():
+            loss = loss_fn(encode_image(model, images, keep), encode_text(model, tokens), model.logit_scale.exp())
+            if not torch.isfinite(loss):
+                raise Diverged(f"loss became {loss.item()} at {stage} step {step}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        if counter is not None:
+            stats["flops_per_step"] = counter.get_total_flops()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        with torch.no_grad():  # CLIP caps the temperature at 100
+            model.logit_scale.clamp_(0, math.log(100))
+        stats["train_seconds"] += time.perf_counter() - tic
+        losses.append(round(loss.item(), 5))
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if stop:
+            save(step + 1)
+            raise Interrupted(stop[0], step + 1)
+        if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < steps:
+            save(step + 1)
+    bar.close()
+    stats["steps"] = steps
+    stats["samples"] = steps * cfg.batch_size
+    state["metrics"][stage] = evaluate(model, cfg, stage, data, pixels)
+    state["stage"], state["step"] = stage, steps
+    save(steps)
+
+
+@contextmanager
+def _nothing():
+    yield
+
+
+def evaluate(model, cfg: RunConfig, stage: str, data: Data, pixels: Pixels) -> dict[str, float]:
+    image_strategy, image_tokens, text_strategy, text_tokens = cfg.stage_settings(stage)
+    text = TextReducer(text_strategy, text_tokens, context_length=cfg.spec.text_tokens,
+                       spacy_model=cfg.spacy_model)
+    image_features, text_features = feature_fns(
+        model, pixels,
+        lambda images, gen: reduce_images(images, image_strategy, image_tokens, cfg.spec.patch_size, gen),
+        text, seed=cfg.seed + 1000 * STAGE_IDS[stage])
+    model.eval()
+    metrics = {**zeroshot(image_features, text_features, data.zeroshot_images, data.zeroshot_labels,
+                          data.classnames, data.templates),
+               **retrieval(image_features, text_features, data.retrieval_images, data.retrieval_captions)}
+    model.train()
+    metrics.update(image_strategy=image_strategy, image_tokens=image_tokens, text_strategy=text_strategy,
+                   text_tokens=text_tokens)
+    return metrics
+
+
+def versions() -> dict[str, str | None]:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                                text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    from importlib.metadata import PackageNotFoundError, version
+    out = {"python": platform.python_version(), "git_commit": commit}
+    for pkg in ("torch", "open_clip_torch", "numpy", "inverse-scaling-sweep"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def check_run_dir(cfg: RunConfig, run_dir: Path) -> None:
+    """Refuse to resume a directory that holds a different run."""
+    saved = run_dir / "config.yaml"
+    if saved.exists():
+        previous = yaml.safe_load(saved.read_text())
+        if previous != cfg.to_dict():
+            changed = sorted(k for k in set(previous) | set(cfg.to_dict())
+                             if previous.get(k) != cfg.to_dict().get(k))
+            raise ConfigError(changed[0] if changed else "config",
+                              f"differs from the run already in {run_dir} (changed: {', '.join(changed)}); "
+                              f"use another --out directory", saved)
+
+
+def run(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True, handle_signals: bool = True) -> dict:
+    """Train one run to completion (resuming if `run_dir` holds a checkpoint) and write its result.json.
+
+    Returns the result record. A run whose result.json is already `completed` is not trained again.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    check_run_dir(cfg, run_dir)
+    atomic_write(run_dir / "config.yaml", lambda p: Path(p).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False)))
+    result_path = run_dir / "result.json"
+    if result_path.exists():
+        import json
+        done = json.loads(result_path.read_text())
+        if done.get("status") == "completed":
+            return done
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+
+    tic = time.time()
+    record = {
+        "run_id": run_dir.name, "sweep": run_dir.parent.name, "status": "completed", "error": None,
+        "model": cfg.model, "params": None, "image_strategy": cfg.image_strategy, "image_tokens": cfg.image_tokens,
+        "text_strategy": cfg.text_strategy, "text_tokens": cfg.text_tokens, "seed": cfg.seed,
+        "metrics": {}, "compute": {}, "config": cfg.to_dict(), "versions": versions(),
+        "open_clip_model": cfg.spec.open_clip_name, "weights": None,
+    }
+    state: dict = {"metrics": {}, "elapsed": 0.0, "_started": tic}
+    try:
+        data = load_data(cfg.dataset, cfg.data_seed, cfg.train_scenes, cfg.spec.image_size,
+                         cfg.eval_zeroshot_samples, cfg.eval_retrieval_samples)
+        torch.manual_seed(cfg.seed)
+        model = build_model(cfg.model)
+        record["params"] = count_params(model)
+        if (run_dir / "checkpoint.pt").exists():
+            state = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+            model.load_state_dict(state.pop("model"))
+        state["_started"] = tic
+        pixels = Pixels()
+        with stop_signals(handle_signals) as stop:
+            for stage in STAGES:
+                samples = cfg.pretrain_samples if stage == "pretrain" else cfg.finetune_samples
+                if samples and stage not in state["metrics"]:
+                    train_stage(model, cfg, stage, data, pixels, state, run_dir, stop, progress)
+        torch.save(model.state_dict(), run_dir / "model.pt")
+        record["weights"] = "model.pt"
+    except Diverged as err:
+        record.update(status="failed", error=str(err))
+    except Interrupted:
+        raise
+    except Exception as err:  # any other failure is recorded so `sweep status` can say why, then re-raised
+        record.update(status="failed", error=f"{type(err).__name__}: {err}")
+        _finish(record, state, tic, cfg, result_path)
+        raise
+    _finish(record, state, tic, cfg, result_path)
+    return record
+
+
+def _finish(record: dict, state: dict, tic: float, cfg: RunConfig, path: Path) -> None:
+    record["metrics"] = {stage: state["metrics"].get(stage) for stage in STAGES}
+    compute = state.get("compute", {})
+    samples = sum(c.get("samples", 0) for c in compute.values())
+    train_seconds = sum(c.get("train_seconds", 0.0) for c in compute.values())
+    record["compute"] = {
+        "samples_seen": samples,
+        # FLOPs of forward + backward (as torch's FlopCounterMode counts them) x the stage's steps
+        "train_flops": sum((c.get("flops_per_step") or 0) * c.get("steps", 0) for c in compute.values()),
+        "wall_seconds": round(state.get("elapsed", 0.0) + time.time() - tic, 3),
+        "train_seconds": round(train_seconds, 3),
+        "samples_per_second": round(samples / train_seconds, 2) if train_seconds else None,
+        "stages": compute,
+        "threads": torch.get_num_threads(),
+    }
+    record["final_loss"] = {stage: float(np.mean(v[-20:])) for stage, v in state.get("losses", {}).items() if v}
+    write_json_atomic(path, record)
+
+
+def load_trained_model(run_dir: str | Path) -> open_clip.CLIP:
+    """The final weights of a run, loaded the open_clip way (create_model with pretrained=path)."""
+    register_open_clip_configs()
+    run_dir = Path(run_dir)
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    from sweep.models import MODELS
+    return open_clip.create_model(MODELS[cfg["model"]].open_clip_name, pretrained=str(run_dir / "model.pt"))

