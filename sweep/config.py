@@ -124,6 +124,11 @@ def _coerce(name: str, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(name, f"must be an integer, got {value!r}")
     elif declared.startswith("float"):
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string; accept it as the number it is
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(name, f"must be a number, got {value!r}")
         value = float(value)

@@ -19,7 +19,7 @@ import platform
 import signal
 import subprocess
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -122,6 +122,22 @@ def stop_signals(enabled: bool):
             signal.signal(s, handler)
 
 
+def train_step(model, optimizer, loss_fn, images: torch.Tensor, keep: torch.Tensor | None, tokens: torch.Tensor,
+               grad_clip: float) -> torch.Tensor:
+    """One AdamW step on a reduced batch; returns the loss. A non-finite loss updates nothing."""
+    loss = loss_fn(encode_image(model, images, keep), encode_text(model, tokens), model.logit_scale.exp())
+    if not torch.isfinite(loss):
+        return loss
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    with torch.no_grad():  # CLIP caps the temperature at 100
+        model.logit_scale.clamp_(0, math.log(100))
+    return loss
+
+
 def train_stage(model, cfg: RunConfig, stage: str, data: Data, pixels: Pixels, state: dict, run_dir: Path,
                 stop: list[int], progress: bool) -> None:
     """Run (or finish) one stage, updating `state` in place; checkpoints as it goes."""
@@ -162,19 +178,12 @@ def train_stage(model, cfg: RunConfig, stage: str, data: Data, pixels: Pixels, s
         tokens = text([data.train_captions[i] for i in idx.tolist()], gen)
         # Count FLOPs once per stage on a real step: every step of a stage has the same shapes.
         counter = FlopCounterMode(display=False) if stats["flops_per_step"] is None else None
-        with counter or _nothing():
-            loss = loss_fn(encode_image(model, images, keep), encode_text(model, tokens), model.logit_scale.exp())
-            if not torch.isfinite(loss):
-                raise Diverged(f"loss became {loss.item()} at {stage} step {step}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+        with counter or nullcontext():
+            loss = train_step(model, optimizer, loss_fn, images, keep, tokens, cfg.grad_clip)
+        if not torch.isfinite(loss):
+            raise Diverged(f"loss became {loss.item()} at {stage} step {step}")
         if counter is not None:
             stats["flops_per_step"] = counter.get_total_flops()
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        with torch.no_grad():  # CLIP caps the temperature at 100
-            model.logit_scale.clamp_(0, math.log(100))
         stats["train_seconds"] += time.perf_counter() - tic
         losses.append(round(loss.item(), 5))
         bar.set_postfix(loss=f"{loss.item():.3f}")
@@ -189,11 +198,6 @@ def train_stage(model, cfg: RunConfig, stage: str, data: Data, pixels: Pixels, s
     state["metrics"][stage] = evaluate(model, cfg, stage, data, pixels)
     state["stage"], state["step"] = stage, steps
     save(steps)
-
-
-@contextmanager
-def _nothing():
-    yield
 
 
 def evaluate(model, cfg: RunConfig, stage: str, data: Data, pixels: Pixels) -> dict[str, float]:

@@ -1,0 +1,121 @@
+"""End-to-end runs of the trainer on the embedded data (slow: they really train)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import open_clip
+import pytest
+import torch
+
+from sweep.cli import main
+from sweep.config import load_run_config
+from sweep.models import encode_image
+from sweep.train import load_trained_model, run
+
+pytestmark = pytest.mark.slow
+
+SMALL = ["pretrain_samples=2560", "finetune_samples=256", "checkpoint_every=4", "threads=1",
+         "eval_zeroshot_samples=200", "eval_retrieval_samples=200"]
+METRICS = {"zeroshot_top1", "zeroshot_top5", "i2t_r1", "t2i_r1", "zeroshot_classes"}
+
+
+def sweep_cmd(*args):
+    return [sys.executable, "-m", "sweep", *args]
+
+
+def test_run_example_learns_and_writes_every_record_field(tmp_path, capsys):
+    out = tmp_path / "example"
+    assert main(["train", "grids/run-example.yaml", "--out", str(out), "--quiet"]) == 0
+    assert "result.json" in capsys.readouterr().out
+    record = json.loads((out / "result.json").read_text())
+    for key in ["run_id", "sweep", "status", "error", "model", "params", "image_strategy", "image_tokens",
+                "text_strategy", "text_tokens", "seed", "metrics", "compute", "config", "versions"]:
+        assert key in record, key
+    assert record["status"] == "completed" and record["error"] is None
+    assert (record["image_strategy"], record["image_tokens"]) == ("random", 17)
+    for stage in ["pretrain", "finetune"]:
+        assert METRICS <= set(record["metrics"][stage])
+        assert all(0 <= record["metrics"][stage][k] <= 100 for k in METRICS - {"zeroshot_classes"})
+    assert record["metrics"]["finetune"]["image_tokens"] == 65
+    for key in ["samples_seen", "train_flops", "wall_seconds", "samples_per_second"]:
+        assert record["compute"][key] > 0, key
+    assert record["compute"]["samples_seen"] == 12800 + 1280
+    assert record["versions"]["torch"] and record["versions"]["open_clip_torch"] == "3.3.0"
+    # the model learns: zero-shot top-1 at full length at least three times chance
+    chance = 100.0 / record["metrics"]["finetune"]["zeroshot_classes"]
+    assert record["metrics"]["finetune"]["zeroshot_top1"] >= 3 * chance
+
+    # the final weights load back into open_clip the open_clip way
+    model = load_trained_model(out).eval()
+    images = torch.rand(2, 3, 64, 64)
+    state = torch.load(out / "model.pt")
+    assert set(state) == set(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_image(images, normalize=True), encode_image(model, images))
+
+
+def test_sigkill_after_first_checkpoint_then_rerun_matches_uninterrupted(tmp_path):
+    sets = [a for s in SMALL for a in ("--set", s)]
+    killed, clean = tmp_path / "killed", tmp_path / "clean"
+    proc = subprocess.Popen(sweep_cmd("train", "grids/run-example.yaml", "--out", str(killed), "--quiet", *sets),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (killed / "checkpoint.pt").exists():
+        assert proc.poll() is None and time.time() < deadline, "no checkpoint before the run ended"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "result.json").exists()
+    step = torch.load(killed / "checkpoint.pt", weights_only=False)["step"]
+    assert 0 < step < 20
+
+    subprocess.run(sweep_cmd("train", "grids/run-example.yaml", "--out", str(killed), "--quiet", *sets), check=True)
+    subprocess.run(sweep_cmd("train", "grids/run-example.yaml", "--out", str(clean), "--quiet", *sets), check=True)
+    a, b = (json.loads((d / "result.json").read_text()) for d in (killed, clean))
+    assert a["metrics"] == b["metrics"]
+    assert a["final_loss"] == b["final_loss"]
+    assert a["compute"]["samples_seen"] == b["compute"]["samples_seen"]
+
+
+def test_sigterm_writes_a_checkpoint_and_a_rerun_finishes(tmp_path):
+    out = tmp_path / "run"
+    sets = [a for s in SMALL + ["checkpoint_every=0"] for a in ("--set", s)]
+    proc = subprocess.Popen(sweep_cmd("train", "grids/run-example.yaml", "--out", str(out), "--quiet", *sets),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while not (out / "config.yaml").exists():
+        time.sleep(0.05)
+    time.sleep(4)  # into the training loop
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "checkpoint written" in err
+    assert (out / "checkpoint.pt").exists() and not (out / "result.json").exists()
+    subprocess.run(sweep_cmd("train", "grids/run-example.yaml", "--out", str(out), "--quiet", *sets), check=True)
+    assert json.loads((out / "result.json").read_text())["status"] == "completed"
+
+
+def test_diverging_run_ends_failed_with_the_reason(tmp_path, capsys):
+    out = tmp_path / "nan"
+    code = main(["train", "grids/run-example.yaml", "--out", str(out), "--quiet", "--set", "lr=1e30",
+                 "--set", "pretrain_samples=1280", "--set", "finetune_samples=0", "--set", "threads=1"])
+    assert code == 1
+    record = json.loads((out / "result.json").read_text())
+    assert record["status"] == "failed"
+    assert "loss became nan" in record["error"] and "pretrain step" in record["error"]
+    assert "loss became nan" in capsys.readouterr().err
+
+
+def test_completed_run_is_not_trained_again_and_a_changed_config_is_refused(tmp_path, capsys):
+    cfg = load_run_config("grids/run-example.yaml", ["pretrain_samples=256", "finetune_samples=0", "threads=1",
+                                                     "eval_zeroshot_samples=40", "eval_retrieval_samples=40"])
+    first = run(cfg, tmp_path / "r", progress=False)
+    mtime = (tmp_path / "r" / "result.json").stat().st_mtime_ns
+    assert run(cfg, tmp_path / "r", progress=False) == first
+    assert (tmp_path / "r" / "result.json").stat().st_mtime_ns == mtime
+    code = main(["train", "grids/run-example.yaml", "--out", str(tmp_path / "r"), "--set", "seed=5"])
+    assert code == 2
+    assert "seed" in capsys.readouterr().err
