@@ -6,6 +6,7 @@ and nothing written.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import textwrap
 
@@ -31,6 +32,94 @@ def _train(args: argparse.Namespace) -> int:
     print(f"{c['samples_seen']} samples, {c['train_flops'] / 1e12:.2f} TFLOPs, {c['samples_per_second']} samples/s, "
           f"{c['wall_seconds']:.0f} s")
     print(f"result: {where}")
+    return 0
+
+
+def _slurm_options(args: argparse.Namespace, grid):
+    from sweep.launch import SlurmOptions
+
+    raw = dict(grid.slurm)
+    for key in ("partition", "account", "qos", "gpus", "cpus", "mem_gb", "time_min", "array_parallelism"):
+        if getattr(args, key) is not None:
+            raw[key] = getattr(args, key)
+    if args.sbatch:
+        from sweep.config import parse_overrides
+        raw["sbatch"] = {**raw.get("sbatch", {}), **parse_overrides(args.sbatch)}
+    return SlurmOptions.from_mapping(raw, str(grid.path))
+
+
+def _launch(args: argparse.Namespace) -> int:
+    from sweep.config import ConfigError
+    from sweep.grid import load_grid
+    from sweep.launch import choose_executor, launch, slurm_available, threads_per_run, to_do
+
+    grid = load_grid(args.grid)
+    slurm = _slurm_options(args, grid)
+    if args.max_parallel < 1:
+        raise ConfigError("--max-parallel", "must be at least 1", "command line")
+    executor = choose_executor(args.executor)
+    if executor == "slurm" and not slurm_available():
+        raise ConfigError("--executor", "slurm was asked for, but sbatch/sinfo do not work here", "command line")
+    todo, skipped = to_do(grid, args.results, args.rerun_failed)
+    where = f"{args.results}/{grid.sweep}"
+    print(f"{grid.sweep}: {len(grid.runs)} runs; {len(skipped['completed'])} completed and "
+          f"{len(skipped['failed'])} failed already{' (rerun)' if args.rerun_failed else ''}; "
+          f"{len(todo)} to run with the {executor} executor -> {where}")
+    if args.dry_run:
+        from sweep.plan import estimate, format_plan, group_rows
+
+        configs = [r.config for r in todo]
+        if configs:
+            threads = threads_per_run(executor, args.max_parallel, slurm)
+            print(format_plan(group_rows(configs, estimate(configs, threads, args.tflops)), args.max_parallel))
+        print("dry run: nothing written, nothing submitted")
+        return 0
+    record = launch(grid, args.results, executor, max_parallel=args.max_parallel, rerun_failed=args.rerun_failed,
+                    fail_fast=args.fail_fast, slurm=slurm, progress=not args.quiet)
+    if executor == "slurm" and record.get("jobs"):
+        print(f"submitted {len(record['jobs'])} runs as job array(s) {', '.join(record['arrays'])}; "
+              f"follow with: sweep status {where}")
+        return 0
+    from sweep.status import collect, summary
+
+    rows = [r for r in collect(where) if r["run_id"] in set(record["runs"])]
+    print(summary(rows))
+    failed = [r for r in rows if r["state"] == "failed"]
+    for r in failed:
+        print(f"  failed {r['run_id']}: {r['reason']}")
+    return 1 if failed else 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from sweep.config import ConfigError
+    from sweep.status import collect, find_manifests, format_table, summary
+
+    if not find_manifests(Path(args.path)):
+        raise ConfigError("PATH", "holds no sweep (no manifest.json in it or in its subdirectories)", args.path)
+    rows = collect(args.path)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    else:
+        print(format_table(rows))
+        print(summary(rows))
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from sweep.grid import load_grid
+    from sweep.launch import choose_executor, threads_per_run
+    from sweep.plan import estimate, format_plan, group_rows
+
+    grid = load_grid(args.grid)
+    slurm = _slurm_options(args, grid)
+    executor = choose_executor("auto")
+    configs = [r.config for r in grid.runs]
+    costs = estimate(configs, threads_per_run(executor, args.max_parallel, slurm), args.tflops)
+    print(f"{grid.sweep}: {len(configs)} runs ({sum(r.baseline for r in grid.runs)} full-length baselines added)")
+    print(format_plan(group_rows(configs, costs), args.max_parallel))
     return 0
 
 
@@ -60,6 +149,25 @@ def _mask_text(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_cost_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tflops", type=float, default=100.0,
+                   help="delivered TFLOP/s assumed per GPU for the time of paper-size runs (default 100)")
+
+
+def _add_slurm_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("Slurm (override the grid's slurm: section)")
+    g.add_argument("--partition")
+    g.add_argument("--account")
+    g.add_argument("--qos")
+    g.add_argument("--gpus", type=int, help="GPUs per run")
+    g.add_argument("--cpus", type=int, help="CPU cores per run")
+    g.add_argument("--mem-gb", dest="mem_gb", type=float, help="memory per run, GB")
+    g.add_argument("--time-min", dest="time_min", type=int, help="time limit per run, minutes")
+    g.add_argument("--array-parallelism", type=int, help="tasks of an array running at once")
+    g.add_argument("--sbatch", action="append", default=[], metavar="FLAG=VALUE",
+                   help="extra sbatch flag (repeatable), e.g. --sbatch constraint=a100")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from sweep.config import field_docs
 
@@ -85,6 +193,43 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override one setting (repeatable), e.g. --set image_tokens=17")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_train)
+
+    p = sub.add_parser(
+        "launch", help="run every cell of a grid file (locally or on Slurm), skipping what is done",
+        description="Expand and validate a grid file, write the sweep manifest under RESULTS/<sweep>/, and run "
+                    "every run that has no completed result: locally (worker processes, waiting to the end with "
+                    "a progress bar) or as Slurm job arrays through submitit (returning after submission). "
+                    "Relaunching is always safe: completed runs are skipped and no result is ever duplicated.")
+    p.add_argument("grid", help="grid YAML file (e.g. grids/smoke.yaml)")
+    p.add_argument("--results", default="results", help="results directory (default: results)")
+    p.add_argument("--executor", default="auto", choices=["auto", "local", "slurm", "debug"],
+                   help="auto (default) = slurm where a Slurm cluster answers, else local; debug = in this "
+                        "process, one run after the other")
+    p.add_argument("--dry-run", action="store_true", help="print what would run and what it costs; do nothing")
+    p.add_argument("--max-parallel", type=int, default=os.cpu_count() or 1,
+                   help="local runs at once; the cores are split between them (default: number of cores)")
+    p.add_argument("--rerun-failed", action="store_true", help="also rerun runs whose result is failed")
+    p.add_argument("--fail-fast", action="store_true", help="local: stop at the first failed run")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_cost_options(p)
+    _add_slurm_options(p)
+    p.set_defaults(func=_launch)
+
+    p = sub.add_parser("status", help="what every run of a sweep is doing: pending, running, done, failed and why",
+                       description="Show every run's state (pending, running, completed, failed with its reason, "
+                                   "requeued, stale) from the run directories and one scheduler query.")
+    p.add_argument("path", help="a sweep directory (results/<sweep>) or a results directory with several")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON")
+    p.set_defaults(func=_status)
+
+    p = sub.add_parser("plan", help="the runs a launch would start, grouped, with their FLOPs and time",
+                       description="Expand a grid and print its runs grouped by model and strategies with their "
+                                   "token lengths, training FLOPs and estimated time (nothing is written).")
+    p.add_argument("grid", help="grid YAML file")
+    p.add_argument("--max-parallel", type=int, default=os.cpu_count() or 1, help="parallel runs assumed")
+    _add_cost_options(p)
+    _add_slurm_options(p)
+    p.set_defaults(func=_plan)
 
     p = sub.add_parser("mask-image", help="draw embedded-data images as an image strategy reduces them",
                        description="Draw sample images of the embedded data with the kept patches outlined and "

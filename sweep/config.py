@@ -18,6 +18,11 @@ from sweep.models import MODELS
 from sweep.strategies.image import IMAGE_STRATEGIES
 
 
+# Settings that change how a run is executed, not what it computes: they stay out of run ids and a run may
+# resume under other values (e.g. a relaunch with another --max-parallel gives each run other threads).
+OPERATIONAL = ("threads", "checkpoint_every")
+
+
 class ConfigError(ValueError):
     """A bad setting: ``str(err)`` is one line naming the source file and the field."""
 

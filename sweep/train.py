@@ -11,15 +11,20 @@ Files in the run directory:
                          SIGTERM / SIGUSR2
     model.pt             final weights, an open_clip state dict (see `load_trained_model`)
     result.json          the result record (SPEC.md), written atomically once the run has ended
+    heartbeat            touched every 10 s while the run is alive (read by `sweep status`)
+    .lock                held (flock) by the one process training the run
 """
 from __future__ import annotations
 
+import fcntl
+import json
 import math
 import platform
 import signal
 import subprocess
+import threading
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -27,12 +32,12 @@ import open_clip
 import torch
 import yaml
 from open_clip.loss import ClipLoss
-from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
-from sweep.config import ConfigError, RunConfig
+from sweep.config import OPERATIONAL, ConfigError, RunConfig
 from sweep.data import Data, load_data
 from sweep.evaluate import feature_fns, retrieval, zeroshot
+from sweep.flops import step_flops
 from sweep.models import build_model, count_params, encode_image, encode_text, register_open_clip_configs
 from sweep.results import atomic_write, write_json_atomic
 from sweep.strategies.image import reduce_images
@@ -106,20 +111,76 @@ class EpochOrder:
         return out
 
 
-@contextmanager
-def stop_signals(enabled: bool):
-    """Turn SIGTERM/SIGUSR2 into a flag the loop checks after each step (a Slurm preemption or a kill)."""
-    received: list[int] = []
-    if not enabled:
-        yield received
-        return
-    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum))
-                for s in (signal.SIGTERM, signal.SIGUSR2)}
-    try:
-        yield received
-    finally:
-        for s, handler in previous.items():
+class StopSignals:
+    """Turn SIGTERM/SIGUSR2 (a kill, a Slurm preemption or time-out) into a request the loop honours between
+    steps: it writes a checkpoint, then hands the signal to whoever handled it before (submitit requeues the
+    job there), else stops with `Interrupted`."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
+
+    def __init__(self, enabled: bool):
+        self.enabled, self.received, self.previous = enabled, [], {}
+
+    def __enter__(self) -> "StopSignals":
+        if self.enabled:
+            self.previous = {s: signal.signal(s, lambda signum, frame: self.received.append(signum))
+                             for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self.previous.items():
             signal.signal(s, handler)
+
+    def __bool__(self) -> bool:
+        return bool(self.received)
+
+    def honour(self, step: int) -> None:
+        """Called after the checkpoint is written."""
+        signum = self.received[0]
+        handler = self.previous.get(signum)
+        self.__exit__()
+        if callable(handler):
+            handler(signum, None)
+        raise Interrupted(signum, step)
+
+
+class AlreadyRunning(RuntimeError):
+    """Another process holds the run directory; training it twice would duplicate the result."""
+
+
+@contextmanager
+def exclusive(run_dir: Path):
+    """Hold RUN_DIR/.lock while the run trains (released by the OS if the process dies, even by SIGKILL)."""
+    handle = open(run_dir / ".lock", "w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise AlreadyRunning(f"{run_dir} is being trained by another process") from None
+    try:
+        yield
+    finally:
+        handle.close()
+
+
+@contextmanager
+def heartbeat(path: Path, every: float = 10.0):
+    """Touch `path` every few seconds from a thread, so `sweep status` can tell a live run from a dead one."""
+    done = threading.Event()
+
+    def beat() -> None:
+        while True:
+            path.touch()
+            if done.wait(every):
+                return
+
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
 
 
 def train_step(model, optimizer, loss_fn, images: torch.Tensor, keep: torch.Tensor | None, tokens: torch.Tensor,
@@ -139,7 +200,7 @@ def train_step(model, optimizer, loss_fn, images: torch.Tensor, keep: torch.Tens
 
 
 def train_stage(model, cfg: RunConfig, stage: str, data: Data, pixels: Pixels, state: dict, run_dir: Path,
-                stop: list[int], progress: bool) -> None:
+                stop: StopSignals, progress: bool) -> None:
     """Run (or finish) one stage, updating `state` in place; checkpoints as it goes."""
     samples = cfg.pretrain_samples if stage == "pretrain" else cfg.finetune_samples
     steps = samples // cfg.batch_size  # the tail that does not fill a batch is not trained on
@@ -156,7 +217,9 @@ def train_stage(model, cfg: RunConfig, stage: str, data: Data, pixels: Pixels, s
         start = state["step"]
     order = EpochOrder(len(data.train_captions), cfg.seed, stage)
     loss_fn = ClipLoss()
-    stats = state.setdefault("compute", {}).setdefault(stage, {"train_seconds": 0.0, "flops_per_step": None})
+    stats = state.setdefault("compute", {}).setdefault(stage, {"train_seconds": 0.0})
+    # every step of a stage has the same shapes, hence the same FLOPs
+    stats["flops_per_step"] = step_flops(cfg.model, image_strategy, image_tokens, text_tokens, cfg.batch_size)
     losses = state.setdefault("losses", {}).setdefault(stage, [])
 
     def save(next_step: int) -> None:
@@ -166,8 +229,8 @@ def train_stage(model, cfg: RunConfig, stage: str, data: Data, pixels: Pixels, s
         atomic_write(run_dir / "checkpoint.pt", lambda path: torch.save(ckpt, path))
 
     model.train()
-    bar = tqdm(range(start, steps), desc=stage, initial=start, total=steps, disable=not progress, leave=False,
-               dynamic_ncols=True)
+    bar = tqdm(range(start, steps), desc=stage, initial=start, total=steps, leave=False, dynamic_ncols=True,
+               disable=None if progress else True)  # None: only on a terminal
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, steps, peak, cfg.warmup_fraction)
@@ -176,20 +239,15 @@ def train_stage(model, cfg: RunConfig, stage: str, data: Data, pixels: Pixels, s
         gen = generator(cfg.seed, STAGE_IDS[stage], step, 1)
         images, keep = reduce_images(pixels(data.train_images[idx]), image_strategy, image_tokens, patch, gen)
         tokens = text([data.train_captions[i] for i in idx.tolist()], gen)
-        # Count FLOPs once per stage on a real step: every step of a stage has the same shapes.
-        counter = FlopCounterMode(display=False) if stats["flops_per_step"] is None else None
-        with counter or nullcontext():
-            loss = train_step(model, optimizer, loss_fn, images, keep, tokens, cfg.grad_clip)
+        loss = train_step(model, optimizer, loss_fn, images, keep, tokens, cfg.grad_clip)
         if not torch.isfinite(loss):
             raise Diverged(f"loss became {loss.item()} at {stage} step {step}")
-        if counter is not None:
-            stats["flops_per_step"] = counter.get_total_flops()
         stats["train_seconds"] += time.perf_counter() - tic
         losses.append(round(loss.item(), 5))
         bar.set_postfix(loss=f"{loss.item():.3f}")
         if stop:
             save(step + 1)
-            raise Interrupted(stop[0], step + 1)
+            stop.honour(step + 1)
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < steps:
             save(step + 1)
     bar.close()
@@ -238,10 +296,10 @@ def check_run_dir(cfg: RunConfig, run_dir: Path) -> None:
     """Refuse to resume a directory that holds a different run."""
     saved = run_dir / "config.yaml"
     if saved.exists():
-        previous = yaml.safe_load(saved.read_text())
-        if previous != cfg.to_dict():
-            changed = sorted(k for k in set(previous) | set(cfg.to_dict())
-                             if previous.get(k) != cfg.to_dict().get(k))
+        previous, current = yaml.safe_load(saved.read_text()) or {}, cfg.to_dict()
+        changed = sorted(k for k in set(previous) | set(current)
+                         if k not in OPERATIONAL and previous.get(k) != current.get(k))
+        if changed:
             raise ConfigError(changed[0] if changed else "config",
                               f"differs from the run already in {run_dir} (changed: {', '.join(changed)}); "
                               f"use another --out directory", saved)
@@ -250,21 +308,33 @@ def check_run_dir(cfg: RunConfig, run_dir: Path) -> None:
 def run(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True, handle_signals: bool = True) -> dict:
     """Train one run to completion (resuming if `run_dir` holds a checkpoint) and write its result.json.
 
-    Returns the result record. A run whose result.json is already `completed` is not trained again.
+    Returns the result record. A run whose result.json is already `completed` is not trained again; a run that
+    another process is training raises AlreadyRunning.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     check_run_dir(cfg, run_dir)
-    atomic_write(run_dir / "config.yaml", lambda p: Path(p).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False)))
-    result_path = run_dir / "result.json"
-    if result_path.exists():
-        import json
-        done = json.loads(result_path.read_text())
-        if done.get("status") == "completed":
+    with exclusive(run_dir):
+        done = read_result(run_dir)
+        if done and done.get("status") == "completed":
             return done
+        atomic_write(run_dir / "config.yaml",
+                     lambda p: Path(p).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False)))
+        with heartbeat(run_dir / "heartbeat"):
+            return _run(cfg, run_dir, progress, handle_signals)
+
+
+def read_result(run_dir: Path) -> dict | None:
+    try:
+        return json.loads((run_dir / "result.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _run(cfg: RunConfig, run_dir: Path, progress: bool, handle_signals: bool) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-
+    result_path = run_dir / "result.json"
     tic = time.time()
     record = {
         "run_id": run_dir.name, "sweep": run_dir.parent.name, "status": "completed", "error": None,
@@ -285,7 +355,7 @@ def run(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True, handle_si
             model.load_state_dict(state.pop("model"))
         state["_started"] = tic
         pixels = Pixels()
-        with stop_signals(handle_signals) as stop:
+        with StopSignals(handle_signals) as stop:
             for stage in STAGES:
                 samples = cfg.pretrain_samples if stage == "pretrain" else cfg.finetune_samples
                 if samples and stage not in state["metrics"]:
@@ -294,7 +364,7 @@ def run(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True, handle_si
         record["weights"] = "model.pt"
     except Diverged as err:
         record.update(status="failed", error=str(err))
-    except Interrupted:
+    except (Interrupted, SystemExit, KeyboardInterrupt):
         raise
     except Exception as err:  # any other failure is recorded so `sweep status` can say why, then re-raised
         record.update(status="failed", error=f"{type(err).__name__}: {err}")
@@ -311,7 +381,7 @@ def _finish(record: dict, state: dict, tic: float, cfg: RunConfig, path: Path) -
     train_seconds = sum(c.get("train_seconds", 0.0) for c in compute.values())
     record["compute"] = {
         "samples_seen": samples,
-        # FLOPs of forward + backward (as torch's FlopCounterMode counts them) x the stage's steps
+        # FLOPs of forward + backward (sweep.flops.step_flops) x the stage's steps
         "train_flops": sum((c.get("flops_per_step") or 0) * c.get("steps", 0) for c in compute.values()),
         "wall_seconds": round(state.get("elapsed", 0.0) + time.time() - tic, 3),
         "train_seconds": round(train_seconds, 3),

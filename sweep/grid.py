@@ -1,0 +1,174 @@
+"""Grid files -> the list of runs they stand for, each a validated RunConfig with a stable run id.
+
+A grid file is YAML with these keys (only `sweep` and `axes` are required):
+
+    sweep: image_strategies          # name of the sweep: results go to <results>/<sweep>/<run_id>/
+    settings: {pretrain_samples: 8192, batch_size: 128}   # RunConfig fields shared by every run
+    axes:                            # expanded as a cartesian product
+      model: [cpu-s, cpu-m, cpu-l]   #   a RunConfig field: a list of values
+      image:                         #   any other name: a group of sub-grids whose cells are pooled, e.g. to pair
+        - {image_strategy: [random, grid, block], image_tokens: [50, 37, 26, 17]}   # strategies with their
+        - {image_strategy: resize, image_tokens: [50, 17]}                          # own token lengths
+    include: [{model: cpu-s, image_strategy: random, image_tokens: 33}]   # extra cells (over settings)
+    exclude: [{model: cpu-l, image_tokens: 5}]   # drop expanded cells that match every key of an entry
+    baselines: true                  # add each model's full-length run once (default true)
+    slurm: {partition: gpu, gpus: 1, cpus: 8, mem_gb: 64, time_min: 600}   # see sweep.launch.SlurmOptions
+
+Every problem is reported as one line naming the file and the field, before anything runs.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sweep.config import OPERATIONAL, ConfigError, RunConfig, config_from_dict, read_yaml_mapping
+
+GRID_KEYS = ("sweep", "settings", "axes", "include", "exclude", "baselines", "slurm")
+FIELDS = set(RunConfig.__dataclass_fields__)
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+@dataclass(frozen=True)
+class Run:
+    run_id: str
+    config: RunConfig
+    baseline: bool  # added automatically as a model's full-length run
+
+
+@dataclass(frozen=True)
+class Grid:
+    path: Path
+    sweep: str
+    runs: list[Run]
+    slurm: dict[str, Any]
+    raw: dict[str, Any]
+
+
+def run_id(cfg: RunConfig) -> str:
+    """Readable and stable: model, strategies, tokens, seed, and a hash of every setting that shapes the result."""
+    scientific = {k: v for k, v in cfg.to_dict().items() if k not in OPERATIONAL}
+    digest = hashlib.sha256(json.dumps(scientific, sort_keys=True).encode()).hexdigest()[:8]
+    return (f"{cfg.model}_{cfg.image_strategy}{cfg.image_tokens}_{cfg.text_strategy}{cfg.text_tokens}"
+            f"_s{cfg.seed}_{digest}")
+
+
+def _as_list(value: Any, field: str) -> list:
+    values = value if isinstance(value, list) else [value]
+    if not values:
+        raise ConfigError(field, "is empty; give at least one value")
+    return values
+
+
+def _product(mapping: dict[str, Any], where: str) -> list[dict[str, Any]]:
+    """{a: [1, 2], b: 3} -> [{a: 1, b: 3}, {a: 2, b: 3}], checking that every key is a RunConfig field."""
+    for key in mapping:
+        if key not in FIELDS:
+            raise ConfigError(f"{where}.{key}", f"unknown setting; known settings: {', '.join(sorted(FIELDS))}")
+    keys = list(mapping)
+    lists = [_as_list(mapping[k], f"{where}.{k}") for k in keys]
+    for key, values in zip(keys, lists):
+        for v in values:
+            if isinstance(v, (dict, list)):
+                raise ConfigError(f"{where}.{key}", f"values must be scalars, got {v!r}")
+    return [dict(zip(keys, combo)) for combo in itertools.product(*lists)]
+
+
+def _axis_cells(name: str, values: Any) -> list[dict[str, Any]]:
+    where = f"axes.{name}"
+    if name in FIELDS:
+        return _product({name: values}, "axes")
+    groups = _as_list(values, where)
+    cells = []
+    for i, group in enumerate(groups):
+        if not isinstance(group, dict):
+            raise ConfigError(f"{where}[{i}]", f"{name!r} is not a setting, so it must be a list of sub-grids "
+                              f"(mappings of settings to values); got {group!r}")
+        if not group:
+            raise ConfigError(f"{where}[{i}]", "is an empty sub-grid")
+        cells += _product(group, f"{where}[{i}]")
+    return cells
+
+
+def _cell_label(cell: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in cell.items())
+
+
+def expand(raw: dict[str, Any], source: str | Path) -> tuple[str, list[Run]]:
+    """The runs of a parsed grid (validated), in a stable order; raises ConfigError naming `source`."""
+    try:
+        return _expand(raw)
+    except ConfigError as err:
+        raise ConfigError(err.field, err.message, source) from None
+
+
+def _expand(raw: dict[str, Any]) -> tuple[str, list[Run]]:
+    unknown = sorted(set(raw) - set(GRID_KEYS))
+    if unknown:
+        raise ConfigError(unknown[0], f"unknown key; a grid has: {', '.join(GRID_KEYS)}")
+    sweep = raw.get("sweep")
+    if not isinstance(sweep, str) or not NAME.match(sweep):
+        raise ConfigError("sweep", f"must be a name of letters, digits, '_', '.', '-' (got {sweep!r})")
+    settings = raw.get("settings") or {}
+    if not isinstance(settings, dict):
+        raise ConfigError("settings", "must be a mapping of settings to single values")
+    for key, value in settings.items():
+        if key not in FIELDS:
+            raise ConfigError(f"settings.{key}", f"unknown setting; known settings: {', '.join(sorted(FIELDS))}")
+        if isinstance(value, (list, dict)):
+            raise ConfigError(f"settings.{key}", "must be a single value (put lists under axes)")
+    axes = raw.get("axes")
+    if not isinstance(axes, dict) or not axes:
+        raise ConfigError("axes", "must be a non-empty mapping of axis names to lists of values")
+    baselines = raw.get("baselines", True)
+    if not isinstance(baselines, bool):
+        raise ConfigError("baselines", f"must be true or false, got {baselines!r}")
+
+    cells = [{}]
+    for name, values in axes.items():
+        cells = [{**c, **a} for c in cells for a in _axis_cells(name, values)]
+    for key in ("exclude", "include"):
+        entries = raw.get(key) or []
+        if not isinstance(entries, list) or not all(isinstance(e, dict) and e for e in entries):
+            raise ConfigError(key, "must be a list of non-empty mappings of settings")
+        for i, entry in enumerate(entries):
+            _product(entry, f"{key}[{i}]")  # checks the keys
+    for entry in raw.get("exclude") or []:
+        cells = [c for c in cells if not all(c.get(k, settings.get(k)) == v for k, v in entry.items())]
+    for i, entry in enumerate(raw.get("include") or []):
+        cells += _product(entry, f"include[{i}]")
+    if not cells:
+        raise ConfigError("exclude", "removes every cell of the grid")
+
+    runs: dict[str, Run] = {}
+    for cell in cells:
+        try:
+            cfg = config_from_dict({**settings, **cell})
+        except ConfigError as err:
+            raise ConfigError(err.field, f"{err.message} (in the cell {_cell_label(cell)})") from None
+        rid = run_id(cfg)
+        if rid in runs:
+            raise ConfigError("axes", f"duplicate cell: {_cell_label(cell)} is the same run as one before it")
+        runs[rid] = Run(rid, cfg, baseline=False)
+    if baselines:
+        for run in list(runs.values()):
+            full = {**run.config.to_dict(), "image_strategy": "none", "image_tokens": None,
+                    "text_strategy": "none", "text_tokens": None}
+            cfg = config_from_dict(full)
+            runs.setdefault(run_id(cfg), Run(run_id(cfg), cfg, baseline=True))
+    return sweep, sorted(runs.values(), key=lambda r: (not r.baseline, r.run_id))
+
+
+def load_grid(path: str | Path) -> Grid:
+    """Read, expand and validate a grid file completely (nothing is written or submitted)."""
+    path = Path(path)
+    raw = read_yaml_mapping(path)
+    sweep, runs = expand(raw, path)
+    slurm = raw.get("slurm") or {}
+    if not isinstance(slurm, dict):
+        raise ConfigError("slurm", "must be a mapping of Slurm options", path)
+    return Grid(path, sweep, runs, slurm, raw)

@@ -1,0 +1,315 @@
+"""Executors: the runs of a grid go to local processes or to Slurm job arrays, both through submitit.
+
+Results live at <results>/<sweep>/<run_id>/ beside the sweep manifest <results>/<sweep>/manifest.json, which
+records every run of the sweep (its resolved config) and every launch (executor, job ids). Relaunching is always
+safe: runs whose result.json is completed are skipped, failed ones are skipped unless --rerun-failed, and a run
+directory is trained by one process at a time (sweep.train holds its lock), so no result is ever duplicated.
+
+Local: `--max-parallel` worker processes (submitit's LocalExecutor) share one queue of runs; each worker takes the
+next run nobody holds, so each process pays the torch import once, not once per run. The cores are split
+between workers (threads per run = cores // workers). The launcher waits, showing one progress bar.
+Slurm: one job array per launch (split at the cluster's MaxArraySize), one run per array task; the command
+returns once the arrays are submitted. Runs are checkpointable: on preemption or time-out submitit requeues them
+and they resume from their last checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import submitit
+import yaml
+
+from sweep.config import ConfigError, RunConfig, config_from_dict
+from sweep.grid import Grid, Run
+from sweep.results import atomic_write, write_json_atomic
+
+EXECUTORS = ("auto", "local", "slurm", "debug")
+
+
+@dataclass
+class SlurmOptions:
+    """Slurm resources of every array task; from the grid's `slurm:` section, overridden on the command line."""
+
+    partition: str | None = None
+    """Partition to submit to (default: the cluster's default partition)."""
+    account: str | None = None
+    """Account to charge."""
+    qos: str | None = None
+    """Quality of service."""
+    gpus: int = 0
+    """GPUs per run."""
+    cpus: int = 1
+    """CPU cores per run (also the run's torch threads)."""
+    mem_gb: float = 4.0
+    """Memory per run, GB."""
+    time_min: int = 60
+    """Time limit per run, minutes; a run that hits it is requeued and resumes from its checkpoint."""
+    array_parallelism: int = 64
+    """At most this many tasks of an array run at once."""
+    sbatch: dict[str, Any] = field(default_factory=dict)
+    """Extra sbatch flags, e.g. {constraint: a100, exclude: node12}."""
+
+    @classmethod
+    def from_mapping(cls, raw: dict[str, Any], source: str) -> "SlurmOptions":
+        known = {f.name: f for f in fields(cls)}
+        values = {}
+        for key, value in raw.items():
+            if key not in known:
+                raise ConfigError(f"slurm.{key}", f"unknown Slurm option; known: {', '.join(known)}", source)
+            declared = known[key].type
+            if value is not None and declared.startswith("int") and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise ConfigError(f"slurm.{key}", f"must be a non-negative integer, got {value!r}", source)
+            if value is not None and declared.startswith("float") and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+                raise ConfigError(f"slurm.{key}", f"must be a positive number, got {value!r}", source)
+            if declared.startswith("str") and value is not None and not isinstance(value, str):
+                raise ConfigError(f"slurm.{key}", f"must be a string, got {value!r}", source)
+            if declared.startswith("dict") and not isinstance(value, dict):
+                raise ConfigError(f"slurm.{key}", "must be a mapping of sbatch flags to values", source)
+            values[key] = value
+        opts = cls(**values)
+        for key in ("cpus", "time_min", "array_parallelism"):
+            if getattr(opts, key) < 1:
+                raise ConfigError(f"slurm.{key}", "must be at least 1", source)
+        return opts
+
+
+# ---------------------------------------------------------------------------------------------------- run state
+
+def sweep_dir(results: str | Path, sweep: str) -> Path:
+    return Path(results) / sweep
+
+
+def result_status(run_dir: Path) -> str | None:
+    """'completed', 'failed' or None (no readable result yet)."""
+    try:
+        return json.loads((run_dir / "result.json").read_text()).get("status")
+    except (OSError, ValueError):
+        return None
+
+
+def to_do(grid: Grid, results: str | Path, rerun_failed: bool) -> tuple[list[Run], dict[str, list[Run]]]:
+    """The runs a launch starts, and the ones it skips grouped by why."""
+    todo, skipped = [], {"completed": [], "failed": []}
+    for run in grid.runs:
+        status = result_status(sweep_dir(results, grid.sweep) / run.run_id)
+        if status == "completed" or (status == "failed" and not rerun_failed):
+            skipped[status].append(run)
+        else:
+            todo.append(run)
+    return todo, skipped
+
+
+def write_manifest(grid: Grid, results: str | Path, launch: dict[str, Any] | None) -> Path:
+    """Add the grid's runs (and this launch) to the sweep manifest, keeping what earlier launches recorded."""
+    path = sweep_dir(results, grid.sweep) / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError):
+        manifest = {"sweep": grid.sweep, "runs": {}, "launches": []}
+    for run in grid.runs:
+        manifest["runs"][run.run_id] = {"config": run.config.to_dict(), "baseline": run.baseline,
+                                        "grid": str(grid.path)}
+    if launch:
+        manifest["launches"].append(launch)
+        for run_id, job_id in launch.get("jobs", {}).items():
+            manifest["runs"][run_id]["job"] = {"executor": launch["executor"], "job_id": job_id,
+                                               "submitted": launch["time"]}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, manifest)
+    return path
+
+
+def prepare_run_dirs(grid: Grid, results: str | Path, runs: list[Run], threads: int) -> list[Path]:
+    """Create each run's directory with its config.yaml, which is all a job needs to train it."""
+    dirs = []
+    for run in runs:
+        run_dir = sweep_dir(results, grid.sweep) / run.run_id
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cfg = {**run.config.to_dict(), "threads": threads}
+        atomic_write(run_dir / "config.yaml", lambda p: Path(p).write_text(yaml.safe_dump(cfg, sort_keys=False)))
+        dirs.append(run_dir)
+    return dirs
+
+
+# ------------------------------------------------------------------------------------------ what a job executes
+
+def train_run_dir(run_dir: str | Path, handle_signals: bool = True) -> str:
+    """Train the run prepared in `run_dir` (inside a job); returns its final status."""
+    from sweep.train import AlreadyRunning, run
+
+    run_dir = Path(run_dir)
+    cfg = config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()), run_dir / "config.yaml")
+    try:
+        return run(cfg, run_dir, progress=False, handle_signals=handle_signals)["status"]
+    except AlreadyRunning:
+        return "running elsewhere"
+
+
+def work_queue(run_dirs: list[str], fail_fast: bool = False) -> dict[str, str]:
+    """A local worker: train every run of the list that nobody else holds, in order."""
+    outcome: dict[str, str] = {}
+    for run_dir in run_dirs:
+        if fail_fast and any(v.startswith("failed") for v in outcome.values()):
+            break
+        if result_status(Path(run_dir)) == "completed":
+            continue
+        try:
+            outcome[run_dir] = train_run_dir(run_dir)
+        except Exception as err:  # recorded in the run's result.json by the trainer; go on with the next run
+            outcome[run_dir] = f"failed: {type(err).__name__}: {err}"
+    return outcome
+
+
+class SlurmRun(submitit.helpers.Checkpointable):
+    """One array task. On preemption or time-out (SIGUSR2) the trainer writes a checkpoint, then submitit
+    requeues this same call, which resumes from it."""
+
+    def __call__(self, run_dir: str) -> str:
+        return train_run_dir(run_dir)
+
+
+# ---------------------------------------------------------------------------------------------------- executors
+
+def slurm_available() -> bool:
+    if not shutil.which("sbatch"):
+        return False
+    try:
+        return subprocess.run(["sinfo", "-h"], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+def choose_executor(requested: str) -> str:
+    """`auto` is Slurm where a Slurm cluster answers, else local processes."""
+    if requested != "auto":
+        return requested
+    return "slurm" if slurm_available() else "local"
+
+
+def launch_local(run_dirs: list[Path], folder: Path, max_parallel: int, fail_fast: bool, progress: bool
+                 ) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    workers = max(1, min(max_parallel, len(run_dirs)))
+    executor = submitit.LocalExecutor(folder=folder)
+    executor.update_parameters(timeout_min=7 * 24 * 60)
+    queue = [str(d) for d in run_dirs]
+    jobs = [executor.submit(work_queue, queue, fail_fast) for _ in range(workers)]
+    started = time.time()
+    bar = tqdm(total=len(queue), desc="runs", unit="run", disable=None if progress else True,
+               dynamic_ncols=True)  # None: only on a terminal
+
+    def finished() -> list[str]:  # statuses of the results written by this launch
+        out = []
+        for d in run_dirs:
+            try:
+                if (d / "result.json").stat().st_mtime >= started:
+                    out.append(result_status(d) or "unreadable")
+            except OSError:
+                pass
+        return out
+
+    try:
+        while True:
+            states = finished()
+            bar.n = len(states)
+            bar.set_postfix(failed=states.count("failed"))
+            bar.refresh()
+            if all(job.done() for job in jobs):
+                break
+            if fail_fast and "failed" in states:
+                for job in jobs:
+                    job.cancel()
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        for job in jobs:
+            job.cancel()
+        raise
+    finally:
+        bar.close()
+    for job in jobs:  # a worker that itself crashed (not a run failure) must not pass unnoticed
+        try:
+            job.result()
+        except Exception as err:  # noqa: BLE001 - reported, the runs' own records say the rest
+            print(f"sweep launch: a local worker ended with an error: {str(err).splitlines()[-1]}", file=sys.stderr)
+    return {"executor": "local", "workers": workers, "jobs": {}}
+
+
+def max_array_size() -> int:
+    """The cluster's MaxArraySize (task ids run 0 .. MaxArraySize - 1)."""
+    try:
+        out = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=20).stdout
+        for line in out.splitlines():
+            if line.startswith("MaxArraySize"):
+                return int(line.split("=")[1])
+    except (OSError, subprocess.SubprocessError, ValueError):
+        pass
+    return 1001  # Slurm's default
+
+
+def launch_slurm(run_dirs: list[Path], folder: Path, opts: SlurmOptions, sweep: str) -> dict[str, Any]:
+    executor = submitit.AutoExecutor(folder=folder / "%j", cluster="slurm")
+    params: dict[str, Any] = {
+        "name": f"sweep-{sweep}", "timeout_min": opts.time_min, "cpus_per_task": opts.cpus,
+        "mem_gb": opts.mem_gb, "slurm_array_parallelism": opts.array_parallelism,
+        "slurm_additional_parameters": dict(opts.sbatch),
+    }
+    if opts.gpus:
+        params["gpus_per_node"] = opts.gpus
+    for key in ("partition", "account", "qos"):
+        if getattr(opts, key):
+            params[f"slurm_{key}"] = getattr(opts, key)
+    executor.update_parameters(**params)
+    chunk = max(1, max_array_size() - 1)
+    jobs: dict[str, str] = {}
+    arrays = []
+    for start in range(0, len(run_dirs), chunk):
+        part = run_dirs[start:start + chunk]
+        with executor.batch():
+            submitted = [executor.submit(SlurmRun(), str(d)) for d in part]
+        arrays.append(submitted[0].job_id.split("_")[0])
+        jobs.update({d.name: job.job_id for d, job in zip(part, submitted)})
+    return {"executor": "slurm", "arrays": arrays, "jobs": jobs}
+
+
+def launch_debug(run_dirs: list[Path]) -> dict[str, Any]:
+    """In this process, one run after the other (for pdb and print debugging)."""
+    for run_dir in run_dirs:
+        train_run_dir(run_dir, handle_signals=False)
+    return {"executor": "debug", "jobs": {}}
+
+
+def threads_per_run(executor: str, max_parallel: int, opts: SlurmOptions) -> int:
+    if executor == "slurm":
+        return opts.cpus
+    return max(1, (os.cpu_count() or 1) // max(1, max_parallel))
+
+
+def launch(grid: Grid, results: str | Path, executor: str, *, max_parallel: int, rerun_failed: bool,
+           fail_fast: bool, slurm: SlurmOptions, progress: bool = True) -> dict[str, Any]:
+    """Start the grid's runs that are not done; returns the launch record (also appended to the manifest)."""
+    todo, skipped = to_do(grid, results, rerun_failed)
+    launch_record: dict[str, Any] = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "executor": executor,
+                                     "runs": [r.run_id for r in todo],
+                                     "skipped": {k: len(v) for k, v in skipped.items()}}
+    write_manifest(grid, results, None)
+    if not todo:
+        return {**launch_record, "jobs": {}}
+    run_dirs = prepare_run_dirs(grid, results, todo, threads_per_run(executor, max_parallel, slurm))
+    folder = sweep_dir(results, grid.sweep) / ".submitit"
+    if executor == "local":
+        launch_record.update(launch_local(run_dirs, folder, max_parallel, fail_fast, progress))
+    elif executor == "slurm":
+        launch_record.update(launch_slurm(run_dirs, folder, slurm, grid.sweep))
+    else:
+        launch_record.update(launch_debug(run_dirs))
+    write_manifest(grid, results, launch_record)
+    return launch_record

@@ -1,0 +1,119 @@
+"""What a grid costs before it runs: training FLOPs per run (counted exactly, on shapes only) and a time estimate.
+
+FLOPs are sweep.flops.step_flops (forward + backward, counted from shapes) times the steps of each stage: the
+same count the trainer records in result.json.
+Time on this machine's CPU for the embedded sizes: FLOPs / the throughput of one real timed step of that model
+(at full length, so reduced runs that waste more time on fixed costs come out a little optimistic), plus a fixed
+per-run overhead for start-up and evaluation. Paper sizes are meant for GPUs: their time assumes `tflops`
+(effective, i.e. delivered, not peak).
+"""
+from __future__ import annotations
+
+import functools
+import time
+from collections import defaultdict
+from typing import Any
+
+import torch
+from open_clip.loss import ClipLoss
+
+from sweep.config import RunConfig
+from sweep.flops import step_flops
+from sweep.models import MODELS, build_model
+
+RUN_OVERHEAD_S = 12.0  # embedded default: process start-up share, data and evaluation, measured on 2 cores
+
+
+def run_flops(cfg: RunConfig) -> int:
+    """Training FLOPs of a whole run: both stages' steps at their own lengths."""
+    total = 0
+    for stage, samples in (("pretrain", cfg.pretrain_samples), ("finetune", cfg.finetune_samples)):
+        steps = samples // cfg.batch_size
+        if steps:
+            image_strategy, image_tokens, _, text_tokens = cfg.stage_settings(stage)
+            total += steps * step_flops(cfg.model, image_strategy, image_tokens, text_tokens, cfg.batch_size)
+    return total
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_flops_per_second(model: str, threads: int) -> float:
+    """Delivered FLOP/s of a real training step of `model` at full length on this CPU (one timed step)."""
+    from sweep.train import make_optimizer, train_step
+
+    spec = MODELS[model]
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        net = build_model(model)
+        optimizer = make_optimizer(net, RunConfig(model=model), 1e-4)
+        batch = 32
+        images = torch.rand(batch, 3, spec.image_size, spec.image_size)
+        text = torch.randint(1, 49000, (batch, spec.text_tokens))
+        text[:, -1] = 49407
+        train_step(net, optimizer, ClipLoss(), images, None, text, 1.0)  # warm-up
+        tic = time.perf_counter()
+        train_step(net, optimizer, ClipLoss(), images, None, text, 1.0)
+        seconds = time.perf_counter() - tic
+    finally:
+        torch.set_num_threads(previous)
+    return step_flops(model, "none", spec.image_tokens, spec.text_tokens, batch) / seconds
+
+
+def estimate(runs: list[RunConfig], threads: int, tflops: float) -> list[dict[str, Any]]:
+    """Per run: FLOPs and estimated seconds."""
+    out = []
+    for cfg in runs:
+        flops = run_flops(cfg)
+        if cfg.spec.scale == "cpu":
+            seconds = flops / cpu_flops_per_second(cfg.model, threads) + RUN_OVERHEAD_S
+        else:
+            seconds = flops / (tflops * 1e12)
+        out.append({"flops": flops, "seconds": seconds})
+    return out
+
+
+def group_rows(runs: list[RunConfig], costs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Runs grouped by model and strategies, with their token lengths and summed cost."""
+    groups: dict[tuple, dict[str, Any]] = defaultdict(lambda: {"runs": 0, "image_tokens": set(),
+                                                               "text_tokens": set(), "flops": 0, "seconds": 0.0})
+    for cfg, cost in zip(runs, costs):
+        g = groups[(cfg.model, cfg.image_strategy, cfg.text_strategy)]
+        g["runs"] += 1
+        g["image_tokens"].add(cfg.image_tokens)
+        g["text_tokens"].add(cfg.text_tokens)
+        g["flops"] += cost["flops"]
+        g["seconds"] += cost["seconds"]
+    return [{"model": m, "image_strategy": i, "text_strategy": t, **g,
+             "image_tokens": sorted(g["image_tokens"], reverse=True),
+             "text_tokens": sorted(g["text_tokens"], reverse=True)}
+            for (m, i, t), g in sorted(groups.items(), key=lambda kv: (list(MODELS).index(kv[0][0]), kv[0][1:]))]
+
+
+def human_flops(flops: float) -> str:
+    for unit, scale in (("EFLOP", 1e18), ("PFLOP", 1e15), ("TFLOP", 1e12)):
+        if flops >= scale:
+            return f"{flops / scale:.2f} {unit}"
+    return f"{flops / 1e9:.2f} GFLOP"
+
+
+def human_seconds(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def format_plan(rows: list[dict[str, Any]], parallel: int) -> str:
+    lines = [f"{'model':<9} {'image_strategy':<14} {'text_strategy':<13} {'runs':>4}  {'image_tokens':<26} "
+             f"{'text_tokens':<14} {'FLOPs':>11} {'time':>9}"]
+    for r in rows:
+        lines.append(f"{r['model']:<9} {r['image_strategy']:<14} {r['text_strategy']:<13} {r['runs']:>4}  "
+                     f"{','.join(map(str, r['image_tokens'])):<26} {','.join(map(str, r['text_tokens'])):<14} "
+                     f"{human_flops(r['flops']):>11} {human_seconds(r['seconds']):>9}")
+    total_runs = sum(r["runs"] for r in rows)
+    flops = sum(r["flops"] for r in rows)
+    seconds = sum(r["seconds"] for r in rows)
+    lines.append(f"total: {total_runs} runs, {human_flops(flops)}, {human_seconds(seconds)} of run time, "
+                 f"about {human_seconds(seconds / max(1, parallel))} with {parallel} in parallel")
+    return "\n".join(lines)
