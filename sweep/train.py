@@ -17,6 +17,7 @@ Files in the run directory:
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import math
 import platform
@@ -58,6 +59,12 @@ class Interrupted(RuntimeError):
         self.signum = signum
         super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}; checkpoint written, "
                          f"rerun on the same directory to resume")
+
+
+@functools.lru_cache(maxsize=8)
+def text_reducer(text_strategy: str, text_tokens: int, context_length: int, spacy_model: str) -> TextReducer:
+    """One reducer per setting and process, so the runs of a local worker share its prepared captions."""
+    return TextReducer(text_strategy, text_tokens, context_length=context_length, spacy_model=spacy_model)
 
 
 def generator(*keys: int) -> torch.Generator:
@@ -206,8 +213,7 @@ def train_stage(model, cfg: RunConfig, stage: str, data: Data, pixels: Pixels, s
     steps = samples // cfg.batch_size  # the tail that does not fill a batch is not trained on
     image_strategy, image_tokens, text_strategy, text_tokens = cfg.stage_settings(stage)
     patch = cfg.spec.patch_size
-    text = TextReducer(text_strategy, text_tokens, context_length=cfg.spec.text_tokens,
-                       spacy_model=cfg.spacy_model)
+    text = text_reducer(text_strategy, text_tokens, cfg.spec.text_tokens, cfg.spacy_model)
     text.prepare(data.train_captions)  # tokenise (and tag) every caption before the clock starts
     peak = cfg.lr if stage == "pretrain" else cfg.finetune_lr
     optimizer = make_optimizer(model, cfg, peak)
@@ -260,8 +266,7 @@ def train_stage(model, cfg: RunConfig, stage: str, data: Data, pixels: Pixels, s
 
 def evaluate(model, cfg: RunConfig, stage: str, data: Data, pixels: Pixels) -> dict[str, float]:
     image_strategy, image_tokens, text_strategy, text_tokens = cfg.stage_settings(stage)
-    text = TextReducer(text_strategy, text_tokens, context_length=cfg.spec.text_tokens,
-                       spacy_model=cfg.spacy_model)
+    text = text_reducer(text_strategy, text_tokens, cfg.spec.text_tokens, cfg.spacy_model)
     image_features, text_features = feature_fns(
         model, pixels,
         lambda images, gen: reduce_images(images, image_strategy, image_tokens, cfg.spec.patch_size, gen),
@@ -353,6 +358,7 @@ def _run(cfg: RunConfig, run_dir: Path, progress: bool, handle_signals: bool) ->
         if (run_dir / "checkpoint.pt").exists():
             state = torch.load(run_dir / "checkpoint.pt", weights_only=False)
             model.load_state_dict(state.pop("model"))
+            state.setdefault("resumed", []).append({"stage": state["stage"], "step": state["step"]})
         state["_started"] = tic
         pixels = Pixels()
         with StopSignals(handle_signals) as stop:
@@ -389,6 +395,7 @@ def _finish(record: dict, state: dict, tic: float, cfg: RunConfig, path: Path) -
         "stages": compute,
         "threads": torch.get_num_threads(),
     }
+    record["resumed"] = state.get("resumed", [])  # where each restart picked up (empty: never interrupted)
     record["final_loss"] = {stage: float(np.mean(v[-20:])) for stage, v in state.get("losses", {}).items() if v}
     write_json_atomic(path, record)
 

@@ -6,6 +6,7 @@ zero-shot and retrieval sets. Rendered synthetic pools are cached on disk (``$SW
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -54,6 +55,7 @@ def _cached(name: str, key: dict, make) -> tuple[np.ndarray, list]:
     return images, strings
 
 
+@functools.lru_cache(maxsize=1)  # the runs of a local worker share one copy (nothing writes to it)
 def load_data(dataset: str, data_seed: int, train_scenes: int, image_size: int,
               zeroshot_samples: int, retrieval_samples: int) -> Data:
     if dataset != "synthetic":

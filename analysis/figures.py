@@ -1,0 +1,347 @@
+"""Figures a reader would put in a paper, drawn with matplotlib's object API (no pyplot state, no GUI backend).
+
+Every function takes the analysis tables and returns a `matplotlib.figure.Figure` (or None when the data for it are
+absent); `save_figure` writes PNG and PDF. Colours follow model size (light = small, dark = large) in every figure.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib import colormaps
+from matplotlib.figure import Figure
+from matplotlib.collections import LineCollection
+from matplotlib.lines import Line2D
+from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullFormatter, NullLocator, ScalarFormatter
+
+from .drop import AXES
+from .fit import DropCurveFit
+
+METRIC_LABELS = {
+    "zeroshot_top1": "zero-shot top-1 accuracy",
+    "zeroshot_top5": "zero-shot top-5 accuracy",
+    "i2t_r1": "image-to-text recall@1",
+    "t2i_r1": "text-to-image recall@1",
+}
+AXIS_LABELS = {
+    "image": "image tokens (incl. class token)",
+    "text": "text tokens (incl. start/end)",
+}
+STRATEGY_ORDER = {"image": ["random", "grid", "block", "resize"], "text": ["truncation", "random", "block", "syntax"]}
+_STYLE = {
+    "font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9, "legend.fontsize": 8, "axes.grid": True,
+    "grid.alpha": 0.3, "axes.spines.top": False, "axes.spines.right": False,
+}
+
+
+def metric_label(metric: str) -> str:
+    return METRIC_LABELS.get(metric, metric.replace("_", " "))
+
+
+def model_colors(cells: pd.DataFrame) -> dict[str, tuple]:
+    """One colour per model, ordered by parameter count (viridis: light = small, dark = large)."""
+    order = model_order(cells)
+    cmap = colormaps["viridis_r"]
+    shades = np.linspace(0.15, 0.9, len(order)) if len(order) > 1 else [0.6]
+    return {model: cmap(s) for model, s in zip(order, shades)}
+
+
+def model_order(table: pd.DataFrame) -> list[str]:
+    sizes = table.groupby("model")["params"].first()
+    return sorted(sizes.index, key=lambda m: (np.nan_to_num(sizes[m], nan=np.inf), m))
+
+
+def model_label(model: str, params: float) -> str:
+    return f"{model} ({_human(params)})" if np.isfinite(params) else model
+
+
+def _human(value: float) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g}{unit}"
+    return f"{value:.3g}"
+
+
+def _strategies(cells: pd.DataFrame, axis: str) -> list[str]:
+    present = cells.loc[cells["axis"] == axis, "strategy"].unique().tolist()
+    order = STRATEGY_ORDER.get(axis, [])
+    return sorted(present, key=lambda s: (order.index(s) if s in order else len(order), s))
+
+
+def _panels(cells: pd.DataFrame) -> list[tuple[str, list[str]]]:
+    return [(axis, _strategies(cells, axis)) for axis in AXES if (cells["axis"] == axis).any()]
+
+
+def _token_axis(ax, ticks) -> None:
+    """Log token axis labelled with the grid's own lengths (e.g. 5, 10, 17, 26, 37, 50, 65)."""
+    ax.set_xscale("log")
+    ticks = sorted({float(t) for t in ticks if np.isfinite(t) and t > 0})
+    ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    if ticks:
+        ax.set_xlim(ticks[0] / 1.15, ticks[-1] * 1.15)
+
+
+_LEGEND_WIDTH = 2.6  # inches kept free on the right of panel figures for the legend
+
+
+def _grid_figure(panels: list[tuple[str, list[str]]]) -> tuple[Figure, dict]:
+    """One row of panels per axis, one column per strategy; fixed margins (fast, unlike a layout engine)."""
+    ncols = max(len(s) for _, s in panels)
+    nrows = len(panels)
+    width, height = 3.3 * ncols + 0.7 + _LEGEND_WIDTH, 2.9 * nrows + 0.9
+    fig = Figure(figsize=(width, height))
+    fig.subplots_adjust(left=0.75 / width, right=1 - (_LEGEND_WIDTH + 0.1) / width, bottom=0.6 / height,
+                        top=1 - 0.75 / height, wspace=0.38, hspace=0.55 if nrows > 1 else 0.2)
+    grid = fig.subplots(nrows, ncols, squeeze=False)
+    axes = {}
+    for row, (axis, strategies) in enumerate(panels):
+        for col in range(ncols):
+            if col < len(strategies):
+                axes[(axis, strategies[col])] = grid[row][col]
+            else:
+                grid[row][col].set_visible(False)
+    return fig, axes
+
+
+def _error_bars(ax, bars: list[tuple[np.ndarray, np.ndarray, np.ndarray, tuple]]) -> None:
+    """All vertical ±err bars of a panel as one LineCollection (per-model ``errorbar`` calls are slow)."""
+    segments, colors = [], []
+    for x, y, err, color in bars:
+        has = np.isfinite(err) & (err > 0) & np.isfinite(y)
+        for xi, yi, ei in zip(x[has], y[has], err[has]):
+            segments.append(((xi, yi - ei), (xi, yi + ei)))
+            colors.append(color)
+    if segments:
+        ax.add_collection(LineCollection(segments, colors=colors, linewidths=1.0), autolim=True)
+
+
+def _curves(cells: pd.DataFrame) -> dict[tuple[str, str], list[tuple[str, dict[str, np.ndarray]]]]:
+    """Per (axis, strategy): (model, arrays sorted by tokens) in model order, with the full-length baseline appended
+    at ``full_tokens`` (drop 0). Built with one groupby so that figures with many models stay fast."""
+    columns = ["tokens", "metric_mean", "metric_std", "drop", "drop_std"]
+    baselines = cells[cells["axis"] == "full"].groupby("model")[["metric_mean", "metric_std"]].first()
+    curves = cells[cells["axis"].isin(AXES)].sort_values("tokens")
+    rank = {m: i for i, m in enumerate(model_order(cells))}
+    out: dict[tuple[str, str], list] = {}
+    for (axis, strategy, model), group in curves.groupby(["axis", "strategy", "model"], sort=False):
+        arrays = {c: group[c].to_numpy(dtype=float) for c in columns}
+        full = float(group["full_tokens"].iloc[0])
+        if model in baselines.index and np.isfinite(full) and not np.any(arrays["tokens"] == full):
+            base = baselines.loc[model]
+            extra = {"tokens": full, "metric_mean": base["metric_mean"], "metric_std": base["metric_std"],
+                     "drop": 0.0, "drop_std": np.nan}
+            arrays = {c: np.append(arrays[c], extra[c]) for c in columns}
+        out.setdefault((axis, strategy), []).append((model, arrays))
+    for items in out.values():
+        items.sort(key=lambda item: rank[item[0]])
+    return out
+
+
+def _panel_ticks(items) -> np.ndarray:
+    return np.unique(np.concatenate([arrays["tokens"] for _, arrays in items]))
+
+
+def plot_accuracy_vs_tokens(cells: pd.DataFrame, stage: str = "pretrain") -> Figure | None:
+    """Metric against token length: one panel per (axis, strategy), one line per model, error bars over seeds."""
+    panels = _panels(cells)
+    if not panels:
+        return None
+    metric = cells["metric"].iloc[0]
+    colors = model_colors(cells)
+    curves = _curves(cells)
+    with _style():
+        fig, axes = _grid_figure(panels)
+        for (axis, strategy), ax in axes.items():
+            items = curves.get((axis, strategy), [])
+            for model, c in items:
+                ax.plot(c["tokens"], c["metric_mean"], marker="o", markersize=4, color=colors[model], linewidth=1.4)
+            _error_bars(ax, [(c["tokens"], c["metric_mean"], c["metric_std"], colors[m]) for m, c in items])
+            _token_axis(ax, _panel_ticks(items) if items else [])
+            ax.set_title(f"{axis} · {strategy}")
+            ax.set_xlabel(AXIS_LABELS[axis] + " (log scale)")
+            ax.set_ylabel(f"{metric_label(metric)} (%)")
+        _model_legend(fig, cells, colors)
+        fig.suptitle(f"{metric_label(metric).capitalize()} against token length ({stage}); "
+                     f"markers: mean over seeds, bars: ±1 std; rightmost point: full-length baseline")
+    return fig
+
+
+def plot_drop_vs_tokens(
+    cells: pd.DataFrame, fits: dict[tuple[str, str, str], DropCurveFit], max_drop: float, stage: str = "pretrain"
+) -> Figure | None:
+    """Drop against token length with the fitted curves and the tolerance line."""
+    panels = _panels(cells)
+    if not panels:
+        return None
+    metric = cells["metric"].iloc[0]
+    colors = model_colors(cells)
+    curves = _curves(cells)
+    with _style():
+        fig, axes = _grid_figure(panels)
+        for (axis, strategy), ax in axes.items():
+            items = [(m, c) for m, c in curves.get((axis, strategy), []) if np.isfinite(c["drop"]).any()]
+            for model, c in items:  # models without a baseline have no drop and are left out
+                ax.plot(c["tokens"], c["drop"], marker="o", markersize=4, color=colors[model], linestyle="none")
+                fit = fits.get((model, axis, strategy))
+                if fit is not None and fit.usable:
+                    t = np.geomspace(np.nanmin(c["tokens"]), fit.full_tokens, 60)
+                    ax.plot(t, fit.predict(t), color=colors[model], linewidth=1.4)
+            _error_bars(ax, [(c["tokens"], c["drop"], c["drop_std"], colors[m]) for m, c in items])
+            ax.axhline(max_drop, color="crimson", linestyle="--", linewidth=1.2)
+            ax.axhline(0.0, color="0.4", linewidth=0.8)
+            _token_axis(ax, _panel_ticks(curves[(axis, strategy)]) if (axis, strategy) in curves else [])
+            ax.set_title(f"{axis} · {strategy}")
+            ax.set_xlabel(AXIS_LABELS[axis] + " (log scale)")
+            ax.set_ylabel(f"drop in {metric_label(metric)} (pp)")
+        extra = [Line2D([], [], color="0.3", marker="o", linestyle="none", label="mean ± std over seeds"),
+                 Line2D([], [], color="0.3", linewidth=1.4, label="fitted a·((t_full/t)^b − 1)"),
+                 Line2D([], [], color="crimson", linestyle="--", label=f"tolerance: {max_drop:g} pp")]
+        _model_legend(fig, cells, colors, extra)
+        fig.suptitle(f"Drop in {metric_label(metric)} against token length ({stage}), "
+                     f"relative to each model's full-length run")
+    return fig
+
+
+def plot_min_tokens_vs_params(min_tokens: pd.DataFrame, laws: pd.DataFrame) -> Figure | None:
+    """The inverse scaling law: minimum token length against model size, log-log, CI bars and the fitted line."""
+    table = min_tokens[np.isfinite(min_tokens["params"].astype(float))]
+    axes_present = [a for a in AXES if (table["axis"] == a).any()]
+    if not axes_present or table["min_tokens_fit"].notna().sum() + table["min_tokens_measured"].notna().sum() == 0:
+        return None
+    max_drop = float(table["max_drop"].iloc[0])
+    metric = table["metric"].iloc[0]
+    with _style():
+        width = 5.4 * len(axes_present) + 0.4
+        fig = Figure(figsize=(width, 6.0))
+        fig.subplots_adjust(left=0.95 / width, right=1 - 0.15 / width, bottom=0.3, top=0.9, wspace=0.3)
+        grid = fig.subplots(1, len(axes_present), squeeze=False)[0]
+        for ax, axis in zip(grid, axes_present):
+            sub = table[table["axis"] == axis]
+            strategies = _strategies(sub, axis)
+            palette = colormaps["tab10"]
+            for i, strategy in enumerate(strategies):
+                color = palette(i % 10)
+                rows = sub[sub["strategy"] == strategy].sort_values("params")
+                offset = 1.0 + 0.025 * (i - (len(strategies) - 1) / 2)  # keep error bars apart
+                ok = rows[np.isfinite(rows["min_tokens_fit"].astype(float))]
+                label = strategy
+                law = laws[(laws["axis"] == axis) & (laws["strategy"] == strategy)]
+                if len(law):
+                    label += f" (slope {law['slope'].iloc[0]:.2f})"
+                if len(ok):
+                    low = np.clip(ok["min_tokens_fit"] - ok["ci_low"], 0, None)
+                    high = np.clip(ok["ci_high"] - ok["min_tokens_fit"], 0, None)
+                    low = np.minimum(low, ok["min_tokens_fit"] * 0.95)  # a log axis cannot show 0
+                    ax.errorbar(ok["params"] * offset, ok["min_tokens_fit"], yerr=[low, high], color=color,
+                                marker="o", markersize=5, capsize=3, linestyle="none", label=label)
+                meas = rows[np.isfinite(rows["min_tokens_measured"].astype(float))]
+                ax.plot(meas["params"] * offset, meas["min_tokens_measured"], color=color, marker="s",
+                        markerfacecolor="none", markersize=6, linestyle="none",
+                        label=None if len(ok) else label + " (measured only)")
+                if len(law):
+                    p = np.geomspace(law["params_min"].iloc[0] / 1.3, law["params_max"].iloc[0] * 1.3, 50)
+                    ax.plot(p, 10 ** (law["intercept"].iloc[0] + law["slope"].iloc[0] * np.log10(p)), color=color,
+                            linestyle="--", linewidth=1.2)
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.yaxis.set_minor_formatter(NullFormatter())
+            # Bars of crossings extrapolated far below the grid would stretch the axis to nonsense lengths.
+            shortest = np.nanmin(pd.concat([sub["min_tokens_measured"], sub["min_tokens_fit"]]).to_numpy(float))
+            longest = np.nanmax(sub["full_tokens"].to_numpy(float))
+            if np.isfinite(shortest) and np.isfinite(longest):
+                ax.set_ylim(shortest / 2, longest * 1.15)
+            ax.set_xlabel("model parameters (log scale)")
+            ax.set_ylabel(f"minimum {AXIS_LABELS[axis]}\nwith drop ≤ {max_drop:g} pp (log scale)")
+            ax.set_title(f"{axis} tokens")
+            handles, labels = ax.get_legend_handles_labels()
+            handles += [Line2D([], [], color="0.3", marker="o", linestyle="none"),
+                        Line2D([], [], color="0.3", marker="s", markerfacecolor="none", linestyle="none"),
+                        Line2D([], [], color="0.3", linestyle="--")]
+            labels += ["fitted crossing, 95% CI", "measured (grid point)", "log-log fit"]
+            ax.legend(handles, labels, title="strategy", loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2,
+                      frameon=False)
+        fig.suptitle(f"Inverse scaling law: minimum token length against model size "
+                     f"({metric_label(metric)}, tolerance {max_drop:g} pp)")
+    return fig
+
+
+def pareto_front(flops: np.ndarray, accuracy: np.ndarray) -> np.ndarray:
+    """Indices of the points no other point beats on both less compute and higher accuracy, by compute."""
+    order = np.lexsort((-accuracy, flops))
+    best = np.maximum.accumulate(accuracy[order])
+    keep = np.r_[True, accuracy[order][1:] > best[:-1]]
+    return order[keep]
+
+
+def plot_accuracy_vs_compute(cells: pd.DataFrame, stage: str = "pretrain") -> Figure | None:
+    """Metric against training compute per grid cell (mean over seeds) with the Pareto front; None without FLOPs."""
+    if "train_flops" not in cells.columns:
+        return None
+    data = cells[np.isfinite(cells["train_flops"].astype(float)) & (cells["train_flops"] > 0)]
+    if data.empty:
+        return None
+    metric = data["metric"].iloc[0]
+    colors = model_colors(cells)
+    markers = {"full": "*", "image": "o", "text": "s", "both": "^"}
+    with _style():
+        fig = Figure(figsize=(8.4, 4.8))
+        fig.subplots_adjust(left=0.09, right=0.74, bottom=0.12, top=0.9)
+        ax = fig.subplots()
+        point_colors = np.array([colors[m] for m in data["model"]])
+        for axis, marker in markers.items():
+            part = (data["axis"] == axis).to_numpy()
+            if part.any():
+                ax.scatter(data["train_flops"][part], data["metric_mean"][part], c=point_colors[part], marker=marker,
+                           s=60 if axis == "full" else 22, alpha=0.85, edgecolors="none")
+        front = pareto_front(data["train_flops"].to_numpy(float), data["metric_mean"].to_numpy(float))
+        points = data.iloc[front]
+        ax.step(points["train_flops"], points["metric_mean"], where="post", color="black", linewidth=1.3)
+        ax.set_xscale("log")
+        ax.set_xlabel("training compute (FLOPs, log scale)")
+        ax.set_ylabel(f"{metric_label(metric)} (%)")
+        ax.set_title(f"{metric_label(metric).capitalize()} against training compute ({stage})")
+        handles = [Line2D([], [], color=colors[m], marker="o", linestyle="none",
+                          label=model_label(m, data.loc[data["model"] == m, "params"].iloc[0]))
+                   for m in model_order(data)]
+        handles += [Line2D([], [], color="0.3", marker=mk, linestyle="none", label=f"{ax_} axis" if ax_ != "full"
+                           else "full length") for ax_, mk in markers.items() if (data["axis"] == ax_).any()]
+        handles.append(Line2D([], [], color="black", linewidth=1.3, label="Pareto front"))
+        ax.legend(handles=handles, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    return fig
+
+
+def _model_legend(fig: Figure, cells: pd.DataFrame, colors: dict, extra: list | None = None) -> None:
+    params = cells.groupby("model")["params"].first()
+    handles = [Line2D([], [], color=colors[m], marker="o", linewidth=1.4, label=model_label(m, params[m]))
+               for m in model_order(cells)]
+    width = fig.get_figwidth()
+    fig.legend(handles=handles + (extra or []), loc="center left", bbox_to_anchor=(1 - _LEGEND_WIDTH / width, 0.5),
+               title="model (parameters)", frameon=False)
+
+
+class _style:
+    """rc settings for the figures only, without touching the caller's global style."""
+
+    def __enter__(self):
+        import matplotlib
+
+        self._ctx = matplotlib.rc_context(_STYLE)
+        self._ctx.__enter__()
+
+    def __exit__(self, *exc):
+        return self._ctx.__exit__(*exc)
+
+
+def save_figure(fig: Figure, directory: Path, name: str, dpi: int = 150) -> list[Path]:
+    """Write ``name``.png and ``name``.pdf into ``directory``; returns the paths."""
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = [directory / f"{name}.png", directory / f"{name}.pdf"]
+    fig.savefig(paths[0], dpi=dpi)
+    fig.savefig(paths[1])
+    return paths

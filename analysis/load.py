@@ -1,0 +1,300 @@
+"""Load sweep results into one tidy table: one row per run x stage.
+
+Two inputs give the same table:
+
+* a results directory: every ``result.json`` below it (any depth), as written by the trainer (SPEC.md, "Result
+  record"). ``metrics.pretrain`` and ``metrics.finetune`` become one row each; a stage that is absent, null or empty
+  gives no row. A run with no metrics at all (typically ``status: failed``) keeps one row with an empty stage so it
+  can still be listed.
+* a flat CSV or Parquet table with at least the columns of `REQUIRED_TABLE_COLUMNS` (results produced elsewhere).
+
+A results directory is written by many processes at once and lives on shared file systems, so some files may be
+empty, half-written or corrupt. Those are skipped with an `AnalysisWarning` naming the file; they never stop the
+analysis. The skipped files are also kept in ``df.attrs["skipped"]`` (a list of ``(path, reason)``) for the report.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import pandas as pd
+
+from .errors import AnalysisInputError, AnalysisWarning
+
+REQUIRED_TABLE_COLUMNS = (
+    "model",
+    "params",
+    "image_strategy",
+    "image_tokens",
+    "text_strategy",
+    "text_tokens",
+    "seed",
+    "stage",
+    "zeroshot_top1",
+)
+ID_COLUMNS = ("run_id", "sweep", "status", "error")
+SETTING_COLUMNS = ("model", "params", "image_strategy", "image_tokens", "text_strategy", "text_tokens", "seed", "stage")
+METRIC_COLUMNS = ("zeroshot_top1", "zeroshot_top5", "i2t_r1", "t2i_r1", "zeroshot_classes")
+COMPUTE_COLUMNS = ("samples_seen", "train_flops", "wall_seconds", "train_seconds", "samples_per_second")
+STAGES = ("pretrain", "finetune")
+STRING_COLUMNS = ("run_id", "sweep", "status", "error", "model", "image_strategy", "text_strategy", "stage", "source")
+# Settings a result.json must carry (top level, or in its resolved ``config``) to be placed in the grid.
+_REQUIRED_RECORD_FIELDS = ("model", "image_strategy", "image_tokens", "text_strategy", "text_tokens")
+_RESULT_FILE = "result.json"
+_NO_STRATEGY = ("", "nan", "null", "full", "baseline")
+_NOT_METRICS = frozenset(("model", "params", "image_strategy", "image_tokens", "text_strategy", "text_tokens", "seed",
+                          "stage", "run_id", "sweep", "status", "error"))
+_PROGRESS_MIN_FILES = 50
+
+
+def load_results(path: str | Path, *, progress: bool | None = None) -> pd.DataFrame:
+    """Load a results directory, a single result.json, or a .csv/.parquet table into the tidy table.
+
+    Raises `AnalysisInputError` for input that cannot be analysed at all (missing path, unknown file type, a table
+    without a required column, no readable rows). ``progress=None`` shows a progress bar only on a terminal.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise AnalysisInputError(path, "no such file or directory")
+    if path.is_dir():
+        return load_result_dir(path, progress=progress)
+    suffix = path.suffix.lower()
+    if suffix in (".csv", ".parquet", ".pq"):
+        return load_table(path)
+    if path.name == _RESULT_FILE or suffix == ".json":
+        return _records_to_frame(path, [path], progress=False)
+    raise AnalysisInputError(path, "expected a results directory, a .csv or .parquet table, or a result.json")
+
+
+def find_result_files(root: Path) -> list[Path]:
+    """Every result.json below ``root``, sorted so that the table order does not depend on the file system."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        if _RESULT_FILE in filenames:
+            found.append(Path(dirpath) / _RESULT_FILE)
+    return found
+
+
+def load_result_dir(root: str | Path, *, progress: bool | None = None) -> pd.DataFrame:
+    """Every result.json under ``root`` (recursively) as the tidy table; unreadable files are skipped with a warning."""
+    root = Path(root)
+    files = find_result_files(root)
+    if not files:
+        raise AnalysisInputError(root, f"no {_RESULT_FILE} files found below this directory")
+    return _records_to_frame(root, files, progress=progress)
+
+
+def _records_to_frame(source: Path, files: list[Path], *, progress: bool | None) -> pd.DataFrame:
+    rows: list[dict[str, Any]] = []
+    skipped: list[tuple[str, str]] = []
+    for file in _progress(files, progress):
+        try:
+            rows.extend(parse_result_record(_read_json(file), file))
+        except _BadRecord as exc:
+            skipped.append((str(file), str(exc)))
+            warnings.warn(f"skipping {file}: {exc}", AnalysisWarning, stacklevel=2)
+    if not rows:
+        raise AnalysisInputError(source, f"none of the {len(files)} result files could be read")
+    df = _normalise(pd.DataFrame.from_records(rows))
+    df.attrs["skipped"] = skipped
+    return df
+
+
+def _progress(files: list[Path], progress: bool | None) -> Iterable[Path]:
+    if progress is False or len(files) < _PROGRESS_MIN_FILES:
+        return files
+    if progress is None and not sys.stderr.isatty():
+        return files
+    from tqdm import tqdm
+
+    return tqdm(files, desc="loading results", unit="file", file=sys.stderr)
+
+
+class _BadRecord(Exception):
+    """A result file that cannot be used; the message says why."""
+
+
+def _read_json(file: Path) -> Any:
+    try:
+        text = file.read_bytes()
+    except OSError as exc:
+        raise _BadRecord(f"cannot read ({exc.strerror or exc})") from exc
+    if not text.strip():
+        raise _BadRecord("empty file (half-written?)")
+    try:
+        return json.loads(text)
+    except UnicodeDecodeError as exc:
+        raise _BadRecord("not UTF-8 text") from exc
+    except json.JSONDecodeError as exc:
+        where = f"{exc.msg}: line {exc.lineno} column {exc.colno}"
+        raise _BadRecord(f"invalid JSON, half-written or corrupt ({where})") from exc
+
+
+def parse_result_record(record: Any, file: str | Path = "<record>") -> list[dict[str, Any]]:
+    """One result record (the parsed result.json) as tidy rows, one per stage that has metrics.
+
+    Raises `_BadRecord` (caught by the loader, which skips the file) when the record lacks the grid settings.
+    """
+    if not isinstance(record, dict):
+        raise _BadRecord(f"expected a JSON object, got {type(record).__name__}")
+    config = record.get("config") if isinstance(record.get("config"), dict) else {}
+
+    def field(name: str) -> Any:
+        value = record.get(name)
+        return config.get(name) if value is None else value
+
+    missing = [name for name in _REQUIRED_RECORD_FIELDS if field(name) is None]
+    if missing:
+        raise _BadRecord(f"missing field {missing[0]!r}")
+    for name in ("image_tokens", "text_tokens"):
+        if not _is_number(field(name)) or field(name) <= 0:
+            raise _BadRecord(f"field {name!r} is not a positive number: {field(name)!r}")
+    file_path = Path(file)
+    base: dict[str, Any] = {
+        "run_id": field("run_id") or file_path.parent.name,
+        "sweep": field("sweep") or (file_path.parent.parent.name if file_path.parent.parent.name else ""),
+        "status": str(record.get("status") or "completed"),
+        "error": record.get("error") or "",
+        "model": field("model"),
+        "params": field("params"),
+        "image_strategy": field("image_strategy"),
+        "image_tokens": field("image_tokens"),
+        "text_strategy": field("text_strategy"),
+        "text_tokens": field("text_tokens"),
+        "seed": field("seed"),
+        "source": str(file),
+    }
+    if not isinstance(base["error"], str):
+        base["error"] = json.dumps(base["error"])
+    compute = record.get("compute")
+    if isinstance(compute, dict):
+        for key in COMPUTE_COLUMNS:
+            base[key] = compute.get(key)
+    metrics = record.get("metrics")
+    rows = []
+    if isinstance(metrics, dict):
+        for stage, values in metrics.items():
+            if not isinstance(values, dict) or not values:
+                continue  # no fine-tune ran: null or {}
+            row = dict(base, stage=stage)
+            for key, value in values.items():
+                # The trainer also records the stage's own settings here (a fine-tune runs at full length): the
+                # run's settings are the top-level ones, so only metrics are taken from a stage.
+                if _is_number(value) and key not in _NOT_METRICS:
+                    row[key] = value
+            rows.append(row)
+    if not rows:
+        rows.append(dict(base, stage=""))
+    return rows
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def load_table(path: str | Path) -> pd.DataFrame:
+    """A flat CSV/Parquet table with `REQUIRED_TABLE_COLUMNS` as the tidy table.
+
+    A missing column, a non-numeric value in a numeric column or an empty table raise `AnalysisInputError`.
+    """
+    path = Path(path)
+    try:
+        if path.suffix.lower() == ".csv":
+            df = pd.read_csv(path)
+        else:
+            df = pd.read_parquet(path)
+    except pd.errors.EmptyDataError as exc:
+        raise AnalysisInputError(path, "empty table (no header, no rows)") from exc
+    except Exception as exc:  # pandas/pyarrow raise many types for a corrupt file
+        raise AnalysisInputError(path, f"cannot read table ({type(exc).__name__}: {exc})".splitlines()[0]) from exc
+    df.columns = [str(c).strip() for c in df.columns]
+    for column in REQUIRED_TABLE_COLUMNS:
+        if column not in df.columns:
+            raise AnalysisInputError(path, f"missing required column {column!r}", field=column)
+    if df.empty:
+        raise AnalysisInputError(path, "empty table (header only, no rows)")
+    for column in [c for c in ("params", "seed", *METRIC_COLUMNS, *COMPUTE_COLUMNS) if c in df.columns]:
+        if pd.api.types.is_numeric_dtype(df[column]):
+            continue
+        values = pd.to_numeric(df[column], errors="coerce")
+        suspect = values.isna() & df[column].notna()
+        text = df.loc[suspect, column].astype(str).str.strip()
+        bad = suspect.copy()
+        bad[suspect] = ~text.isin(["", "nan", "NaN", "None", "null"])
+        if bad.any():
+            row = int(np.flatnonzero(bad.to_numpy())[0])
+            raise AnalysisInputError(
+                path, f"column {column!r}: not a number in data row {row + 1}: {df[column].iloc[row]!r}", field=column
+            )
+    for column in ("image_tokens", "text_tokens"):
+        values = pd.to_numeric(df[column], errors="coerce")
+        bad = values.isna() | (values <= 0)
+        if bad.any():
+            row = int(np.flatnonzero(bad.to_numpy())[0])
+            raise AnalysisInputError(
+                path, f"column {column!r}: not a positive number in data row {row + 1}: {df[column].iloc[row]!r}",
+                field=column,
+            )
+    return prepare_table(df, path)
+
+
+def prepare_table(df: pd.DataFrame, source: str | Path = "<table>") -> pd.DataFrame:
+    """A flat table (already in memory) as the tidy table: default ``sweep``/``status``/``error``, ids, dtypes."""
+    df = df.copy()
+    defaults = {"sweep": Path(str(source)).stem, "status": "completed", "error": "", "source": str(source)}
+    for column, value in defaults.items():
+        if column not in df.columns:
+            df[column] = value
+    if "run_id" not in df.columns:
+        df["run_id"] = _synthetic_run_ids(df)
+    out = _normalise(df)
+    out.attrs["skipped"] = list(df.attrs.get("skipped", []))
+    return out
+
+
+def _synthetic_run_ids(df: pd.DataFrame) -> pd.Series:
+    """A readable id from the settings, for tables that have none; repeats of the same cell get a #n suffix."""
+    ids = (
+        df["model"].astype(str)
+        + "_" + df["image_strategy"].astype(str) + df["image_tokens"].astype(str)
+        + "_" + df["text_strategy"].astype(str) + df["text_tokens"].astype(str)
+        + "_s" + df["seed"].astype(str)
+    )
+    repeat = df.assign(_id=ids).groupby(["_id", df["stage"].astype(str)]).cumcount()
+    return ids.where(repeat == 0, ids + "#" + repeat.astype(str))
+
+
+def _normalise(df: pd.DataFrame) -> pd.DataFrame:
+    """Fix dtypes and column order so that both inputs give the same table."""
+    df = df.copy()
+    for column in STRING_COLUMNS:
+        if column not in df.columns:
+            df[column] = ""
+        df[column] = df[column].fillna("").astype(str).str.strip()
+    for column in ("image_strategy", "text_strategy", "stage", "status"):
+        df[column] = df[column].str.lower()
+    for column in ("image_strategy", "text_strategy"):
+        # A blank strategy in a hand-made table means the full sequence.
+        df.loc[df[column].isin(_NO_STRATEGY), column] = "none"
+    df.loc[df["status"] == "", "status"] = "completed"
+    numeric = [c for c in df.columns if c not in STRING_COLUMNS]
+    for column in numeric:
+        if not pd.api.types.is_numeric_dtype(df[column]):
+            df[column] = pd.to_numeric(df[column], errors="coerce")
+    for column in ("params", "image_tokens", "text_tokens", "seed", "zeroshot_top1"):
+        if column not in df.columns:
+            df[column] = np.nan
+    df["params"] = df["params"].astype(float)
+    first = [c for c in (*ID_COLUMNS, *SETTING_COLUMNS) if c in df.columns]
+    metrics = [c for c in METRIC_COLUMNS if c in df.columns]
+    compute = [c for c in COMPUTE_COLUMNS if c in df.columns]
+    rest = [c for c in df.columns if c not in (*first, *metrics, *compute, "source")]
+    return df[first + metrics + rest + compute + ["source"]].reset_index(drop=True)

@@ -1,0 +1,134 @@
+"""Grid files expand into the runs they stand for, with stable ids, and every mistake is one clear line."""
+import pytest
+
+from sweep.cli import main
+from sweep.config import ConfigError
+from sweep.grid import expand, load_grid, run_id
+
+BASE = {"sweep": "t", "settings": {"model": "cpu-s", "pretrain_samples": 1024}}
+
+
+def ids(raw):
+    return [r.run_id for r in expand(raw, "g.yaml")[1]]
+
+
+def test_axes_expand_as_a_product_plus_one_baseline_per_model():
+    raw = {**BASE, "axes": {"model": ["cpu-s", "cpu-m"], "seed": [0, 1],
+                            "image": [{"image_strategy": ["random", "block"], "image_tokens": [17, 37]}]}}
+    _, runs = expand(raw, "g.yaml")
+    reduced = [r for r in runs if not r.baseline]
+    baselines = [r for r in runs if r.baseline]
+    assert len(reduced) == 2 * 2 * 2 * 2
+    assert len(baselines) == 2 * 2  # one per model and seed
+    assert {(r.config.image_strategy, r.config.image_tokens) for r in baselines} == {("none", 65)}
+
+
+def test_paired_axis_gives_each_strategy_its_own_lengths():
+    raw = {**BASE, "axes": {"image": [{"image_strategy": ["random", "grid"], "image_tokens": [17, 26]},
+                                      {"image_strategy": "resize", "image_tokens": 50}]}}
+    cells = {(r.config.image_strategy, r.config.image_tokens) for r in expand(raw, "g.yaml")[1]}
+    assert cells == {("random", 17), ("random", 26), ("grid", 17), ("grid", 26), ("resize", 50), ("none", 65)}
+
+
+def test_include_and_exclude():
+    raw = {**BASE, "axes": {"image_strategy": ["random"], "image_tokens": [17, 26, 37]},
+           "exclude": [{"image_tokens": 26}], "include": [{"image_strategy": "block", "image_tokens": 5}],
+           "baselines": False}
+    cells = {(r.config.image_strategy, r.config.image_tokens) for r in expand(raw, "g.yaml")[1]}
+    assert cells == {("random", 17), ("random", 37), ("block", 5)}
+
+
+def test_a_baseline_already_in_the_grid_is_not_added_twice():
+    raw = {**BASE, "axes": {"image": [{"image_strategy": "none"}, {"image_strategy": "random", "image_tokens": 17}]}}
+    assert len(ids(raw)) == 2
+
+
+def test_run_ids_are_stable_readable_and_change_with_any_setting():
+    raw = {**BASE, "axes": {"image_strategy": ["random"], "image_tokens": [17]}, "baselines": False}
+    first = ids(raw)
+    assert first == ids(raw)
+    assert first[0].startswith("cpu-s_random17_none32_s0_")
+    changed = {**raw, "settings": {**BASE["settings"], "lr": 1e-4}}
+    assert ids(changed) != first
+    operational = {**raw, "settings": {**BASE["settings"], "threads": 1, "checkpoint_every": 3}}
+    assert ids(operational) == first  # how a run is executed does not make it another run
+
+
+@pytest.mark.parametrize("raw,field", [
+    ({"axes": {"seed": [0]}}, "sweep"),
+    ({**BASE, "sweep": "has space", "axes": {"seed": [0]}}, "sweep"),
+    ({**BASE}, "axes"),
+    ({**BASE, "axes": {"seed": []}}, "axes.seed"),
+    ({**BASE, "axes": {"model": ["cpu-s", "cpu-xxl"]}}, "model"),
+    ({**BASE, "axes": {"image_strategy": ["warp"]}}, "image_strategy"),
+    ({**BASE, "axes": {"image_strategy": ["grid"], "image_tokens": [20]}}, "image_tokens"),
+    ({**BASE, "axes": {"image_strategy": ["random"], "image_tokens": [100]}}, "image_tokens"),
+    ({**BASE, "axes": {"text_strategy": ["syntax"], "text_tokens": [64]}}, "text_tokens"),
+    ({**BASE, "axes": {"lr": ["fast"]}}, "lr"),
+    ({**BASE, "axes": {"batch_size": [1.5]}}, "batch_size"),
+    ({**BASE, "axes": {"learning_rate": [0.1]}}, "axes.learning_rate"),
+    ({**BASE, "axes": {"image": ["random"]}}, "axes.image[0]"),
+    ({**BASE, "axes": {"image": [{"image_strategy": "random", "tokens": 17}]}}, "axes.image[0].tokens"),
+    ({**BASE, "axes": {"seed": [0, 0]}}, "axes"),
+    ({**BASE, "axes": {"seed": [0]}, "settings": {"bogus": 1}}, "settings.bogus"),
+    ({**BASE, "axes": {"seed": [0]}, "settings": {"lr": [1, 2]}}, "settings.lr"),
+    ({**BASE, "axes": {"seed": [0]}, "extra": 1}, "extra"),
+    ({**BASE, "axes": {"seed": [0]}, "exclude": [{"seed": 0}]}, "exclude"),
+    ({**BASE, "axes": {"seed": [0]}, "include": ["x"]}, "include"),
+    ({**BASE, "axes": {"seed": [0]}, "baselines": "yes"}, "baselines"),
+    ({**BASE, "axes": {"seed": [[0, 1]]}}, "axes.seed"),
+])
+def test_malformed_grids_name_the_field(raw, field):
+    with pytest.raises(ConfigError) as info:
+        expand(raw, "g.yaml")
+    assert info.value.field.startswith(field), str(info.value)
+    assert str(info.value).startswith("g.yaml: ") and "\n" not in str(info.value)
+
+
+BAD_FILES = {
+    "unknown_strategy.yaml": "sweep: s\naxes:\n  image_strategy: [zoom]\n",
+    "wrong_type.yaml": "sweep: s\nsettings:\n  batch_size: many\naxes:\n  seed: [0]\n",
+    "bad_yaml.yaml": "sweep: s\naxes: [\n",
+    "object.yaml": "sweep: !!python/object/apply:os.system ['echo hacked']\naxes:\n  seed: [0]\n",
+    "slurm_option.yaml": "sweep: s\naxes:\n  seed: [0]\nslurm:\n  gpu_count: 2\n",
+    "slurm_type.yaml": "sweep: s\naxes:\n  seed: [0]\nslurm:\n  cpus: lots\n",
+    "duplicate.yaml": "sweep: s\naxes:\n  seed: [0]\ninclude:\n  - {seed: 0}\n",
+    "above_full.yaml": "sweep: s\naxes:\n  image_strategy: [random]\n  image_tokens: [80]\n",
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_FILES))
+def test_launch_of_a_malformed_grid_exits_2_and_creates_nothing(tmp_path, capsys, name):
+    grid = tmp_path / name
+    grid.write_text(BAD_FILES[name])
+    results = tmp_path / "results"
+    assert main(["launch", str(grid), "--results", str(results), "--executor", "local"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(grid) in err, err
+    assert "hacked" not in err
+    assert not results.exists()
+
+
+def test_shipped_grids_load():
+    for name, expected in [("grids/smoke.yaml", 5), ("grids/image_strategies.yaml", 3 * 4 * 6 + 3)]:
+        grid = load_grid(name)
+        assert len(grid.runs) == expected, name
+    grid = load_grid("grids/image_strategies.yaml")
+    assert {r.config.model for r in grid.runs} == {"cpu-s", "cpu-m", "cpu-l"}
+    assert {r.config.image_tokens for r in grid.runs} == {65, 50, 37, 26, 17, 10, 5}
+
+
+def test_plan_prints_groups_with_flops_and_time(capsys):
+    assert main(["plan", "grids/smoke.yaml"]) == 0
+    out = capsys.readouterr().out
+    assert "GFLOP" in out and "total: 5 runs" in out
+    for strategy in ["random", "grid", "block", "resize", "none"]:
+        assert strategy in out
+
+
+def test_run_id_depends_on_every_scientific_setting():
+    from sweep.config import config_from_dict
+
+    base = config_from_dict({"model": "cpu-s"})
+    assert run_id(base) != run_id(config_from_dict({"model": "cpu-s", "weight_decay": 0.1}))
+    assert run_id(base) != run_id(config_from_dict({"model": "cpu-s", "data_seed": 1}))
