@@ -6,7 +6,7 @@ into a job. ``load_run_config`` is the only way configs enter the trainer.
 from __future__ import annotations
 
 import ast
-import dataclasses
+import functools
 import inspect
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -100,7 +100,7 @@ class RunConfig:
         return "none", self.spec.image_tokens, "none", self.spec.text_tokens
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}  # all scalars: no deep copy
 
 
 def field_docs() -> dict[str, str]:
@@ -115,20 +115,21 @@ def field_docs() -> dict[str, str]:
 
 
 _TYPES = {f.name: f.type for f in fields(RunConfig)}
+# field -> (base type name, optional), parsed once from the annotations ("int | None" -> ("int", True))
+_KINDS = {name: (declared.split("|")[0].strip(), "None" in declared) for name, declared in _TYPES.items()}
 
 
 def _coerce(name: str, value: Any) -> Any:
     """Check a raw YAML value against the field's declared type (ints are accepted where floats are)."""
-    declared = _TYPES[name]
-    optional = "None" in declared
+    kind, optional = _KINDS[name]
     if value is None:
         if optional:
             return None
-        raise ConfigError(name, f"must be set (a {declared})")
-    if declared.startswith("int"):
+        raise ConfigError(name, f"must be set (a {_TYPES[name]})")
+    if kind == "int":
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(name, f"must be an integer, got {value!r}")
-    elif declared.startswith("float"):
+    elif kind == "float":
         if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string; accept it as the number it is
             try:
                 value = float(value)
@@ -137,10 +138,22 @@ def _coerce(name: str, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(name, f"must be a number, got {value!r}")
         value = float(value)
-    elif declared.startswith("str"):
+    elif kind == "str":
         if not isinstance(value, str):
             raise ConfigError(name, f"must be a string, got {value!r}")
     return value
+
+
+@functools.lru_cache(maxsize=None)
+def allowed_image_tokens(strategy: str, grid: int) -> frozenset[int]:
+    return frozenset(IMAGE_STRATEGIES[strategy].allowed_tokens(grid))
+
+
+@functools.lru_cache(maxsize=None)
+def _allowed_text_tokens(strategy: str, context_length: int) -> frozenset[int]:
+    from sweep.strategies.text import allowed_text_tokens
+
+    return frozenset(allowed_text_tokens(strategy, context_length))
 
 
 def _choices(name: str, value: str, allowed) -> None:
@@ -150,7 +163,7 @@ def _choices(name: str, value: str, allowed) -> None:
 
 def validate(cfg: RunConfig) -> RunConfig:
     """Check every field and fill the full-length defaults; raises ConfigError on the first problem."""
-    from sweep.strategies.text import TEXT_STRATEGIES, allowed_text_tokens, check_spacy_model
+    from sweep.strategies.text import TEXT_STRATEGIES, check_spacy_model
 
     _choices("model", cfg.model, MODELS)
     _choices("image_strategy", cfg.image_strategy, IMAGE_STRATEGIES)
@@ -162,12 +175,12 @@ def validate(cfg: RunConfig) -> RunConfig:
     if cfg.text_tokens is None:
         cfg.text_tokens = spec.text_tokens
 
-    allowed = IMAGE_STRATEGIES[cfg.image_strategy].allowed_tokens(spec.grid)
+    allowed = allowed_image_tokens(cfg.image_strategy, spec.grid)
     if cfg.image_tokens not in allowed:
         raise ConfigError("image_tokens", f"{cfg.image_tokens} is not possible with image_strategy "
                           f"{cfg.image_strategy!r} on {cfg.model} ({spec.image_tokens} full); "
                           f"allowed: {_span(allowed)}")
-    allowed = allowed_text_tokens(cfg.text_strategy, spec.text_tokens)
+    allowed = _allowed_text_tokens(cfg.text_strategy, spec.text_tokens)
     if cfg.text_tokens not in allowed:
         raise ConfigError("text_tokens", f"{cfg.text_tokens} is not possible with text_strategy "
                           f"{cfg.text_strategy!r} on {cfg.model} ({spec.text_tokens} full); "
@@ -198,8 +211,9 @@ def validate(cfg: RunConfig) -> RunConfig:
     return cfg
 
 
-def _span(values: list[int]) -> str:
+def _span(values) -> str:
     """A compact list: 2..65 for a contiguous range, else every value."""
+    values = sorted(values)
     if len(values) > 6 and values == list(range(values[0], values[-1] + 1)):
         return f"{values[0]}..{values[-1]}"
     return ", ".join(map(str, values))

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from sweep.config import OPERATIONAL, ConfigError, RunConfig, config_from_dict, 
 
 GRID_KEYS = ("sweep", "settings", "axes", "include", "exclude", "baselines", "slurm")
 FIELDS = set(RunConfig.__dataclass_fields__)
+_ID_FIELDS = sorted(FIELDS - set(OPERATIONAL))
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -51,8 +51,8 @@ class Grid:
 
 def run_id(cfg: RunConfig) -> str:
     """Readable and stable: model, strategies, tokens, seed, and a hash of every setting that shapes the result."""
-    scientific = {k: v for k, v in cfg.to_dict().items() if k not in OPERATIONAL}
-    digest = hashlib.sha256(json.dumps(scientific, sort_keys=True).encode()).hexdigest()[:8]
+    scientific = [(k, getattr(cfg, k)) for k in _ID_FIELDS]
+    digest = hashlib.sha256(repr(scientific).encode()).hexdigest()[:8]  # repr of str/int/float is stable
     return (f"{cfg.model}_{cfg.image_strategy}{cfg.image_tokens}_{cfg.text_strategy}{cfg.text_tokens}"
             f"_s{cfg.seed}_{digest}")
 
@@ -155,11 +155,17 @@ def _expand(raw: dict[str, Any]) -> tuple[str, list[Run]]:
             raise ConfigError("axes", f"duplicate cell: {_cell_label(cell)} is the same run as one before it")
         runs[rid] = Run(rid, cfg, baseline=False)
     if baselines:
+        seen = set()
         for run in list(runs.values()):
             full = {**run.config.to_dict(), "image_strategy": "none", "image_tokens": None,
                     "text_strategy": "none", "text_tokens": None}
+            key = tuple(full.items())
+            if key in seen:  # most runs share their baseline: build each one once
+                continue
+            seen.add(key)
             cfg = config_from_dict(full)
-            runs.setdefault(run_id(cfg), Run(run_id(cfg), cfg, baseline=True))
+            rid = run_id(cfg)
+            runs.setdefault(rid, Run(rid, cfg, baseline=True))
     return sweep, sorted(runs.values(), key=lambda r: (not r.baseline, r.run_id))
 
 

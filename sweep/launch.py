@@ -155,6 +155,8 @@ def train_run_dir(run_dir: str | Path, handle_signals: bool = True) -> str:
 
 def work_queue(run_dirs: list[str], fail_fast: bool = False) -> dict[str, str]:
     """A local worker: train every run of the list that nobody else holds, in order."""
+    from sweep.train import Interrupted
+
     outcome: dict[str, str] = {}
     for run_dir in run_dirs:
         if fail_fast and any(v.startswith("failed") for v in outcome.values()):
@@ -163,6 +165,8 @@ def work_queue(run_dirs: list[str], fail_fast: bool = False) -> dict[str, str]:
             continue
         try:
             outcome[run_dir] = train_run_dir(run_dir)
+        except Interrupted:  # SIGTERM / SIGUSR2: the run has its checkpoint; the worker stops with it
+            raise
         except Exception as err:  # recorded in the run's result.json by the trainer; go on with the next run
             outcome[run_dir] = f"failed: {type(err).__name__}: {err}"
     return outcome
@@ -300,9 +304,11 @@ def launch(grid: Grid, results: str | Path, executor: str, *, max_parallel: int,
     launch_record: dict[str, Any] = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "executor": executor,
                                      "runs": [r.run_id for r in todo],
                                      "skipped": {k: len(v) for k, v in skipped.items()}}
-    write_manifest(grid, results, None)
     if not todo:
-        return {**launch_record, "jobs": {}}
+        launch_record["jobs"] = {}
+        write_manifest(grid, results, launch_record)
+        return launch_record
+    write_manifest(grid, results, None)
     run_dirs = prepare_run_dirs(grid, results, todo, threads_per_run(executor, max_parallel, slurm))
     folder = sweep_dir(results, grid.sweep) / ".submitit"
     if executor == "local":

@@ -68,12 +68,12 @@ def _config(embed_dim, image_size, patch_size, width, layers, head_width, text_w
 
 
 # The CPU sizes are sized so that the whole embedded study runs on a laptop: their vision transformers differ
-# ~3.5x in parameters from one size to the next (0.1M, 0.33M, 1.2M) (the token embedding table, 49408 x text width, is counted in `params`
+# ~3x in parameters from one size to the next (0.1M, 0.33M, 0.8M in their blocks) (the token embedding table, 49408 x text width, is counted in `params`
 # too, as open_clip counts it). Paper sizes follow the CLIPA recipe: 224 px, patch 16 (14 for H), text context 32.
 MODELS: dict[str, ModelSpec] = {
     "cpu-s": ModelSpec("cpu-s", _config(64, 64, 8, 64, 2, 32, 64, 2, 2), "cpu"),
-    "cpu-m": ModelSpec("cpu-m", _config(96, 64, 8, 96, 3, 32, 96, 2, 3), "cpu"),
-    "cpu-l": ModelSpec("cpu-l", _config(128, 64, 8, 160, 4, 32, 128, 3, 4), "cpu"),
+    "cpu-m": ModelSpec("cpu-m", _config(64, 64, 8, 96, 3, 32, 64, 2, 2), "cpu"),
+    "cpu-l": ModelSpec("cpu-l", _config(96, 64, 8, 128, 4, 32, 96, 2, 3), "cpu"),
     "ViT-S-16": ModelSpec("ViT-S-16", _config(384, 224, 16, 384, 12, 64, 384, 12, 6), "paper"),
     "ViT-B-16": ModelSpec("ViT-B-16", _config(512, 224, 16, 768, 12, 64, 512, 12, 8), "paper"),
     "ViT-L-16": ModelSpec("ViT-L-16", _config(768, 224, 16, 1024, 24, 64, 768, 12, 12), "paper"),

@@ -66,21 +66,40 @@ def _one_line(text: str, width: int = 160) -> str:
     return line if len(line) <= width else line[: width - 1] + "…"
 
 
-def run_state(run_dir: Path, job: dict[str, Any] | None, scheduler: dict[str, dict[str, str]], now: float
-              ) -> tuple[str, str]:
-    """(state, one-line reason) of one run."""
+_STATUS = re.compile(rb'\n  "status": "(\w+)"')  # a top-level key of a record written with indent=2
+
+
+def result_state(run_dir: str) -> tuple[str, str] | None:
+    """(status, reason) from result.json, or None when there is none.
+
+    The trainer writes `status` among the first keys, so a completed run is recognised from the file's first
+    bytes without parsing the whole record (10,000 runs in well under a second); anything else is parsed in full."""
+    path = os.path.join(run_dir, "result.json")
     try:
-        record = json.loads((run_dir / "result.json").read_text())
-        if record.get("status") == "completed":
-            return "completed", ""
-        if record.get("status") == "failed":
-            return "failed", _one_line(record.get("error") or "failed without a reason")
+        with open(path, "rb") as f:
+            head = f.read(512)
+            match = _STATUS.search(head)
+            if match and match.group(1) == b"completed":
+                return "completed", ""
+            record = json.loads(head + f.read())
     except FileNotFoundError:
-        pass
+        return None
     except (OSError, ValueError):
         return "failed", "result.json is unreadable"
+    if record.get("status") == "completed":
+        return "completed", ""
+    return "failed", _one_line(record.get("error") or "failed without a reason")
+
+
+def run_state(run_dir: str | Path, job: dict[str, Any] | None, scheduler: dict[str, dict[str, str]], now: float
+              ) -> tuple[str, str]:
+    """(state, one-line reason) of one run."""
+    run_dir = str(run_dir)
+    done = result_state(run_dir)
+    if done:
+        return done
     try:
-        beat = os.stat(run_dir / "heartbeat").st_mtime
+        beat = os.stat(os.path.join(run_dir, "heartbeat")).st_mtime
     except OSError:
         beat = None
     if beat is not None and now - beat < STALE_AFTER_S:
@@ -90,7 +109,7 @@ def run_state(run_dir: Path, job: dict[str, Any] | None, scheduler: dict[str, di
         state = info["state"]
         if state == "RUNNING":
             return "running", ""
-        if state == "REQUEUED" or (state == "PENDING" and (run_dir / "checkpoint.pt").exists()):
+        if state == "REQUEUED" or (state == "PENDING" and os.path.exists(os.path.join(run_dir, "checkpoint.pt"))):
             return "requeued", f"slurm job {job['job_id']} requeued; resumes from its checkpoint"
         if state == "PENDING":
             return "pending", f"slurm job {job['job_id']} pending ({info['reason']})"
@@ -116,7 +135,7 @@ def collect(path: str | Path) -> list[dict[str, Any]]:
     for sweep_path, manifest in manifests:
         for run_id, run in manifest["runs"].items():
             cfg = run["config"]
-            state, reason = run_state(sweep_path / run_id, run.get("job"), scheduler, now)
+            state, reason = run_state(os.path.join(sweep_path, run_id), run.get("job"), scheduler, now)
             rows.append({"sweep": manifest["sweep"], "run_id": run_id, "state": state, "reason": reason,
                          "model": cfg["model"], "image_strategy": cfg["image_strategy"],
                          "image_tokens": cfg["image_tokens"], "text_strategy": cfg["text_strategy"],

@@ -1,0 +1,145 @@
+"""Launching grids locally: every cell runs once, relaunching is a no-op, failures say why, status tells all."""
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from sweep.cli import main
+from sweep.status import collect, run_state
+from sweep.train import AlreadyRunning, exclusive, run
+from sweep.config import config_from_dict
+
+TINY = """\
+sweep: tiny
+settings:
+  model: cpu-s
+  pretrain_samples: 256
+  batch_size: 64
+  train_scenes: 500
+  eval_zeroshot_samples: 40
+  eval_retrieval_samples: 40
+  checkpoint_every: 2
+{extra}
+axes:
+  image:
+    - {{image_strategy: [random, resize], image_tokens: 17}}
+"""
+
+
+def grid_file(tmp_path, extra=""):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY.format(extra=extra))
+    return path
+
+
+def results_of(results):
+    return {p.parent.name: p.stat().st_mtime_ns for p in Path(results).glob("tiny/*/result.json")}
+
+
+@pytest.mark.slow
+def test_local_launch_runs_every_cell_and_a_relaunch_runs_nothing(tmp_path, capsys):
+    grid, results = grid_file(tmp_path), tmp_path / "results"
+    assert main(["launch", str(grid), "--results", str(results), "--executor", "local", "--max-parallel", "2",
+                 "--quiet"]) == 0
+    assert "3 runs: 3 completed" in capsys.readouterr().out
+    first = results_of(results)
+    assert len(first) == 3  # random, resize and the added baseline
+
+    assert main(["launch", str(grid), "--results", str(results), "--executor", "local", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "3 completed and 0 failed already" in out and "0 to run" in out
+    assert results_of(results) == first  # nothing rerun, nothing rewritten
+
+    manifest = json.loads((results / "tiny" / "manifest.json").read_text())
+    assert len(manifest["runs"]) == 3 and manifest["launches"][-1]["runs"] == []
+    assert main(["status", str(results / "tiny"), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert {r["state"] for r in rows} == {"completed"} and len(rows) == 3
+    # status on the results root finds the sweep too
+    assert main(["status", str(results)]) == 0
+    assert "3 runs: 3 completed" in capsys.readouterr().out
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
+    grid, results = grid_file(tmp_path), tmp_path / "results"
+    assert main(["launch", str(grid), "--results", str(results), "--executor", "local", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "3 to run" in out and "GFLOP" in out and "nothing written" in out
+    assert not results.exists()
+
+
+@pytest.mark.slow
+def test_failed_runs_say_why_and_rerun_only_when_asked(tmp_path, capsys):
+    grid, results = grid_file(tmp_path, "  lr: 1.0e+30"), tmp_path / "results"
+    assert main(["launch", str(grid), "--results", str(results), "--executor", "local", "--quiet"]) == 1
+    out = capsys.readouterr().out
+    assert "3 failed" in out and "loss became nan" in out
+    assert main(["status", str(results / "tiny")]) == 0
+    table = capsys.readouterr().out
+    assert table.count("failed") >= 3 and "loss became nan" in table
+
+    assert main(["launch", str(grid), "--results", str(results), "--executor", "local", "--quiet"]) == 0
+    assert "0 to run" in capsys.readouterr().out
+    before = results_of(results)
+    assert main(["launch", str(grid), "--results", str(results), "--executor", "local", "--quiet",
+                 "--rerun-failed"]) == 1
+    after = results_of(results)
+    assert set(after) == set(before) and all(after[k] > before[k] for k in before)
+
+
+def test_a_run_held_by_another_process_is_not_trained_twice(tmp_path):
+    cfg = config_from_dict({"model": "cpu-s", "pretrain_samples": 128, "batch_size": 64})
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    with exclusive(run_dir):
+        with pytest.raises(AlreadyRunning):
+            run(cfg, run_dir, progress=False)
+    assert not (run_dir / "result.json").exists()
+
+
+def test_status_tells_running_stale_and_pending_apart(tmp_path):
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    now = time.time()
+    assert run_state(run_dir, None, {}, now)[0] == "pending"
+    (run_dir / "heartbeat").touch()
+    assert run_state(run_dir, None, {}, now)[0] == "running"
+    os.utime(run_dir / "heartbeat", (now - 600, now - 600))
+    state, reason = run_state(run_dir, None, {}, now)
+    assert state == "stale" and "relaunch" in reason
+    job = {"executor": "slurm", "job_id": "7_1"}
+    assert run_state(run_dir, job, {"7_1": {"state": "PENDING", "reason": "Priority", "detail": "PENDING",
+                                              "exit_code": "0:0"}}, now)[0] == "pending"
+    (run_dir / "checkpoint.pt").touch()
+    assert run_state(run_dir, job, {"7_1": {"state": "PENDING", "reason": "", "detail": "PENDING",
+                                              "exit_code": "0:0"}}, now)[0] == "requeued"
+    state, reason = run_state(run_dir, job, {"7_1": {"state": "CANCELLED", "reason": "", "detail": "CANCELLED by 0",
+                                                       "exit_code": "0:15"}}, now)
+    assert state == "failed" and "cancelled" in reason
+    (run_dir / "result.json").write_text('{"status": "failed", "error": "loss became nan at pretrain step 3"}')
+    assert run_state(run_dir, job, {}, now) == ("failed", "loss became nan at pretrain step 3")
+    (run_dir / "result.json").write_text('{"status": "compl')  # half-written
+    assert run_state(run_dir, job, {}, now) == ("failed", "result.json is unreadable")
+
+
+def test_status_of_a_directory_without_a_sweep_exits_2(tmp_path, capsys):
+    assert main(["status", str(tmp_path)]) == 2
+    assert "manifest.json" in capsys.readouterr().err
+
+
+def test_collect_reads_many_runs(tmp_path):
+    sweep = tmp_path / "many"
+    runs = {}
+    for i in range(50):
+        rid = f"cpu-s_random17_none32_s{i}_0000"
+        (sweep / rid).mkdir(parents=True)
+        (sweep / rid / "result.json").write_text(json.dumps({"status": "completed" if i % 2 else "failed",
+                                                             "error": None if i % 2 else "boom"}))
+        runs[rid] = {"config": {"model": "cpu-s", "image_strategy": "random", "image_tokens": 17,
+                                "text_strategy": "none", "text_tokens": 32, "seed": i}}
+    (sweep / "manifest.json").write_text(json.dumps({"sweep": "many", "runs": runs, "launches": []}))
+    rows = collect(sweep)
+    assert sum(r["state"] == "completed" for r in rows) == 25
+    assert {r["reason"] for r in rows if r["state"] == "failed"} == {"boom"}

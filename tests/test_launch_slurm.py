@@ -1,0 +1,129 @@
+"""Launching grids on the real local Slurm cluster (scripts/slurm/up.sh): arrays, scancel, requeue, resume."""
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from sweep.cli import main
+from sweep.launch import slurm_available
+from sweep.status import collect
+
+pytestmark = pytest.mark.slow
+
+if not slurm_available():
+    if os.environ.get("SWEEP_REQUIRE_SLURM", "") not in ("", "0"):
+        pytest.fail("SWEEP_REQUIRE_SLURM is set but no Slurm cluster answers (start it: bash scripts/slurm/up.sh)",
+                    pytrace=False)
+    pytest.skip("no Slurm cluster answers (start one: bash scripts/slurm/up.sh)", allow_module_level=True)
+
+GRID = """\
+sweep: {sweep}
+settings:
+  model: cpu-s
+  batch_size: 32
+  train_scenes: 500
+  eval_zeroshot_samples: 40
+  eval_retrieval_samples: 40
+  checkpoint_every: {every}
+baselines: false
+axes:
+  image:
+{cells}
+slurm:
+  cpus: 1
+  mem_gb: 2
+  time_min: 30
+"""
+
+
+def write_grid(tmp_path, sweep, cells, every=1000):
+    path = tmp_path / f"{sweep}.yaml"
+    path.write_text(GRID.format(sweep=sweep, every=every, cells="\n".join(f"    - {c}" for c in cells)))
+    return path
+
+
+def wait_for(predicate, timeout, what):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def states(sweep_dir):
+    return {r["run_id"]: r for r in collect(sweep_dir)}
+
+
+def job_of(sweep_dir, run_id):
+    return json.loads((Path(sweep_dir) / "manifest.json").read_text())["runs"][run_id]["job"]["job_id"]
+
+
+def result(sweep_dir, run_id):
+    return json.loads((Path(sweep_dir) / run_id / "result.json").read_text())
+
+
+def test_smoke_grid_completes_on_slurm(tmp_path, capsys):
+    results = tmp_path / "results"
+    assert main(["launch", "grids/smoke.yaml", "--results", str(results), "--executor", "slurm"]) == 0
+    out = capsys.readouterr().out
+    assert "submitted 5 runs as job array" in out
+    sweep = results / "smoke"
+    wait_for(lambda: all(r["state"] == "completed" for r in states(sweep).values()), 300, "all smoke runs")
+    assert main(["launch", "grids/smoke.yaml", "--results", str(results), "--executor", "slurm"]) == 0
+    assert "0 to run" in capsys.readouterr().out
+
+
+def test_scancel_shows_failed_and_a_relaunch_reruns_only_it_from_its_checkpoint(tmp_path, capsys):
+    grid = write_grid(tmp_path, "cancel", ["{image_strategy: random, image_tokens: 17, pretrain_samples: 128}",
+                                           "{image_strategy: grid, image_tokens: 17, pretrain_samples: 32000}"],
+                      every=2)
+    results = tmp_path / "results"
+    assert main(["launch", str(grid), "--results", str(results), "--executor", "slurm"]) == 0
+    sweep = results / "cancel"
+    quick, slow = sorted(states(sweep), key=lambda r: "grid" in r)
+    wait_for(lambda: (sweep / slow / "checkpoint.pt").exists(), 180, "the long run's first checkpoint")
+    subprocess.run(["scancel", job_of(sweep, slow)], check=True)
+    wait_for(lambda: states(sweep)[slow]["state"] == "failed", 120, "the cancelled run to show as failed")
+    assert "cancelled" in states(sweep)[slow]["reason"]
+    wait_for(lambda: states(sweep)[quick]["state"] == "completed", 180, "the quick run")
+
+    capsys.readouterr()
+    assert main(["launch", str(grid), "--results", str(results), "--executor", "slurm"]) == 0
+    assert "1 to run" in capsys.readouterr().out
+    manifest = json.loads((sweep / "manifest.json").read_text())
+    assert manifest["launches"][-1]["runs"] == [slow]
+    subprocess.run(["scancel", job_of(sweep, slow)], check=True)  # no need to train it to the end
+
+
+def _interrupted_run_resumes(tmp_path, sweep_name, interrupt):
+    grid = write_grid(tmp_path, sweep_name, ["{image_strategy: block, image_tokens: 17, pretrain_samples: 2400}"])
+    results = tmp_path / "results"
+    assert main(["launch", str(grid), "--results", str(results), "--executor", "slurm"]) == 0
+    sweep = results / sweep_name
+    (run_id,) = states(sweep)
+    wait_for(lambda: (sweep / run_id / "heartbeat").exists(), 120, "the run to start")
+    time.sleep(6)  # into the training loop (a checkpoint exists only if a signal asks for one: checkpoint_every 1000)
+    assert not (sweep / run_id / "checkpoint.pt").exists()
+    interrupt(job_of(sweep, run_id))
+    wait_for(lambda: (sweep / run_id / "checkpoint.pt").exists(), 60, "the checkpoint the signal asks for")
+    record = wait_for(lambda: (sweep / run_id / "result.json").exists() and result(sweep, run_id), 300,
+                      "the requeued run to finish")
+    assert record["status"] == "completed"
+    assert record["resumed"] and record["resumed"][0]["step"] > 0  # resumed mid-way, not from step 0
+    assert states(sweep)[run_id]["state"] == "completed"
+
+
+def test_scontrol_requeue_resumes_from_the_checkpoint(tmp_path):
+    _interrupted_run_resumes(tmp_path, "requeue", lambda job: subprocess.run(["scontrol", "requeue", job], check=True))
+
+
+def test_preemption_signal_requeues_through_submitit_and_resumes(tmp_path):
+    # submitit treats USR2 as preemption / time-out: checkpoint, requeue, resume
+    _interrupted_run_resumes(tmp_path, "preempt",
+                             lambda job: subprocess.run(["scancel", "--signal=USR2", job], check=True))
