@@ -210,7 +210,7 @@ def train_stage(model, cfg: RunConfig, stage: str, data: Data, pixels: Pixels, s
                 stop: StopSignals, progress: bool) -> None:
     """Run (or finish) one stage, updating `state` in place; checkpoints as it goes."""
     samples = cfg.pretrain_samples if stage == "pretrain" else cfg.finetune_samples
-    steps = samples // cfg.batch_size  # the tail that does not fill a batch is not trained on
+    steps = samples // cfg.batch_size  # e.g. 6400 // 64 = 100; a tail that does not fill a batch is dropped
     image_strategy, image_tokens, text_strategy, text_tokens = cfg.stage_settings(stage)
     patch = cfg.spec.patch_size
     text = text_reducer(text_strategy, text_tokens, cfg.spec.text_tokens, cfg.spacy_model)
@@ -242,9 +242,12 @@ def train_stage(model, cfg: RunConfig, stage: str, data: Data, pixels: Pixels, s
             group["lr"] = lr_at(step, steps, peak, cfg.warmup_fraction)
         tic = time.perf_counter()
         idx = order.batch(step, cfg.batch_size)
-        gen = generator(cfg.seed, STAGE_IDS[stage], step, 1)
+        gen = generator(cfg.seed, STAGE_IDS[stage], step, 1)  # every mask of this step, reproducible on resume
+        # images [B, 3, 64, 64] = 8 x 8 patches + class token = 65 tokens; a masking strategy at 17 keeps 16
+        # patches per sample (keep [B, 16]), `resize` shrinks the image to 32 px = 4 x 4 patches instead
         images, keep = reduce_images(pixels(data.train_images[idx]), image_strategy, image_tokens, patch, gen)
-        tokens = text([data.train_captions[i] for i in idx.tolist()], gen)
+        tokens = text([data.train_captions[i] for i in idx.tolist()], gen)  # [B, text_tokens]
+        # contrastive loss over the B x B image-text similarities; the step's FLOPs scale ~ with the tokens kept
         loss = train_step(model, optimizer, loss_fn, images, keep, tokens, cfg.grad_clip)
         if not torch.isfinite(loss):
             raise Diverged(f"loss became {loss.item()} at {stage} step {step}")
