@@ -8,6 +8,10 @@ Columns (captions/s; each distinct caption counted once):
   call     `reducer(batch, generator)` on prepared captions, batches of --batch: what the trainer pays per step
 The spaCy model is loaded before timing (its load time is printed separately), and the BPE word cache is emptied
 before each cold pass.
+
+Then the trainer's own appetite: training samples/s of each CPU size at full length (batch 64, one thread, as the
+embedded grids run), and how many times faster each strategy serves captions than that (call/s / samples/s, and
+warm/s / samples/s for a run's start-up). Target (issue 4): syntax, warm, >= 20x the largest CPU size.
 """
 
 from __future__ import annotations
@@ -69,6 +73,30 @@ def bench(strategy: str, captions: list[str], text_tokens: int, batch: int, cach
     return row
 
 
+def trainer_samples_per_second(model: str, batch: int = 64, steps: int = 5) -> float:
+    """Median samples/s of `sweep.train.train_step` at full length on one thread."""
+    import open_clip
+    from open_clip.loss import ClipLoss
+
+    from sweep.config import RunConfig
+    from sweep.models import MODELS, build_model
+    from sweep.train import make_optimizer, train_step
+
+    torch.set_num_threads(1)
+    spec = MODELS[model]
+    net = build_model(model)
+    optimizer = make_optimizer(net, RunConfig(model=model), 1e-4)
+    images = torch.rand(batch, 3, spec.image_size, spec.image_size)
+    text = open_clip.tokenize(make_captions(batch), context_length=spec.text_tokens)
+    times = []
+    for _ in range(steps + 1):
+        start = time.perf_counter()
+        train_step(net, optimizer, ClipLoss(), images, None, text, 1.0)
+        times.append(time.perf_counter() - start)
+    times = sorted(times[1:])  # the first step warms up
+    return batch / times[len(times) // 2]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--captions", type=int, default=5000)
@@ -87,6 +115,11 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for strategy in args.strategies:
             rows.append(bench(strategy, captions, args.text_tokens, args.batch, Path(tmp)))
+    trainer = {m: trainer_samples_per_second(m) for m in ("cpu-s", "cpu-m", "cpu-l")}
+    for row in rows:
+        row["trainer_samples_per_second"] = {m: round(v, 1) for m, v in trainer.items()}
+        row["call_over_trainer"] = {m: round(row["call"] / v, 1) for m, v in trainer.items()}
+        row["warm_over_trainer"] = {m: round(row["warm"] / v, 1) for m, v in trainer.items()}
     if args.json:
         for row in rows:
             print(json.dumps({**row, "model_load_seconds": round(load_seconds, 2)}))
@@ -98,6 +131,17 @@ def main(argv: list[str] | None = None) -> None:
             f"{row['text_strategy']:<14}{row['text_tokens']:>12}{row['cold']:>12,.0f}"
             f"{row['warm']:>12,.0f}{row['call']:>12,.0f}"
         )
+    print("trainer samples/s at full length (batch 64, 1 thread): "
+          + ", ".join(f"{m} {v:,.0f}" for m, v in trainer.items()))
+    print(f"{'text_strategy':<14}" + "".join(f"{'call/' + m:>14}{'warm/' + m:>14}" for m in trainer))
+    for row in rows:
+        print(f"{row['text_strategy']:<14}" + "".join(
+            f"{row['call_over_trainer'][m]:>13,.0f}x{row['warm_over_trainer'][m]:>13,.1f}x" for m in trainer))
+    syntax = next((r for r in rows if r["text_strategy"] == "syntax"), None)
+    if syntax:
+        ratio = syntax["call_over_trainer"]["cpu-l"]
+        print(f"{'PASS' if ratio >= 20 else 'FAIL'}: warm syntax serves captions {ratio:,.0f}x faster than cpu-l "
+              f"trains on them (target >= 20x)")
 
 
 if __name__ == "__main__":

@@ -123,6 +123,16 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prepare_text(args: argparse.Namespace) -> int:
+    from sweep.grid import load_grid
+    from sweep.launch import prepare_text
+
+    grid = load_grid(args.grid)
+    count = prepare_text(grid.runs)
+    print(f"{count} distinct captions tagged and cached" if count else "no run of this grid uses the syntax strategy")
+    return 0
+
+
 def _mask_image(args: argparse.Namespace) -> int:
     from sweep.config import ConfigError, config_from_dict
     from sweep.preview import save_mask_image
@@ -230,6 +240,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cost_options(p)
     _add_slurm_options(p)
     p.set_defaults(func=_plan)
+
+    p = sub.add_parser("prepare-text", help="tag a grid's captions with spaCy into the shared cache (launch does it too)",
+                       description="Tag every caption that the grid's syntax-strategy runs read into the shared "
+                                   "spaCy cache ($SWEEP_CACHE_DIR or ~/.cache/inverse-scaling-sweep), so that no run "
+                                   "waits on tagging. `sweep launch` does this before it starts any run.")
+    p.add_argument("grid", help="grid YAML file")
+    p.set_defaults(func=_prepare_text)
 
     p = sub.add_parser("mask-image", help="draw embedded-data images as an image strategy reduces them",
                        description="Draw sample images of the embedded data with the kept patches outlined and "

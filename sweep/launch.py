@@ -139,6 +139,28 @@ def prepare_run_dirs(grid: Grid, results: str | Path, runs: list[Run], threads: 
     return dirs
 
 
+def prepare_text(runs: list[Run], progress: bool = True) -> int:
+    """Tag every caption the runs' `syntax` text strategy reads (training pool, retrieval captions, zero-shot
+    prompts) into the shared spaCy cache, once, before any run starts: no run then waits on spaCy, and parallel
+    runs do not tag the same captions side by side. Returns how many distinct captions were prepared."""
+    from sweep.data import load_data
+    from sweep.strategies.text import TextReducer
+
+    prepared = 0
+    datasets = {(c.dataset, c.data_seed, c.train_scenes, c.spec.image_size, c.eval_zeroshot_samples,
+                 c.eval_retrieval_samples, c.spacy_model, c.spec.text_tokens)
+                for c in (r.config for r in runs) if c.text_strategy == "syntax"}
+    for dataset, data_seed, scenes, size, zeroshot, retrieval, spacy_model, context in sorted(datasets):
+        if progress:
+            print(f"tagging the captions of {dataset} (data_seed {data_seed}, {scenes} scenes) with {spacy_model}")
+        data = load_data(dataset, data_seed, scenes, size, zeroshot, retrieval)
+        prompts = [t.format(c) for t in data.templates for c in data.classnames]
+        captions = list(dict.fromkeys(data.train_captions + data.retrieval_captions + prompts))
+        TextReducer("syntax", context, context_length=context, spacy_model=spacy_model).prepare(captions)
+        prepared += len(captions)
+    return prepared
+
+
 # ------------------------------------------------------------------------------------------ what a job executes
 
 def train_run_dir(run_dir: str | Path, handle_signals: bool = True) -> str:
@@ -309,6 +331,7 @@ def launch(grid: Grid, results: str | Path, executor: str, *, max_parallel: int,
         write_manifest(grid, results, launch_record)
         return launch_record
     write_manifest(grid, results, None)
+    prepare_text(todo, progress)
     run_dirs = prepare_run_dirs(grid, results, todo, threads_per_run(executor, max_parallel, slurm))
     folder = sweep_dir(results, grid.sweep) / ".submitit"
     if executor == "local":

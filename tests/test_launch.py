@@ -143,3 +143,16 @@ def test_collect_reads_many_runs(tmp_path):
     rows = collect(sweep)
     assert sum(r["state"] == "completed" for r in rows) == 25
     assert {r["reason"] for r in rows if r["state"] == "failed"} == {"boom"}
+
+
+def test_prepare_text_tags_the_syntax_runs_captions_before_launch(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SWEEP_CACHE_DIR", str(tmp_path / "cache"))
+    grid = tmp_path / "text.yaml"
+    grid.write_text(TINY.format(extra="  train_scenes: 200").replace("  train_scenes: 500\n", "").replace(
+        "{image_strategy: [random, resize], image_tokens: 17}", "{text_strategy: [syntax, block], text_tokens: 6}"))
+    assert main(["prepare-text", str(grid)]) == 0
+    assert "distinct captions tagged" in capsys.readouterr().out
+    assert list((tmp_path / "cache").rglob("*.json")), "nothing was written to the spaCy cache"
+    plain = grid_file(tmp_path)
+    assert main(["prepare-text", str(plain)]) == 0
+    assert "no run of this grid uses the syntax strategy" in capsys.readouterr().out

@@ -102,7 +102,7 @@ def test_scancel_shows_failed_and_a_relaunch_reruns_only_it_from_its_checkpoint(
 
 
 def _interrupted_run_resumes(tmp_path, sweep_name, interrupt):
-    grid = write_grid(tmp_path, sweep_name, ["{image_strategy: block, image_tokens: 17, pretrain_samples: 2400}"])
+    grid = write_grid(tmp_path, sweep_name, ["{image_strategy: block, image_tokens: 17, pretrain_samples: 19200}"])
     results = tmp_path / "results"
     assert main(["launch", str(grid), "--results", str(results), "--executor", "slurm"]) == 0
     sweep = results / sweep_name

@@ -119,3 +119,17 @@ def test_completed_run_is_not_trained_again_and_a_changed_config_is_refused(tmp_
     code = main(["train", "grids/run-example.yaml", "--out", str(tmp_path / "r"), "--set", "seed=5"])
     assert code == 2
     assert "seed" in capsys.readouterr().err
+
+
+def test_text_reduced_run_pretrains_at_its_context_and_finetunes_at_full(tmp_path):
+    cfg = load_run_config("grids/run-example.yaml", [
+        "image_strategy=none", "image_tokens=65", "text_strategy=syntax", "text_tokens=6", "pretrain_samples=256",
+        "finetune_samples=128", "batch_size=64", "train_scenes=300", "threads=1", "eval_zeroshot_samples=40",
+        "eval_retrieval_samples=40"])
+    record = run(cfg, tmp_path / "text", progress=False)
+    assert record["status"] == "completed"
+    assert (record["text_strategy"], record["text_tokens"]) == ("syntax", 6)
+    assert record["metrics"]["pretrain"]["text_tokens"] == 6
+    assert (record["metrics"]["finetune"]["text_strategy"], record["metrics"]["finetune"]["text_tokens"]) == ("none", 32)
+    stages = record["compute"]["stages"]
+    assert stages["pretrain"]["flops_per_step"] < stages["finetune"]["flops_per_step"]  # shorter text, fewer FLOPs
