@@ -67,9 +67,10 @@ def _config(embed_dim, image_size, patch_size, width, layers, head_width, text_w
     }
 
 
-# The CPU sizes are sized so that the whole embedded study runs on a laptop: their vision transformers differ
-# ~3x in parameters from one size to the next (0.1M, 0.33M, 0.8M in their blocks) (the token embedding table, 49408 x text width, is counted in `params`
-# too, as open_clip counts it). Paper sizes follow the CLIPA recipe: 224 px, patch 16 (14 for H), text context 32.
+# The CPU sizes are sized so that a whole embedded study (75 runs) takes ~15 minutes on 2 cores: their vision
+# towers differ 2-3x in parameters from one size to the next (0.12M, 0.37M, 0.84M). `params` in results counts
+# the whole model as open_clip does, so it includes the text token embedding (49408 x text width, 3.2M-4.7M).
+# Paper sizes follow the CLIPA recipe: 224 px, patch 16 (14 for H), text context 32.
 MODELS: dict[str, ModelSpec] = {
     "cpu-s": ModelSpec("cpu-s", _config(64, 64, 8, 64, 2, 32, 64, 2, 2), "cpu"),
     "cpu-m": ModelSpec("cpu-m", _config(64, 64, 8, 96, 3, 32, 64, 2, 2), "cpu"),
