@@ -21,7 +21,7 @@ from sweep.config import RunConfig
 from sweep.flops import step_flops
 from sweep.models import MODELS, build_model
 
-RUN_OVERHEAD_S = 12.0  # embedded default: process start-up share, data and evaluation, measured on 2 cores
+RUN_OVERHEAD_S = 3.0  # embedded default: data, model set-up and evaluation per run in a warm worker (2.5 s measured)
 
 
 def run_flops(cfg: RunConfig) -> int:
