@@ -20,18 +20,17 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import submitit
 import yaml
 
-from sweep.config import ConfigError, RunConfig, config_from_dict
+from sweep.config import ConfigError, config_from_dict
 from sweep.grid import Grid, Run
 from sweep.results import atomic_write, write_json_atomic
 
-EXECUTORS = ("auto", "local", "slurm", "debug")
 
 
 @dataclass

@@ -1,7 +1,6 @@
 """Launching grids on the real local Slurm cluster (scripts/slurm/up.sh): arrays, scancel, requeue, resume."""
 import json
 import os
-import shutil
 import subprocess
 import time
 from pathlib import Path

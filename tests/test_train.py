@@ -1,13 +1,10 @@
 """End-to-end runs of the trainer on the embedded data (slow: they really train)."""
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-import open_clip
 import pytest
 import torch
 
