@@ -80,19 +80,29 @@ def test_sigkill_after_first_checkpoint_then_rerun_matches_uninterrupted(tmp_pat
 
 def test_sigterm_writes_a_checkpoint_and_a_rerun_finishes(tmp_path):
     out = tmp_path / "run"
-    sets = [a for s in SMALL + ["checkpoint_every=0"] for a in ("--set", s)]
+    # long enough (200 steps) that the signal lands inside the training loop however fast the machine is
+    sets = [a for s in SMALL + ["checkpoint_every=0", "pretrain_samples=25600"] for a in ("--set", s)]
     proc = subprocess.Popen(sweep_cmd("train", "grids/run-example.yaml", "--out", str(out), "--quiet", *sets),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    while not (out / "config.yaml").exists():
+    while not (out / "heartbeat").exists():
         time.sleep(0.05)
-    time.sleep(4)  # into the training loop
+    time.sleep(3)  # into the training loop
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert "checkpoint written" in err
     assert (out / "checkpoint.pt").exists() and not (out / "result.json").exists()
-    subprocess.run(sweep_cmd("train", "grids/run-example.yaml", "--out", str(out), "--quiet", *sets), check=True)
-    assert json.loads((out / "result.json").read_text())["status"] == "completed"
+    step = torch.load(out / "checkpoint.pt", weights_only=False)["step"]
+    assert 0 < step < 200
+    sets += ["--set", "pretrain_samples=2560"]  # finish quickly: only the resumption is being checked
+    code = subprocess.run(sweep_cmd("train", "grids/run-example.yaml", "--out", str(out), "--quiet", *sets),
+                          capture_output=True, text=True)
+    assert code.returncode == 2 and "pretrain_samples" in code.stderr  # a different run is refused...
+    sets = sets[:-2]
+    subprocess.run(sweep_cmd("train", "grids/run-example.yaml", "--out", str(out), "--quiet", *sets,
+                             "--set", "checkpoint_every=1000"), check=True)  # ...an operational change is not
+    record = json.loads((out / "result.json").read_text())
+    assert record["status"] == "completed" and record["resumed"][0]["step"] == step
 
 
 def test_diverging_run_ends_failed_with_the_reason(tmp_path, capsys):
