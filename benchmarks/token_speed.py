@@ -5,6 +5,7 @@
     python benchmarks/token_speed.py --models cpu-s --strategies random resize --tokens 17
     python benchmarks/token_speed.py --models ViT-B-16 --batch 8 --steps 3 --no-open-clip
     python benchmarks/token_speed.py --json > token_speed.jsonl     # one JSON object per row
+    python benchmarks/token_speed.py --device cuda --models ViT-S-16 ViT-B-16 ViT-L-16   # paper sizes, GPU, bf16
 
 One step is what the trainer times per step (`sweep.train.train_stage`) without the data order and the text
 reduction: uint8 images -> `Pixels` -> `reduce_images(strategy, tokens)` -> `train_step` (open_clip `ClipLoss`,
@@ -22,6 +23,11 @@ Columns:
   efficiency          speedup / ideal_speedup
   speedup IQR         quartiles of the per-step ratios (a noise gauge: a shared machine is noisy)
   ideal*, eff*        the same with `sweep.flops.step_flops` (the project's count, attention included)
+  TFLOP/s             the cell's FlopCounterMode FLOPs per step / its median step seconds (delivered, not peak)
+
+On `--device cuda` the model, batches and the kept-patch indices live on the GPU (the strategies still draw their
+random choices on the CPU, as the trainer does), steps run under bf16 autocast unless `--precision fp32`, each
+step's clock stops after `torch.cuda.synchronize()`, and there is no open_clip comparison.
 
 Then the same model, batch and full length under open_clip's own training loop (`open_clip_train.main` with its
 synthetic dataset, in a subprocess, between two blocks of our `none` steps), and the acceptance check: every masking
@@ -115,6 +121,8 @@ from sweep.train import Pixels, make_optimizer, train_step  # noqa: E402
 REDUCED = {"cpu": [50, 37, 26, 17, 10, 5], "paper": [101, 50, 37, 26, 17]}  # SPEC.md: the paper's lengths
 DEFAULT_MODELS = ["cpu-s", "cpu-m", "cpu-l", "ViT-B-16"]
 DEFAULT_BATCH = {"cpu-s": 128, "cpu-m": 128, "cpu-l": 64}  # paper sizes: 4 (a CPU can afford little more)
+# On a GPU (80 GB): large enough to fill it, small enough that ViT-L/16's full-length activations fit in bf16.
+DEFAULT_GPU_BATCH = {"ViT-S-16": 256, "ViT-B-16": 256, "ViT-L-16": 128, "ViT-H-14": 64}
 # timed rounds per length and pass, passes over the whole schedule: each cell gets steps x repeats timed steps
 DEFAULT_STEPS = {"cpu": 3, "paper": 2}
 DEFAULT_REPEATS = {"cpu": 2, "paper": 1}
@@ -139,17 +147,19 @@ class Cell:
 class Bench:
     """One model, its optimizer, two fixed batches, and a step function per (strategy, tokens)."""
 
-    def __init__(self, name: str, batch: int, seed: int = 0):
+    def __init__(self, name: str, batch: int, seed: int = 0, device: str = "cpu", precision: str = "fp32"):
         self.spec = MODELS[name]
         self.name, self.batch = name, batch
+        self.device, self.precision = torch.device(device), precision
         torch.manual_seed(seed)
-        self.model = build_model(name)
+        self.model = build_model(name).to(self.device)
         self.model.train()
         cfg = RunConfig(model=name)
         self.grad_clip = cfg.grad_clip
         self.optimizer = make_optimizer(self.model, cfg, LR)
         self.loss_fn = ClipLoss()
         self.pixels = Pixels()
+        self.pixels.mean, self.pixels.std = self.pixels.mean.to(self.device), self.pixels.std.to(self.device)
         self.generator = torch.Generator().manual_seed(seed)
         size = self.spec.image_size
         if self.spec.scale == "cpu":  # the embedded data, rendered at the model's size
@@ -159,7 +169,7 @@ class Bench:
             _, captions = image_caption_pairs(seed, "train", 0, 2 * batch, 8)
             images = torch.randint(0, 256, (2 * batch, 3, size, size), dtype=torch.uint8,
                                    generator=torch.Generator().manual_seed(seed))
-        tokens = open_clip.tokenize(captions, context_length=self.spec.text_tokens)
+        images, tokens = images.to(self.device), open_clip.tokenize(captions, self.spec.text_tokens).to(self.device)
         self.batches = [(images[i * batch:(i + 1) * batch], tokens[i * batch:(i + 1) * batch]) for i in range(2)]
         self.calls = 0
 
@@ -168,8 +178,13 @@ class Bench:
         images_u8, text = self.batches[self.calls % 2]
         self.calls += 1
         tic = time.perf_counter()
-        images, keep = reduce_images(self.pixels(images_u8), strategy, tokens, self.spec.patch_size, self.generator)
-        loss = train_step(self.model, self.optimizer, self.loss_fn, images, keep, text, self.grad_clip)
+        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.precision == "bf16"):
+            images, keep = reduce_images(self.pixels(images_u8), strategy, tokens, self.spec.patch_size,
+                                         self.generator)
+            keep = None if keep is None else keep.to(self.device, non_blocking=True)
+            loss = train_step(self.model, self.optimizer, self.loss_fn, images, keep, text, self.grad_clip)
+        if self.device.type == "cuda":  # kernels run asynchronously: stop the clock when they are done
+            torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - tic
         if not torch.isfinite(loss):  # train_step skips backward and update: the timing would be meaningless
             raise RuntimeError(f"{self.name} {strategy} {tokens}: loss became {loss.item()}")
@@ -256,6 +271,8 @@ def rows_for(bench: Bench, base: Cell, cells: list[Cell], threads: int) -> list[
         other = sweep_flops(bench.name, cell.strategy, cell.tokens, bench.batch) if full else None
         return {"model": bench.name, "strategy": cell.strategy, "image_tokens": cell.tokens,
                 "samples_per_second": round(bench.batch / statistics.median(cell.times), 2),
+                "tflops": round(cell.flops / statistics.median(cell.times) / 1e12, 3),
+                "device": str(bench.device), "precision": bench.precision,
                 "speedup": round(speedup, 3), "ideal_speedup": round(ideal, 3),
                 "efficiency": round(speedup / ideal, 3), "speedup_q1": round(spread[0], 3),
                 "speedup_q3": round(spread[1], 3), "loop": "sweep", "batch": bench.batch,
@@ -341,7 +358,7 @@ def compare_open_clip(bench: Bench, steps: int, threads: int, dropped: int, kept
 def print_table(rows: list[dict], comparisons: list[dict]) -> None:
     head = (f"{'model':<10}{'strategy':<9}{'image_tokens':>13}{'samples_per_second':>20}{'speedup':>9}"
             f"{'ideal_speedup':>15}{'efficiency':>12}{'speedup IQR':>14}{'GFLOP/step':>12}"
-            f"{'ideal*':>8}{'eff*':>7}")
+            f"{'TFLOP/s':>9}{'ideal*':>8}{'eff*':>7}")
     print(head)
     def note(model_rows: list[dict]) -> None:
         busy = model_rows[0].get("others_busy_cores") if model_rows else None
@@ -357,7 +374,7 @@ def print_table(rows: list[dict], comparisons: list[dict]) -> None:
         spread = f"{r['speedup_q1']:.2f}-{r['speedup_q3']:.2f}"
         print(f"{r['model']:<10}{r['strategy']:<9}{r['image_tokens']:>13}{r['samples_per_second']:>20.1f}"
               f"{r['speedup']:>9.2f}{r['ideal_speedup']:>15.2f}{r['efficiency']:>12.2f}{spread:>14}"
-              f"{r['flops_per_step'] / 1e9:>12.2f}"
+              f"{r['flops_per_step'] / 1e9:>12.2f}{r['tflops']:>9.2f}"
               + (f"{r['ideal_speedup_sweep_flops']:>8.2f}{r['efficiency_sweep_flops']:>7.2f}"
                  if r.get("ideal_speedup_sweep_flops") else ""))
     note([x for x in rows if x["model"] == last])
@@ -403,7 +420,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", nargs="+", type=int, help="reduced lengths (default: the paper's for the "
                         "model's scale: 50 37 26 17 10 5 for cpu sizes, 101 50 37 26 17 for paper sizes)")
     parser.add_argument("--batch", type=int, help="batch for every model (default: cpu-s/cpu-m 128, cpu-l 64, "
-                        "paper sizes 4)")
+                        "paper sizes 4 on CPU; on cuda ViT-S/B-16 256, ViT-L-16 128, ViT-H-14 64)")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], help="fp32, or bf16 autocast (default: fp32 on "
+                        "cpu, bf16 on cuda)")
     parser.add_argument("--steps", type=int, help="timed steps of each cell per pass, and the "
                         "steps of each `none` block around the open_clip run (default: cpu 3, paper 2)")
     parser.add_argument("--repeats", type=int, help="passes over the whole schedule (default: cpu 2, paper 1)")
@@ -418,6 +438,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.warmup < 1:
         parser.error("--warmup must be at least 1 (the FLOP-counting step)")
+    gpu = args.device.startswith("cuda")
+    if gpu and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: torch {torch.__version__} sees no CUDA device")
+    precision = args.precision or ("bf16" if gpu else "fp32")
+    if gpu and not args.no_open_clip:
+        log("--device cuda: no open_clip comparison (it runs open_clip_train on the CPU)")
+        args.no_open_clip = True
 
     torch.set_num_threads(args.threads)
     warnings = []
@@ -428,14 +455,14 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="token_speed-") as tmp:
         for name in args.models:
             spec = MODELS[name]
-            batch = args.batch or DEFAULT_BATCH.get(name, 4)
+            batch = args.batch or (DEFAULT_GPU_BATCH if gpu else DEFAULT_BATCH).get(name, 4)
             steps = args.steps or DEFAULT_STEPS[spec.scale]
             repeats = args.repeats or DEFAULT_REPEATS[spec.scale]
             tic = time.perf_counter()
             log(f"{name}: batch {batch}, {steps} timed steps per cell and pass, {repeats} passes, "
-                f"{args.threads} threads")
+                + (f"{args.device} {precision}" if gpu else f"{args.threads} threads"))
             model_meter = CpuMeter()
-            bench = Bench(name, batch)
+            bench = Bench(name, batch, device=args.device, precision=precision)
             cells = cells_for(spec, args.strategies, args.tokens)
             base = measure_model(bench, cells, steps, repeats, args.warmup)
             rows += rows_for(bench, base, cells, args.threads)
@@ -448,8 +475,12 @@ def main(argv: list[str] | None = None) -> int:
                 if row["model"] == name:
                     row["others_busy_cores"] = None if busy_here is None else round(busy_here, 2)
             log(f"{name}: done in {time.perf_counter() - tic:.1f} s"
-                + ("" if busy_here is None else f"; other processes kept {busy_here:.1f} cores busy meanwhile"))
+                + ("" if busy_here is None else f"; other processes kept {busy_here:.1f} cores busy meanwhile")
+                + (f"; peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if gpu else ""))
             del bench
+            if gpu:
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
     total = time.perf_counter() - started
     others, cores = meter.others(), os.cpu_count() or 1
     busy = "?" if others is None else f"{others:.1f}"
@@ -462,8 +493,10 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(row))
     else:
         print_table(rows, comparisons)
-        print(f"\n{torch.get_num_threads()} threads, {OMP_NOTE}, torch {torch.__version__}; other processes kept "
-              f"{busy} of {cores} cores busy during the run; total {total:.0f} s")
+        where = (f"{torch.cuda.get_device_name(args.device)}, {precision}" if gpu
+                 else f"{torch.get_num_threads()} threads, {OMP_NOTE}")
+        print(f"\n{where}, torch {torch.__version__}; other processes kept {busy} of {cores} cores busy during the "
+              f"run; total {total:.0f} s")
     results = acceptance(rows)
     out = sys.stderr if args.json else sys.stdout
     for model, ok, detail in results:
