@@ -22,7 +22,7 @@ DESCRIPTION = (
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``analyze`` (shared by ``sweep analyze`` and ``python -m analysis``)."""
     parser.add_argument("path", metavar="PATH", help="results directory (searched recursively for result.json) "
-                        "or a .csv/.parquet table with the columns of SPEC.md")
+                        "or a .csv/.parquet table with the columns listed in docs/results.md")
     parser.add_argument("--out", metavar="DIR", default=None,
                         help="output directory (default: PATH/analysis, or <parent>/analysis for a table file)")
     parser.add_argument("--metric", default="zeroshot_top1",

@@ -2,9 +2,9 @@
 
 Two inputs give the same table:
 
-* a results directory: every ``result.json`` below it (any depth), as written by the trainer (SPEC.md, "Result
-  record"). ``metrics.pretrain`` and ``metrics.finetune`` become one row each; a stage that is absent, null or empty
-  gives no row. A run with no metrics at all (typically ``status: failed``) keeps one row with an empty stage so it
+* a results directory: every ``result.json`` below it (any depth), as written by the trainer and read through
+  `sweep.record` (the record's fields are documented in docs/results.md). ``metrics.pretrain`` and
+  ``metrics.finetune`` become one row each; a stage that is absent, null or empty gives no row. A run with no metrics at all (typically ``status: failed``) keeps one row with an empty stage so it
   can still be listed.
 * a flat CSV or Parquet table with at least the columns of `REQUIRED_TABLE_COLUMNS` (results produced elsewhere).
 
@@ -15,7 +15,6 @@ analysis. The skipped files are also kept in ``df.attrs["skipped"]`` (a list of 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -25,6 +24,8 @@ from typing import Any, Iterable
 
 import numpy as np
 import pandas as pd
+
+from sweep.record import RESULT_FILE, RecordError, ResultRecord, parse_record, read_record
 
 from .errors import AnalysisInputError, AnalysisWarning
 
@@ -47,10 +48,7 @@ STAGES = ("pretrain", "finetune")
 STRING_COLUMNS = ("run_id", "sweep", "status", "error", "model", "image_strategy", "text_strategy", "stage", "source")
 # Settings a result.json must carry (top level, or in its resolved ``config``) to be placed in the grid.
 _REQUIRED_RECORD_FIELDS = ("model", "image_strategy", "image_tokens", "text_strategy", "text_tokens")
-_RESULT_FILE = "result.json"
 _NO_STRATEGY = ("", "nan", "null", "full", "baseline")
-_NOT_METRICS = frozenset(("model", "params", "image_strategy", "image_tokens", "text_strategy", "text_tokens", "seed",
-                          "stage", "run_id", "sweep", "status", "error"))
 _PROGRESS_MIN_FILES = 50
 
 
@@ -68,7 +66,7 @@ def load_results(path: str | Path, *, progress: bool | None = None) -> pd.DataFr
     suffix = path.suffix.lower()
     if suffix in (".csv", ".parquet", ".pq"):
         return load_table(path)
-    if path.name == _RESULT_FILE or suffix == ".json":
+    if path.name == RESULT_FILE or suffix == ".json":
         return _records_to_frame(path, [path], progress=False)
     raise AnalysisInputError(path, "expected a results directory, a .csv or .parquet table, or a result.json")
 
@@ -78,8 +76,8 @@ def find_result_files(root: Path) -> list[Path]:
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
-        if _RESULT_FILE in filenames:
-            found.append(Path(dirpath) / _RESULT_FILE)
+        if RESULT_FILE in filenames:
+            found.append(Path(dirpath) / RESULT_FILE)
     return found
 
 
@@ -88,7 +86,7 @@ def load_result_dir(root: str | Path, *, progress: bool | None = None) -> pd.Dat
     root = Path(root)
     files = find_result_files(root)
     if not files:
-        raise AnalysisInputError(root, f"no {_RESULT_FILE} files found below this directory")
+        raise AnalysisInputError(root, f"no {RESULT_FILE} files found below this directory")
     return _records_to_frame(root, files, progress=progress)
 
 
@@ -97,8 +95,8 @@ def _records_to_frame(source: Path, files: list[Path], *, progress: bool | None)
     skipped: list[tuple[str, str]] = []
     for file in _progress(files, progress):
         try:
-            rows.extend(parse_result_record(_read_json(file), file))
-        except _BadRecord as exc:
+            rows.extend(parse_result_record(read_record(file), file))
+        except RecordError as exc:
             skipped.append((str(file), str(exc)))
             warnings.warn(f"skipping {file}: {exc}", AnalysisWarning, stacklevel=2)
     if not rows:
@@ -118,82 +116,33 @@ def _progress(files: list[Path], progress: bool | None) -> Iterable[Path]:
     return tqdm(files, desc="loading results", unit="file", file=sys.stderr)
 
 
-class _BadRecord(Exception):
-    """A result file that cannot be used; the message says why."""
-
-
-def _read_json(file: Path) -> Any:
-    try:
-        text = file.read_bytes()
-    except OSError as exc:
-        raise _BadRecord(f"cannot read ({exc.strerror or exc})") from exc
-    if not text.strip():
-        raise _BadRecord("empty file (half-written?)")
-    try:
-        return json.loads(text)
-    except UnicodeDecodeError as exc:
-        raise _BadRecord("not UTF-8 text") from exc
-    except json.JSONDecodeError as exc:
-        where = f"{exc.msg}: line {exc.lineno} column {exc.colno}"
-        raise _BadRecord(f"invalid JSON, half-written or corrupt ({where})") from exc
-
-
 def parse_result_record(record: Any, file: str | Path = "<record>") -> list[dict[str, Any]]:
-    """One result record (the parsed result.json) as tidy rows, one per stage that has metrics.
+    """One result record (the parsed result.json, or a ResultRecord) as tidy rows, one per stage with metrics.
 
-    Raises `_BadRecord` (caught by the loader, which skips the file) when the record lacks the grid settings.
+    Raises `RecordError` (caught by the loader, which skips the file) when the record is malformed or lacks the grid
+    settings.
     """
-    if not isinstance(record, dict):
-        raise _BadRecord(f"expected a JSON object, got {type(record).__name__}")
-    config = record.get("config") if isinstance(record.get("config"), dict) else {}
-
-    def field(name: str) -> Any:
-        value = record.get(name)
-        return config.get(name) if value is None else value
-
-    missing = [name for name in _REQUIRED_RECORD_FIELDS if field(name) is None]
+    rec = record if isinstance(record, ResultRecord) else parse_record(record)
+    missing = [name for name in _REQUIRED_RECORD_FIELDS if getattr(rec, name) is None]
     if missing:
-        raise _BadRecord(f"missing field {missing[0]!r}")
-    for name in ("image_tokens", "text_tokens"):
-        if not _is_number(field(name)) or field(name) <= 0:
-            raise _BadRecord(f"field {name!r} is not a positive number: {field(name)!r}")
+        raise RecordError(f"missing field {missing[0]!r}")
     file_path = Path(file)
     base: dict[str, Any] = {
-        "run_id": field("run_id") or file_path.parent.name,
-        "sweep": field("sweep") or (file_path.parent.parent.name if file_path.parent.parent.name else ""),
-        "status": str(record.get("status") or "completed"),
-        "error": record.get("error") or "",
-        "model": field("model"),
-        "params": field("params"),
-        "image_strategy": field("image_strategy"),
-        "image_tokens": field("image_tokens"),
-        "text_strategy": field("text_strategy"),
-        "text_tokens": field("text_tokens"),
-        "seed": field("seed"),
+        "run_id": rec.run_id or file_path.parent.name,
+        "sweep": rec.sweep or file_path.parent.parent.name,
+        "status": rec.status,
+        "error": rec.error or "",
+        **{name: getattr(rec, name) for name in ("model", "params", "image_strategy", "image_tokens",
+                                                 "text_strategy", "text_tokens", "seed")},
         "source": str(file),
     }
-    if not isinstance(base["error"], str):
-        base["error"] = json.dumps(base["error"])
-    compute = record.get("compute")
-    if isinstance(compute, dict):
-        for key in COMPUTE_COLUMNS:
-            base[key] = compute.get(key)
-    metrics = record.get("metrics")
-    rows = []
-    if isinstance(metrics, dict):
-        for stage, values in metrics.items():
-            if not isinstance(values, dict) or not values:
-                continue  # no fine-tune ran: null or {}
-            row = dict(base, stage=stage)
-            for key, value in values.items():
-                # The trainer also records the stage's own settings here (a fine-tune runs at full length): the
-                # run's settings are the top-level ones, so only metrics are taken from a stage.
-                if _is_number(value) and key not in _NOT_METRICS:
-                    row[key] = value
-            rows.append(row)
-    if not rows:
-        rows.append(dict(base, stage=""))
-    return rows
+    for key in COMPUTE_COLUMNS:
+        base[key] = getattr(rec.compute, key)
+    # Each stage also records its own settings (a fine-tune runs at full length); the run's settings are the
+    # top-level ones, so only the stage's metrics are taken from it.
+    rows = [dict(base, stage=stage, **{k: v for k, v in metrics.values().items() if _is_number(v)})
+            for stage, metrics in rec.stage_metrics().items()]
+    return rows or [dict(base, stage="")]
 
 
 def _is_number(value: Any) -> bool:

@@ -1,6 +1,6 @@
 """Minimum token length per (model, axis, strategy) at a tolerance, measured and fitted, with a bootstrap interval.
 
-* **measured**: the shortest grid length whose seed-mean drop is at most ``max_drop`` (exactly SPEC.md's definition:
+* **measured**: the shortest grid length whose seed-mean drop is at most ``max_drop`` (the definition in analysis/README.md:
   longer lengths are *not* required to qualify too, so a noisy non-monotone curve can give a short answer). The
   full length always qualifies (its drop is 0 by definition), so a curve where nothing qualifies answers the full
   length.

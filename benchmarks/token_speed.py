@@ -118,7 +118,7 @@ from sweep.models import MODELS, build_model  # noqa: E402
 from sweep.strategies.image import IMAGE_STRATEGIES, reduce_images  # noqa: E402
 from sweep.train import Pixels, make_optimizer, train_step  # noqa: E402
 
-REDUCED = {"cpu": [50, 37, 26, 17, 10, 5], "paper": [101, 50, 37, 26, 17]}  # SPEC.md: the paper's lengths
+REDUCED = {"cpu": [50, 37, 26, 17, 10, 5], "paper": [101, 50, 37, 26, 17]}  # the paper's reduced lengths
 DEFAULT_MODELS = ["cpu-s", "cpu-m", "cpu-l", "ViT-B-16"]
 DEFAULT_BATCH = {"cpu-s": 128, "cpu-m": 128, "cpu-l": 64}  # paper sizes: 4 (a CPU can afford little more)
 # On a GPU (80 GB): large enough to fill it, small enough that ViT-L/16's full-length activations fit in bf16.

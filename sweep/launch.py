@@ -14,70 +14,25 @@ and they resume from their last checkpoint.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field, fields
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import submitit
 import yaml
 
-from sweep.config import ConfigError, config_from_dict
+from sweep.config import SlurmOptions, config_from_dict
 from sweep.grid import Grid, Run
-from sweep.results import atomic_write, write_json_atomic
-
-
-
-@dataclass
-class SlurmOptions:
-    """Slurm resources of every array task; from the grid's `slurm:` section, overridden on the command line."""
-
-    partition: str | None = None
-    """Partition to submit to (default: the cluster's default partition)."""
-    account: str | None = None
-    """Account to charge."""
-    qos: str | None = None
-    """Quality of service."""
-    gpus: int = 0
-    """GPUs per run."""
-    cpus: int = 1
-    """CPU cores per run (also the run's torch threads)."""
-    mem_gb: float = 4.0
-    """Memory per run, GB."""
-    time_min: int = 60
-    """Time limit per run, minutes; a run that hits it is requeued and resumes from its checkpoint."""
-    array_parallelism: int = 64
-    """At most this many tasks of an array run at once."""
-    sbatch: dict[str, Any] = field(default_factory=dict)
-    """Extra sbatch flags, e.g. {constraint: a100, exclude: node12}."""
-
-    @classmethod
-    def from_mapping(cls, raw: dict[str, Any], source: str) -> "SlurmOptions":
-        known = {f.name: f for f in fields(cls)}
-        values = {}
-        for key, value in raw.items():
-            if key not in known:
-                raise ConfigError(f"slurm.{key}", f"unknown Slurm option; known: {', '.join(known)}", source)
-            declared = known[key].type
-            if value is not None and declared.startswith("int") and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-                raise ConfigError(f"slurm.{key}", f"must be a non-negative integer, got {value!r}", source)
-            if value is not None and declared.startswith("float") and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
-                raise ConfigError(f"slurm.{key}", f"must be a positive number, got {value!r}", source)
-            if declared.startswith("str") and value is not None and not isinstance(value, str):
-                raise ConfigError(f"slurm.{key}", f"must be a string, got {value!r}", source)
-            if declared.startswith("dict") and not isinstance(value, dict):
-                raise ConfigError(f"slurm.{key}", "must be a mapping of sbatch flags to values", source)
-            values[key] = value
-        opts = cls(**values)
-        for key in ("cpus", "time_min", "array_parallelism"):
-            if getattr(opts, key) < 1:
-                raise ConfigError(f"slurm.{key}", "must be at least 1", source)
-        return opts
+from sweep.record import read_status, status_of
+from sweep.results import AlreadyRunning, atomic_write, held_elsewhere, write_json_atomic
+from sweep.status import SCHEDULER_ALIVE, latest_slurm_job, scheduler_states
 
 
 # ---------------------------------------------------------------------------------------------------- run state
@@ -86,43 +41,68 @@ def sweep_dir(results: str | Path, sweep: str) -> Path:
     return Path(results) / sweep
 
 
-def result_status(run_dir: Path) -> str | None:
-    """'completed', 'failed' or None (no readable result yet)."""
+def read_manifest(results: str | Path, sweep: str) -> dict[str, Any]:
+    path = sweep_dir(results, sweep) / "manifest.json"
     try:
-        return json.loads((run_dir / "result.json").read_text()).get("status")
+        return json.loads(path.read_text())
     except (OSError, ValueError):
-        return None
+        return {"sweep": sweep, "runs": {}, "launches": []}
 
 
-def to_do(grid: Grid, results: str | Path, rerun_failed: bool) -> tuple[list[Run], dict[str, list[Run]]]:
-    """The runs a launch starts, and the ones it skips grouped by why."""
-    todo, skipped = [], {"completed": [], "failed": []}
+def to_do(grid: Grid, results: str | Path, rerun_failed: bool) -> tuple[list[Run], dict[str, list]]:
+    """The runs a launch starts, and the ones it skips grouped by why: `completed`, `failed` (unless
+    rerun_failed) and `live`: (run, reason) pairs for runs whose Slurm job is still queued or running (the
+    scheduler is asked once) or that a process on this machine is training now."""
+    todo: list[Run] = []
+    skipped: dict[str, list] = {"completed": [], "failed": [], "live": []}
+    entries = read_manifest(results, grid.sweep)["runs"]
+    undone = []
     for run in grid.runs:
-        status = result_status(sweep_dir(results, grid.sweep) / run.run_id)
-        if status == "completed" or (status == "failed" and not rerun_failed):
-            skipped[status].append(run)
+        status = read_status(sweep_dir(results, grid.sweep) / run.run_id)
+        if status and (status[0] == "completed" or not rerun_failed):
+            skipped[status[0]].append(run)
+        else:
+            undone.append(run)
+    jobs = {run.run_id: job for run in undone if (job := latest_slurm_job(entries.get(run.run_id, {})))}
+    scheduler = scheduler_states(list(jobs.values()))
+    for run in undone:
+        info = scheduler.get(jobs.get(run.run_id, ""))
+        if info and info["state"] in SCHEDULER_ALIVE:
+            skipped["live"].append((run, f"slurm job {jobs[run.run_id]} {info['state'].lower()}"))
+        elif held_elsewhere(sweep_dir(results, grid.sweep) / run.run_id):
+            skipped["live"].append((run, "being trained by another process"))
         else:
             todo.append(run)
     return todo, skipped
 
 
+@contextmanager
+def manifest_lock(results: str | Path, sweep: str):
+    """Serialise read-modify-write of the manifest between launches running at once."""
+    folder = sweep_dir(results, sweep)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".manifest.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
 def write_manifest(grid: Grid, results: str | Path, launch: dict[str, Any] | None) -> Path:
-    """Add the grid's runs (and this launch) to the sweep manifest, keeping what earlier launches recorded."""
+    """Add the grid's runs (and this launch) to the sweep manifest, keeping what earlier launches recorded: every
+    job ever submitted for a run stays in its `jobs` list, oldest first."""
     path = sweep_dir(results, grid.sweep) / "manifest.json"
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError):
-        manifest = {"sweep": grid.sweep, "runs": {}, "launches": []}
-    for run in grid.runs:
-        manifest["runs"][run.run_id] = {"config": run.config.to_dict(), "baseline": run.baseline,
-                                        "grid": str(grid.path)}
-    if launch:
-        manifest["launches"].append(launch)
-        for run_id, job_id in launch.get("jobs", {}).items():
-            manifest["runs"][run_id]["job"] = {"executor": launch["executor"], "job_id": job_id,
-                                               "submitted": launch["time"]}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path, manifest)
+    with manifest_lock(results, grid.sweep):
+        manifest = read_manifest(results, grid.sweep)
+        for run in grid.runs:
+            entry = manifest["runs"].setdefault(run.run_id, {})
+            jobs = entry.pop("jobs", None) or ([entry.pop("job")] if entry.get("job") else [])
+            entry.pop("job", None)
+            entry.update(config=run.config.to_dict(), baseline=run.baseline, grid=str(grid.path), jobs=jobs)
+        if launch:
+            manifest["launches"].append(launch)
+            for run_id, job_id in launch.get("jobs", {}).items():
+                manifest["runs"][run_id]["jobs"].append({"executor": launch["executor"], "job_id": job_id,
+                                                         "submitted": launch["time"]})
+        write_json_atomic(path, manifest)
     return path
 
 
@@ -164,12 +144,12 @@ def prepare_text(runs: list[Run], progress: bool = True) -> int:
 
 def train_run_dir(run_dir: str | Path, handle_signals: bool = True) -> str:
     """Train the run prepared in `run_dir` (inside a job); returns its final status."""
-    from sweep.train import AlreadyRunning, run
+    from sweep.train import run
 
     run_dir = Path(run_dir)
     cfg = config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()), run_dir / "config.yaml")
     try:
-        return run(cfg, run_dir, progress=False, handle_signals=handle_signals)["status"]
+        return run(cfg, run_dir, progress=False, handle_signals=handle_signals).status
     except AlreadyRunning:
         return "running elsewhere"
 
@@ -182,7 +162,7 @@ def work_queue(run_dirs: list[str], fail_fast: bool = False) -> dict[str, str]:
     for run_dir in run_dirs:
         if fail_fast and any(v.startswith("failed") for v in outcome.values()):
             break
-        if result_status(Path(run_dir)) == "completed":
+        if status_of(run_dir) == "completed":
             continue
         try:
             outcome[run_dir] = train_run_dir(run_dir)
@@ -237,7 +217,7 @@ def launch_local(run_dirs: list[Path], folder: Path, max_parallel: int, fail_fas
         for d in run_dirs:
             try:
                 if (d / "result.json").stat().st_mtime >= started:
-                    out.append(result_status(d) or "unreadable")
+                    out.append(status_of(d) or "unreadable")
             except OSError:
                 pass
         return out
@@ -318,13 +298,13 @@ def threads_per_run(executor: str, max_parallel: int, opts: SlurmOptions) -> int
     return max(1, (os.cpu_count() or 1) // max(1, max_parallel))
 
 
-def launch(grid: Grid, results: str | Path, executor: str, *, max_parallel: int, rerun_failed: bool,
-           fail_fast: bool, slurm: SlurmOptions, progress: bool = True) -> dict[str, Any]:
-    """Start the grid's runs that are not done; returns the launch record (also appended to the manifest)."""
-    todo, skipped = to_do(grid, results, rerun_failed)
+def launch(grid: Grid, results: str | Path, executor: str, todo: list[Run], skipped: dict[str, list], *,
+           max_parallel: int, fail_fast: bool, slurm: SlurmOptions, progress: bool = True) -> dict[str, Any]:
+    """Start `todo` (from `to_do`); returns the launch record (also appended to the manifest)."""
     launch_record: dict[str, Any] = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "executor": executor,
                                      "runs": [r.run_id for r in todo],
-                                     "skipped": {k: len(v) for k, v in skipped.items()}}
+                                     "skipped": {k: len(v) for k, v in skipped.items()},
+                                     "live": {run.run_id: why for run, why in skipped["live"]}}
     if not todo:
         launch_record["jobs"] = {}
         write_manifest(grid, results, launch_record)

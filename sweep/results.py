@@ -1,10 +1,16 @@
-"""Writing results safely: every file a reader may look at appears whole or not at all."""
+"""The files of a run directory: written so that a reader sees each whole or not at all, and trained by one
+process at a time."""
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
+
+LOCK_FILE = ".lock"
 
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
@@ -27,3 +33,44 @@ def write_json_atomic(path: str | Path, record: dict) -> None:
             os.fsync(f.fileno())
 
     atomic_write(path, write)
+
+
+class AlreadyRunning(RuntimeError):
+    """Another process holds the run directory; training it twice would duplicate the result."""
+
+
+@contextmanager
+def exclusive(run_dir: Path, patience_s: float = 1.0):
+    """Hold RUN_DIR/.lock while the run trains (released by the OS if the process dies, even by SIGKILL).
+
+    A lock held for less than `patience_s` (a launcher's `held_elsewhere` probe) is waited for."""
+    handle = open(Path(run_dir) / LOCK_FILE, "w")
+    deadline = time.monotonic() + patience_s
+    while True:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                handle.close()
+                raise AlreadyRunning(f"{run_dir} is being trained by another process") from None
+            time.sleep(0.05)
+    try:
+        yield
+    finally:
+        handle.close()
+
+
+def held_elsewhere(run_dir: Path) -> bool:
+    """Whether a process (on this machine) is training the run now; creates nothing."""
+    try:
+        handle = open(Path(run_dir) / LOCK_FILE, "r")
+    except OSError:
+        return False
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        return False

@@ -1,13 +1,18 @@
-"""What every run of a sweep is doing, from its files and one scheduler query; works after the launcher is gone.
+"""What every run of a sweep is doing, from its files and the scheduler's word; works after the launcher is gone.
 
 States:
   completed  result.json says so
-  failed     result.json says so (with the trainer's reason), or the scheduler ended the job (cancelled, timed
-             out, out of memory, node failure) before a result was written
-  running    the run's heartbeat file was touched recently (the trainer touches it every 10 s)
+  failed     result.json says so (with the trainer's reason), or the scheduler ended the run's job (cancelled,
+             timed out, out of memory, node failure) before a result was written
+  running    the scheduler runs the run's job, or (no scheduler job) the run's heartbeat is fresh
   requeued   the scheduler holds a job that was preempted / timed out / requeued and will resume it
   stale      it was running, but its heartbeat stopped and no scheduler job is alive: relaunch to resume
-  pending    submitted or queued, not started yet
+  pending    submitted and queued, or not started yet
+
+When a run has a Slurm job, the scheduler decides before the heartbeat does, so a cancelled job shows as failed
+at the next `sweep status`, not once its heartbeat goes stale. The scheduler is asked once per call: `squeue`
+(the controller's current view, which includes jobs that ended in the last minutes) and, for jobs it no longer
+knows, `sacct` (the accounting history).
 """
 from __future__ import annotations
 
@@ -20,11 +25,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sweep.record import one_line, read_status, result_mtime
+
 STALE_AFTER_S = 60.0  # heartbeats come every 10 s; six missed ones mean the process is gone
 STATES = ("completed", "failed", "running", "requeued", "stale", "pending")
 SCHEDULER_FAILED = ("CANCELLED", "FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE",
-                    "PREEMPTED")
+                    "PREEMPTED", "REVOKED")
+SCHEDULER_ALIVE = ("PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
+                   "RESIZING", "SUSPENDED", "STAGE_OUT", "SIGNALING", "RESV_DEL_HOLD", "STOPPED")
 
+
+# ------------------------------------------------------------------------------------------------- the manifest
 
 def find_manifests(path: Path) -> list[Path]:
     """PATH is a sweep directory (with manifest.json) or a results directory holding sweeps."""
@@ -33,114 +44,152 @@ def find_manifests(path: Path) -> list[Path]:
     return sorted(p for p in path.glob("*/manifest.json"))
 
 
-def slurm_states(job_ids: list[str]) -> dict[str, dict[str, str]]:
-    """job id -> {state, reason, exit_code}: one sacct call for every array of the sweep."""
-    if not job_ids or not shutil.which("sacct"):
-        return {}
-    arrays = sorted({j.split("_")[0] for j in job_ids})
-    try:
-        out = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "JobID,State,Reason,ExitCode", "-j", ",".join(arrays)],
-                             capture_output=True, text=True, timeout=60).stdout
-    except (OSError, subprocess.SubprocessError):
-        return {}
-    states: dict[str, dict[str, str]] = {}
-    for line in out.splitlines():
-        parts = line.split("|")
-        if len(parts) < 4:
+def jobs_of(entry: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every job ever submitted for a run of the manifest, oldest first (manifests before job histories kept
+    only the latest, under `job`)."""
+    jobs = entry.get("jobs")
+    if jobs is None:
+        jobs = [entry["job"]] if entry.get("job") else []
+    return [j for j in jobs if isinstance(j, dict) and j.get("job_id")]
+
+
+def latest_slurm_job(entry: dict[str, Any]) -> str | None:
+    jobs = jobs_of(entry)
+    return jobs[-1]["job_id"] if jobs and jobs[-1].get("executor") == "slurm" else None
+
+
+# ------------------------------------------------------------------------------------------------ the scheduler
+
+def _expand_tasks(array: str, spec: str) -> list[str]:
+    """'0-9:2,12%4' -> ['<array>_0', '<array>_2', ..., '<array>_12'] (task ranges with optional steps)."""
+    tasks = []
+    for part in spec.split("%")[0].split(","):
+        match = re.fullmatch(r"(\d+)(?:-(\d+)(?::(\d+))?)?", part.strip())
+        if not match:
             continue
-        job, state, reason, exit_code = parts[:4]
-        info = {"state": state.split()[0], "detail": state, "reason": reason, "exit_code": exit_code}
-        pending = re.fullmatch(r"(\d+)_\[(.+)\]", job)  # a pending array: 123_[0-9,12%4]
-        if pending:
-            for part in pending.group(2).split("%")[0].split(","):
-                lo, _, hi = part.partition("-")
-                for task in range(int(lo), int(hi or lo) + 1):
-                    states[f"{pending.group(1)}_{task}"] = info
-        else:
-            states[job] = info  # later lines (after a requeue) replace earlier ones
+        lo, hi, step = int(match.group(1)), int(match.group(2) or match.group(1)), int(match.group(3) or 1)
+        tasks += [f"{array}_{t}" for t in range(lo, hi + 1, max(1, step))]
+    return tasks
+
+
+def parse_scheduler_lines(text: str, columns: tuple[str, ...] = ("job", "state", "exit_code", "reason")
+                          ) -> dict[str, dict[str, str]]:
+    """'|'-separated lines (squeue --format, sacct --parsable2) with `columns` -> job id -> state info.
+
+    A pending array may come as one line for many tasks (`12_[0-9:2,15%4]`); it is expanded. Later lines replace
+    earlier ones (sacct lists a requeued job's runs oldest first)."""
+    states: dict[str, dict[str, str]] = {}
+    for line in text.splitlines():
+        parts = line.strip().split("|", len(columns) - 1)
+        if len(parts) < len(columns):
+            continue
+        row = dict(zip(columns, (p.strip() for p in parts)))
+        if not row["state"]:
+            continue
+        info = {"state": row["state"].split()[0].rstrip("+"), "detail": row["state"],
+                "reason": row.get("reason", ""), "exit_code": row.get("exit_code", ""),
+                "ended": bool(re.match(r"\d{4}-", row.get("end", "")))}
+        pending = re.fullmatch(r"(\d+)_\[(.+)\]", row["job"])
+        for task in _expand_tasks(pending.group(1), pending.group(2)) if pending else [row["job"]]:
+            states[task] = info
     return states
 
 
-def _one_line(text: str, width: int = 160) -> str:
-    line = " ".join(str(text).split())
-    return line if len(line) <= width else line[: width - 1] + "…"
-
-
-_STATUS = re.compile(rb'\n  "status": "(\w+)"')  # a top-level key of a record written with indent=2
-
-
-def result_state(run_dir: str) -> tuple[str, str] | None:
-    """(status, reason) from result.json, or None when there is none.
-
-    The trainer writes `status` among the first keys, so a completed run is recognised from the file's first
-    bytes without parsing the whole record (10,000 runs in well under a second); anything else is parsed in full."""
-    path = os.path.join(run_dir, "result.json")
+def _call(cmd: list[str]) -> str | None:
     try:
-        with open(path, "rb") as f:
-            head = f.read(512)
-            match = _STATUS.search(head)
-            if match and match.group(1) == b"completed":
-                return "completed", ""
-            record = json.loads(head + f.read())
-    except FileNotFoundError:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
         return None
-    except (OSError, ValueError):
-        return "failed", "result.json is unreadable"
-    if record.get("status") == "completed":
-        return "completed", ""
-    return "failed", _one_line(record.get("error") or "failed without a reason")
+    return out.stdout if out.returncode == 0 else None
 
 
-def run_state(run_dir: str | Path, job: dict[str, Any] | None, scheduler: dict[str, dict[str, str]], now: float
+def scheduler_states(job_ids: list[str]) -> dict[str, dict[str, str]]:
+    """job id -> {state, detail, reason, exit_code} for the given Slurm jobs (array tasks `123_4` or plain ids).
+
+    One squeue call (every task of the jobs' arrays, including those that ended minutes ago, straight from the
+    controller); one sacct call only for jobs squeue no longer knows. Jobs neither knows are absent."""
+    if not job_ids or not shutil.which("squeue"):
+        return {}
+    arrays = sorted({j.split("_")[0] for j in job_ids})
+    out = _call(["squeue", "--noheader", "--array", "--states=all", "--jobs", ",".join(arrays),
+                 "--format=%i|%T|%e|%r"])
+    states = parse_scheduler_lines(out or "", ("job", "state", "end", "reason"))
+    missing = sorted({j.split("_")[0] for j in job_ids if j not in states})
+    if missing and shutil.which("sacct"):
+        out = _call(["sacct", "--allocations", "--noheader", "--parsable2", "--jobs", ",".join(missing),
+                     "--format=JobID,State,ExitCode,Reason"])
+        for job, info in parse_scheduler_lines(out or "").items():
+            states.setdefault(job, info)
+    return states
+
+
+# ------------------------------------------------------------------------------------------------- a run's state
+
+def run_state(run_dir: str | Path, job_id: str | None, scheduler: dict[str, dict[str, str]], now: float
               ) -> tuple[str, str]:
-    """(state, one-line reason) of one run."""
+    """(state, one-line reason) of one run: its record, then its Slurm job's state, then its heartbeat."""
     run_dir = str(run_dir)
-    done = result_state(run_dir)
-    if done:
-        return done
+    done = read_status(run_dir)
     try:
         beat = os.stat(os.path.join(run_dir, "heartbeat")).st_mtime
     except OSError:
         beat = None
-    if beat is not None and now - beat < STALE_AFTER_S:
-        return "running", ""
-    info = scheduler.get(job["job_id"]) if job and job.get("executor") == "slurm" else None
+    info = scheduler.get(job_id) if job_id else None
+    if done:
+        # a failed record with a rerun alive (a job in the queue, or a heartbeat newer than the record) is that rerun
+        rerun_alive = (info and info["state"] in SCHEDULER_ALIVE) or (
+            not info and beat is not None and now - beat < STALE_AFTER_S and beat > (result_mtime(run_dir) or 0))
+        if done[0] == "completed" or not rerun_alive:
+            return done
     if info:
         state = info["state"]
-        if state == "RUNNING":
+        if state == "COMPLETING" and info.get("ended"):
+            # the job's processes are being stopped and it wrote no result: scancel (the usual case), a time
+            # limit or a kill; the controller names which only once the processes are gone
+            return "failed", f"slurm job {job_id} ended without a result: cancelled or killed (stopping now)"
+        if state in ("RUNNING", "CONFIGURING", "SIGNALING", "STAGE_OUT", "RESIZING"):
             return "running", ""
-        if state == "REQUEUED" or (state == "PENDING" and os.path.exists(os.path.join(run_dir, "checkpoint.pt"))):
-            return "requeued", f"slurm job {job['job_id']} requeued; resumes from its checkpoint"
-        if state == "PENDING":
-            return "pending", f"slurm job {job['job_id']} pending ({info['reason']})"
+        if state.startswith("REQUEUE") or state == "COMPLETING" or (
+                state == "PENDING" and os.path.exists(os.path.join(run_dir, "checkpoint.pt"))):
+            # a completing job with no end time is being requeued (Slurm restarts its clock)
+            return "requeued", f"slurm job {job_id} requeued; resumes from its checkpoint"
+        if state in SCHEDULER_ALIVE:
+            return "pending", f"slurm job {job_id} {state.lower()} ({info['reason']})"
         if state in SCHEDULER_FAILED:
             what = "cancelled (scancel)" if state == "CANCELLED" else info["detail"].lower()
-            return "failed", f"slurm job {job['job_id']} {what}, exit code {info['exit_code']}"
+            code = f", exit code {info['exit_code']}" if info.get("exit_code") else ""
+            return "failed", f"slurm job {job_id} {what}{code}"
+        if state == "COMPLETED":
+            return "failed", f"slurm job {job_id} completed without writing result.json"
+    if beat is not None and now - beat < STALE_AFTER_S:
+        return "running", ""
     if beat is not None:
         return "stale", f"no heartbeat for {now - beat:.0f} s and no live job; relaunch to resume from the checkpoint"
     return "pending", ""
 
 
+def read_manifest(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text())
+
+
 def collect(path: str | Path) -> list[dict[str, Any]]:
     """One row per run of every sweep under `path`, asking the scheduler once."""
     path = Path(path)
-    manifests = []
-    for manifest_path in find_manifests(path):
-        manifests.append((manifest_path.parent, json.loads(manifest_path.read_text())))
-    job_ids = [run["job"]["job_id"] for _, m in manifests for run in m["runs"].values()
-               if run.get("job", {}).get("executor") == "slurm"]
-    scheduler = slurm_states(job_ids)
+    manifests = [(p.parent, read_manifest(p)) for p in find_manifests(path)]
+    job_ids = [j for _, m in manifests for entry in m["runs"].values() if (j := latest_slurm_job(entry))]
+    scheduler = scheduler_states(job_ids)
     now = time.time()
     rows = []
     for sweep_path, manifest in manifests:
-        for run_id, run in manifest["runs"].items():
-            cfg = run["config"]
-            state, reason = run_state(os.path.join(sweep_path, run_id), run.get("job"), scheduler, now)
-            rows.append({"sweep": manifest["sweep"], "run_id": run_id, "state": state, "reason": reason,
+        for run_id, entry in manifest["runs"].items():
+            cfg, jobs = entry["config"], jobs_of(entry)
+            job_id = latest_slurm_job(entry)
+            state, reason = run_state(os.path.join(sweep_path, run_id), job_id, scheduler, now)
+            rows.append({"sweep": manifest["sweep"], "run_id": run_id, "state": state, "reason": one_line(reason),
                          "model": cfg["model"], "image_strategy": cfg["image_strategy"],
                          "image_tokens": cfg["image_tokens"], "text_strategy": cfg["text_strategy"],
                          "text_tokens": cfg["text_tokens"], "seed": cfg["seed"],
-                         "job_id": run.get("job", {}).get("job_id")})
+                         "job_id": jobs[-1]["job_id"] if jobs else None, "jobs": [j["job_id"] for j in jobs]})
     return rows
 
 

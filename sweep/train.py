@@ -10,15 +10,14 @@ Files in the run directory:
     checkpoint.pt        the latest resumable state, replaced atomically every `checkpoint_every` steps and on
                          SIGTERM / SIGUSR2
     model.pt             final weights, an open_clip state dict (see `load_trained_model`)
-    result.json          the result record (SPEC.md), written atomically once the run has ended
+    result.json          the result record (sweep/record.py, docs/results.md), written atomically once the run
+                         has ended
     heartbeat            touched every 10 s while the run is alive (read by `sweep status`)
     .lock                held (flock) by the one process training the run
 """
 from __future__ import annotations
 
-import fcntl
 import functools
-import json
 import math
 import platform
 import signal
@@ -27,6 +26,7 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import open_clip
@@ -35,12 +35,13 @@ import yaml
 from open_clip.loss import ClipLoss
 from tqdm import tqdm
 
-from sweep.config import OPERATIONAL, ConfigError, RunConfig
+from sweep.config import ConfigError, RunConfig, identity
 from sweep.data import Data, load_data
 from sweep.evaluate import feature_fns, retrieval, zeroshot
 from sweep.flops import step_flops
 from sweep.models import build_model, count_params, encode_image, encode_text, register_open_clip_configs
-from sweep.results import atomic_write, write_json_atomic
+from sweep.record import Compute, ResultRecord, read_record, status_of, write_record
+from sweep.results import atomic_write, exclusive
 from sweep.strategies.image import reduce_images
 from sweep.strategies.text import TextReducer
 
@@ -154,25 +155,6 @@ class StopSignals:
         raise Interrupted(signum, step)
 
 
-class AlreadyRunning(RuntimeError):
-    """Another process holds the run directory; training it twice would duplicate the result."""
-
-
-@contextmanager
-def exclusive(run_dir: Path):
-    """Hold RUN_DIR/.lock while the run trains (released by the OS if the process dies, even by SIGKILL)."""
-    handle = open(run_dir / ".lock", "w")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
-        raise AlreadyRunning(f"{run_dir} is being trained by another process") from None
-    try:
-        yield
-    finally:
-        handle.close()
-
-
 @contextmanager
 def heartbeat(path: Path, every: float = 10.0):
     """Touch `path` every few seconds from a thread, so `sweep status` can tell a live run from a dead one."""
@@ -270,7 +252,7 @@ def train_stage(model, cfg: RunConfig, stage: str, data: Data, pixels: Pixels, s
     save(steps)
 
 
-def evaluate(model, cfg: RunConfig, stage: str, data: Data, pixels: Pixels) -> dict[str, float]:
+def evaluate(model, cfg: RunConfig, stage: str, data: Data, pixels: Pixels) -> dict[str, Any]:
     image_strategy, image_tokens, text_strategy, text_tokens = cfg.stage_settings(stage)
     text = text_reducer(text_strategy, text_tokens, cfg.spec.text_tokens, cfg.spacy_model)
     image_features, text_features = feature_fns(
@@ -307,16 +289,17 @@ def check_run_dir(cfg: RunConfig, run_dir: Path) -> None:
     """Refuse to resume a directory that holds a different run."""
     saved = run_dir / "config.yaml"
     if saved.exists():
-        previous, current = yaml.safe_load(saved.read_text()) or {}, cfg.to_dict()
-        changed = sorted(k for k in set(previous) | set(current)
-                         if k not in OPERATIONAL and previous.get(k) != current.get(k))
+        # compared as run identities: a setting added since the directory was written reads as its old behaviour
+        previous, current = dict(identity(yaml.safe_load(saved.read_text()) or {})), dict(identity(cfg))
+        changed = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
         if changed:
-            raise ConfigError(changed[0] if changed else "config",
+            raise ConfigError(changed[0],
                               f"differs from the run already in {run_dir} (changed: {', '.join(changed)}); "
                               f"use another --out directory", saved)
 
 
-def run(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True, handle_signals: bool = True) -> dict:
+def run(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True, handle_signals: bool = True
+        ) -> ResultRecord:
     """Train one run to completion (resuming if `run_dir` holds a checkpoint) and write its result.json.
 
     Returns the result record. A run whose result.json is already `completed` is not trained again; a run that
@@ -326,34 +309,23 @@ def run(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True, handle_si
     run_dir.mkdir(parents=True, exist_ok=True)
     check_run_dir(cfg, run_dir)
     with exclusive(run_dir):
-        done = read_result(run_dir)
-        if done and done.get("status") == "completed":
-            return done
+        if status_of(run_dir) == "completed":
+            return read_record(run_dir)
         atomic_write(run_dir / "config.yaml",
                      lambda p: Path(p).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False)))
         with heartbeat(run_dir / "heartbeat"):
             return _run(cfg, run_dir, progress, handle_signals)
 
 
-def read_result(run_dir: Path) -> dict | None:
-    try:
-        return json.loads((run_dir / "result.json").read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _run(cfg: RunConfig, run_dir: Path, progress: bool, handle_signals: bool) -> dict:
+def _run(cfg: RunConfig, run_dir: Path, progress: bool, handle_signals: bool) -> ResultRecord:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    result_path = run_dir / "result.json"
     tic = time.time()
-    record = {
-        "run_id": run_dir.name, "sweep": run_dir.parent.name, "status": "completed", "error": None,
-        "model": cfg.model, "params": None, "image_strategy": cfg.image_strategy, "image_tokens": cfg.image_tokens,
-        "text_strategy": cfg.text_strategy, "text_tokens": cfg.text_tokens, "seed": cfg.seed,
-        "metrics": {}, "compute": {}, "config": cfg.to_dict(), "versions": versions(),
-        "open_clip_model": cfg.spec.open_clip_name, "weights": None,
-    }
+    record: dict[str, Any] = dict(  # the fields of the ResultRecord that _finish writes
+        run_id=run_dir.name, sweep=run_dir.parent.name, status="completed", model=cfg.model,
+        image_strategy=cfg.image_strategy, image_tokens=cfg.image_tokens, text_strategy=cfg.text_strategy,
+        text_tokens=cfg.text_tokens, seed=cfg.seed, config=cfg.to_dict(), versions=versions(),
+        open_clip_model=cfg.spec.open_clip_name)
     state: dict = {"metrics": {}, "elapsed": 0.0, "_started": tic}
     try:
         data = load_data(cfg.dataset, cfg.data_seed, cfg.train_scenes, cfg.spec.image_size,
@@ -380,30 +352,32 @@ def _run(cfg: RunConfig, run_dir: Path, progress: bool, handle_signals: bool) ->
         raise
     except Exception as err:  # any other failure is recorded so `sweep status` can say why, then re-raised
         record.update(status="failed", error=f"{type(err).__name__}: {err}")
-        _finish(record, state, tic, cfg, result_path)
+        _finish(record, state, tic, run_dir)
         raise
-    _finish(record, state, tic, cfg, result_path)
-    return record
+    return _finish(record, state, tic, run_dir)
 
 
-def _finish(record: dict, state: dict, tic: float, cfg: RunConfig, path: Path) -> None:
-    record["metrics"] = {stage: state["metrics"].get(stage) for stage in STAGES}
+def _finish(fields: dict[str, Any], state: dict, tic: float, run_dir: Path) -> ResultRecord:
     compute = state.get("compute", {})
     samples = sum(c.get("samples", 0) for c in compute.values())
     train_seconds = sum(c.get("train_seconds", 0.0) for c in compute.values())
-    record["compute"] = {
-        "samples_seen": samples,
-        # FLOPs of forward + backward (sweep.flops.step_flops) x the stage's steps
-        "train_flops": sum((c.get("flops_per_step") or 0) * c.get("steps", 0) for c in compute.values()),
-        "wall_seconds": round(state.get("elapsed", 0.0) + time.time() - tic, 3),
-        "train_seconds": round(train_seconds, 3),
-        "samples_per_second": round(samples / train_seconds, 2) if train_seconds else None,
-        "stages": compute,
-        "threads": torch.get_num_threads(),
-    }
-    record["resumed"] = state.get("resumed", [])  # where each restart picked up (empty: never interrupted)
-    record["final_loss"] = {stage: float(np.mean(v[-20:])) for stage, v in state.get("losses", {}).items() if v}
-    write_json_atomic(path, record)
+    record = ResultRecord(
+        **fields,
+        metrics={stage: state["metrics"].get(stage) for stage in STAGES},
+        compute=Compute(
+            samples_seen=samples,
+            # FLOPs of forward + backward (sweep.flops.step_flops) x the stage's steps
+            train_flops=sum((c.get("flops_per_step") or 0) * c.get("steps", 0) for c in compute.values()),
+            wall_seconds=round(state.get("elapsed", 0.0) + time.time() - tic, 3),
+            train_seconds=round(train_seconds, 3),
+            samples_per_second=round(samples / train_seconds, 2) if train_seconds else None,
+            stages=compute,
+            threads=torch.get_num_threads()),
+        resumed=state.get("resumed", []),  # where each restart picked up (empty: never interrupted)
+        final_loss={stage: float(np.mean(v[-20:])) for stage, v in state.get("losses", {}).items() if v},
+    )
+    write_record(run_dir, record)
+    return record
 
 
 def load_trained_model(run_dir: str | Path) -> open_clip.CLIP:

@@ -80,7 +80,7 @@ def test_missing_spacy_model_fails_at_load_time(tmp_path):
 
 def test_every_setting_is_documented():
     docs = field_docs()
-    assert set(docs) == set(RunConfig.__dataclass_fields__)
+    assert set(docs) == set(RunConfig.model_fields)
     assert all(len(d) > 10 for d in docs.values())
 
 

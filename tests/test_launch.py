@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 
 from sweep.cli import main
-from sweep.status import collect, run_state
-from sweep.train import AlreadyRunning, exclusive, run
+from sweep.status import collect, parse_scheduler_lines, run_state
+from sweep.results import AlreadyRunning, exclusive
+from sweep.train import run
 from sweep.config import config_from_dict
 
 TINY = """\
@@ -99,6 +100,10 @@ def test_a_run_held_by_another_process_is_not_trained_twice(tmp_path):
     assert not (run_dir / "result.json").exists()
 
 
+def slurm(state, reason="", exit_code="0:0"):
+    return {"state": state.split()[0], "detail": state, "reason": reason, "exit_code": exit_code}
+
+
 def test_status_tells_running_stale_and_pending_apart(tmp_path):
     run_dir = tmp_path / "r"
     run_dir.mkdir()
@@ -109,19 +114,47 @@ def test_status_tells_running_stale_and_pending_apart(tmp_path):
     os.utime(run_dir / "heartbeat", (now - 600, now - 600))
     state, reason = run_state(run_dir, None, {}, now)
     assert state == "stale" and "relaunch" in reason
-    job = {"executor": "slurm", "job_id": "7_1"}
-    assert run_state(run_dir, job, {"7_1": {"state": "PENDING", "reason": "Priority", "detail": "PENDING",
-                                              "exit_code": "0:0"}}, now)[0] == "pending"
+    assert run_state(run_dir, "7_1", {"7_1": slurm("PENDING", "Priority")}, now)[0] == "pending"
     (run_dir / "checkpoint.pt").touch()
-    assert run_state(run_dir, job, {"7_1": {"state": "PENDING", "reason": "", "detail": "PENDING",
-                                              "exit_code": "0:0"}}, now)[0] == "requeued"
-    state, reason = run_state(run_dir, job, {"7_1": {"state": "CANCELLED", "reason": "", "detail": "CANCELLED by 0",
-                                                       "exit_code": "0:15"}}, now)
+    assert run_state(run_dir, "7_1", {"7_1": slurm("PENDING")}, now)[0] == "requeued"
+    state, reason = run_state(run_dir, "7_1", {"7_1": slurm("CANCELLED by 0", exit_code="0:15")}, now)
     assert state == "failed" and "cancelled" in reason
     (run_dir / "result.json").write_text('{"status": "failed", "error": "loss became nan at pretrain step 3"}')
-    assert run_state(run_dir, job, {}, now) == ("failed", "loss became nan at pretrain step 3")
+    assert run_state(run_dir, "7_1", {}, now) == ("failed", "loss became nan at pretrain step 3")
     (run_dir / "result.json").write_text('{"status": "compl')  # half-written
-    assert run_state(run_dir, job, {}, now) == ("failed", "result.json is unreadable")
+    state, reason = run_state(run_dir, "7_1", {}, now)
+    assert state == "failed" and reason.startswith("result.json is unreadable")
+
+
+def test_the_scheduler_decides_before_the_heartbeat(tmp_path):
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    (run_dir / "heartbeat").touch()  # fresh: the process has not noticed yet, or is being killed
+    now = time.time()
+    state, reason = run_state(run_dir, "7_1", {"7_1": slurm("CANCELLED by 0")}, now)
+    assert state == "failed" and "cancelled" in reason
+    assert run_state(run_dir, "7_1", {"7_1": slurm("TIMEOUT", exit_code="0:1")}, now)[0] == "failed"
+    # a rerun of a failed run: the live job, not the old record, says what the run is doing
+    (run_dir / "result.json").write_text('{"status": "failed", "error": "boom"}')
+    assert run_state(run_dir, "7_2", {"7_2": slurm("RUNNING")}, now)[0] == "running"
+    assert run_state(run_dir, "7_2", {"7_2": slurm("FAILED", exit_code="1:0")}, now) == ("failed", "boom")
+    assert run_state(run_dir, "7_2", {}, now) == ("failed", "boom")  # heartbeat older than the record
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("12_[0-9:3%2]|PENDING|0:0|JobArrayTaskLimit", {"12_0", "12_3", "12_6", "12_9"}),
+    ("12_[1,4-5]|PENDING|0:0|Priority", {"12_1", "12_4", "12_5"}),
+    ("12_7|CANCELLED by 0|0:15|None", {"12_7"}),
+    ("13|RUNNING|0:0|None", {"13"}),
+    ("garbage\n|||\n", set()),
+])
+def test_scheduler_lines_are_parsed_with_array_ranges_and_steps(text, expected):
+    assert set(parse_scheduler_lines(text)) == expected
+
+
+def test_a_requeued_jobs_latest_line_wins():
+    states = parse_scheduler_lines("5_0|REQUEUED|0:0|None\n5_0|RUNNING|0:0|None\n")
+    assert states["5_0"]["state"] == "RUNNING"
 
 
 def test_status_of_a_directory_without_a_sweep_exits_2(tmp_path, capsys):

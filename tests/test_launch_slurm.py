@@ -59,23 +59,46 @@ def states(sweep_dir):
     return {r["run_id"]: r for r in collect(sweep_dir)}
 
 
+def jobs_of(sweep_dir, run_id):
+    return [j["job_id"] for j in json.loads((Path(sweep_dir) / "manifest.json").read_text())["runs"][run_id]["jobs"]]
+
+
 def job_of(sweep_dir, run_id):
-    return json.loads((Path(sweep_dir) / "manifest.json").read_text())["runs"][run_id]["job"]["job_id"]
+    return jobs_of(sweep_dir, run_id)[-1]
+
+
+def scheduler_tasks(array):
+    """Every task of a job array the controller knows, whatever its state."""
+    out = subprocess.run(["squeue", "-h", "-r", "-t", "all", "-j", array, "-o", "%i"], capture_output=True,
+                         text=True, check=True).stdout
+    return sorted(out.split())
 
 
 def result(sweep_dir, run_id):
     return json.loads((Path(sweep_dir) / run_id / "result.json").read_text())
 
 
-def test_smoke_grid_completes_on_slurm(tmp_path, capsys):
+def test_smoke_grid_completes_on_slurm_and_a_relaunch_while_live_submits_nothing(tmp_path, capsys):
     results = tmp_path / "results"
     assert main(["launch", "grids/smoke.yaml", "--results", str(results), "--executor", "slurm"]) == 0
     out = capsys.readouterr().out
     assert "submitted 5 runs as job array" in out
     sweep = results / "smoke"
+    # at once again: the array is queued or running, so nothing is submitted twice and the job ids are kept
+    assert main(["launch", "grids/smoke.yaml", "--results", str(results), "--executor", "slurm"]) == 0
+    out = capsys.readouterr().out
+    assert "0 to run" in out and "submitted" not in out
+    live = int(out.split(" queued or running")[0].rsplit("; ", 1)[-1]) if "queued or running" in out else 0
+    assert live + int(out.split(" completed and ")[0].rsplit(" ", 1)[-1]) == 5
+    assert "skipped" in out and "slurm job" in out
+    jobs = {run_id: jobs_of(sweep, run_id) for run_id in states(sweep)}
+    assert all(len(j) == 1 for j in jobs.values()), jobs
+    (array,) = {j[0].split("_")[0] for j in jobs.values()}
+    assert scheduler_tasks(array) == sorted(j[0] for j in jobs.values())  # 5 tasks, each once
     wait_for(lambda: all(r["state"] == "completed" for r in states(sweep).values()), 300, "all smoke runs")
     assert main(["launch", "grids/smoke.yaml", "--results", str(results), "--executor", "slurm"]) == 0
     assert "0 to run" in capsys.readouterr().out
+    assert {run_id: jobs_of(sweep, run_id) for run_id in states(sweep)} == jobs
 
 
 def test_scancel_shows_failed_and_a_relaunch_reruns_only_it_from_its_checkpoint(tmp_path, capsys):
@@ -87,16 +110,24 @@ def test_scancel_shows_failed_and_a_relaunch_reruns_only_it_from_its_checkpoint(
     sweep = results / "cancel"
     quick, slow = sorted(states(sweep), key=lambda r: "grid" in r)
     wait_for(lambda: (sweep / slow / "checkpoint.pt").exists(), 180, "the long run's first checkpoint")
-    subprocess.run(["scancel", job_of(sweep, slow)], check=True)
-    wait_for(lambda: states(sweep)[slow]["state"] == "failed", 120, "the cancelled run to show as failed")
-    assert "cancelled" in states(sweep)[slow]["reason"]
+    first_job = job_of(sweep, slow)
+    subprocess.run(["scancel", first_job], check=True)
+    # the very next status call knows, although the run's heartbeat is still fresh
+    assert (sweep / slow / "heartbeat").stat().st_mtime > time.time() - 30
+    row = states(sweep)[slow]
+    assert row["state"] == "failed" and "cancelled" in row["reason"], row
+    assert main(["status", str(sweep)]) == 0
+    assert "cancelled" in capsys.readouterr().out
     wait_for(lambda: states(sweep)[quick]["state"] == "completed", 180, "the quick run")
+    # a relaunch while the cancelled job's processes are still being stopped skips it; once they are gone it runs
+    wait_for(lambda: "cancelled (scancel)" in states(sweep)[slow]["reason"], 60, "the job's processes to stop")
 
     capsys.readouterr()
     assert main(["launch", str(grid), "--results", str(results), "--executor", "slurm"]) == 0
     assert "1 to run" in capsys.readouterr().out
     manifest = json.loads((sweep / "manifest.json").read_text())
     assert manifest["launches"][-1]["runs"] == [slow]
+    assert jobs_of(sweep, slow)[0] == first_job and len(jobs_of(sweep, slow)) == 2  # every job id is kept
     subprocess.run(["scancel", job_of(sweep, slow)], check=True)  # no need to train it to the end
 
 

@@ -11,6 +11,7 @@ import torch
 from sweep.cli import main
 from sweep.config import load_run_config
 from sweep.models import encode_image
+from sweep.record import SCHEMA_VERSION, read_record
 from sweep.train import load_trained_model, run
 
 pytestmark = pytest.mark.slow
@@ -33,6 +34,8 @@ def test_run_example_learns_and_writes_every_record_field(tmp_path, capsys):
                 "text_strategy", "text_tokens", "seed", "metrics", "compute", "config", "versions"]:
         assert key in record, key
     assert record["status"] == "completed" and record["error"] is None
+    assert record["schema_version"] == SCHEMA_VERSION
+    assert read_record(out).model_dump(mode="json") == record  # what every reader reads is what was written
     assert (record["image_strategy"], record["image_tokens"]) == ("random", 17)
     for stage in ["pretrain", "finetune"]:
         assert METRICS <= set(record["metrics"][stage])
