@@ -52,7 +52,7 @@ def write_sweep(root: Path, raw: dict, runs_wanted: int) -> int:
         run_dir = sweep / run.run_id
         run_dir.mkdir(parents=True)
         manifest["runs"][run.run_id] = {"config": run.config.to_dict(), "baseline": run.baseline,
-                                        "job": {"executor": "local", "job_id": None}}
+                                        "jobs": []}
         if i % 10 == 9:
             continue  # never started
         status = "failed" if i % 10 == 8 else "completed"

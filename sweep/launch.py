@@ -1,9 +1,11 @@
 """Executors: the runs of a grid go to local processes or to Slurm job arrays, both through submitit.
 
 Results live at <results>/<sweep>/<run_id>/ beside the sweep manifest <results>/<sweep>/manifest.json, which
-records every run of the sweep (its resolved config) and every launch (executor, job ids). Relaunching is always
-safe: runs whose result.json is completed are skipped, failed ones are skipped unless --rerun-failed, and a run
-directory is trained by one process at a time (sweep.train holds its lock), so no result is ever duplicated.
+records every run of the sweep (its resolved config and every job ever submitted for it) and every launch.
+Relaunching is always safe, even while a sweep is live: runs whose result.json is completed are skipped, failed
+ones unless --rerun-failed, and so are runs whose latest Slurm job is still queued or running (the scheduler is
+asked once per launch) or that a process on this machine is training; a run directory is trained by one process at
+a time (its lock), so no result is ever duplicated.
 
 Local: `--max-parallel` worker processes (submitit's LocalExecutor) share one queue of runs; each worker takes the
 next run nobody holds, so each process pays the torch import once, not once per run. The cores are split
@@ -15,7 +17,6 @@ and they resume from their last checkpoint.
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import shutil
 import subprocess
@@ -32,7 +33,7 @@ from sweep.config import SlurmOptions, config_from_dict
 from sweep.grid import Grid, Run
 from sweep.record import read_status, status_of
 from sweep.results import AlreadyRunning, atomic_write, held_elsewhere, write_json_atomic
-from sweep.status import SCHEDULER_ALIVE, latest_slurm_job, scheduler_states
+from sweep.status import SCHEDULER_ALIVE, latest_slurm_job, read_manifest, scheduler_states
 
 
 # ---------------------------------------------------------------------------------------------------- run state
@@ -41,12 +42,13 @@ def sweep_dir(results: str | Path, sweep: str) -> Path:
     return Path(results) / sweep
 
 
-def read_manifest(results: str | Path, sweep: str) -> dict[str, Any]:
+def sweep_manifest(results: str | Path, sweep: str) -> dict[str, Any]:
+    """The sweep's manifest, or a new one; a manifest that exists but is unreadable is an error, never replaced
+    (it holds every job id ever submitted)."""
     path = sweep_dir(results, sweep) / "manifest.json"
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+    if not path.exists():
         return {"sweep": sweep, "runs": {}, "launches": []}
+    return read_manifest(path)
 
 
 def to_do(grid: Grid, results: str | Path, rerun_failed: bool) -> tuple[list[Run], dict[str, list]]:
@@ -55,7 +57,7 @@ def to_do(grid: Grid, results: str | Path, rerun_failed: bool) -> tuple[list[Run
     scheduler is asked once) or that a process on this machine is training now."""
     todo: list[Run] = []
     skipped: dict[str, list] = {"completed": [], "failed": [], "live": []}
-    entries = read_manifest(results, grid.sweep)["runs"]
+    entries = sweep_manifest(results, grid.sweep)["runs"]
     undone = []
     for run in grid.runs:
         status = read_status(sweep_dir(results, grid.sweep) / run.run_id)
@@ -91,7 +93,7 @@ def write_manifest(grid: Grid, results: str | Path, launch: dict[str, Any] | Non
     job ever submitted for a run stays in its `jobs` list, oldest first."""
     path = sweep_dir(results, grid.sweep) / "manifest.json"
     with manifest_lock(results, grid.sweep):
-        manifest = read_manifest(results, grid.sweep)
+        manifest = sweep_manifest(results, grid.sweep)
         for run in grid.runs:
             entry = manifest["runs"].setdefault(run.run_id, {})
             jobs = entry.pop("jobs", None) or ([entry.pop("job")] if entry.get("job") else [])

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from sweep.record import one_line, read_status, result_mtime
+from sweep.settings import ConfigError
 
 STALE_AFTER_S = 60.0  # heartbeats come every 10 s; six missed ones mean the process is gone
 STATES = ("completed", "failed", "running", "requeued", "stale", "pending")
@@ -42,6 +43,20 @@ def find_manifests(path: Path) -> list[Path]:
     if (path / "manifest.json").exists():
         return [path / "manifest.json"]
     return sorted(p for p in path.glob("*/manifest.json"))
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """A sweep's manifest.json (written atomically by `sweep launch`); ConfigError if it is not one."""
+    try:
+        manifest = json.loads(path.read_bytes())
+    except (OSError, ValueError) as err:
+        raise ConfigError("manifest.json", f"unreadable ({one_line(err, 80)}); move it aside and relaunch the grid "
+                          f"to write a new one", path) from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("runs"), dict):
+        raise ConfigError("manifest.json", "is not a sweep manifest (no 'runs' mapping)", path)
+    manifest.setdefault("launches", [])
+    manifest.setdefault("sweep", path.parent.name)
+    return manifest
 
 
 def jobs_of(entry: dict[str, Any]) -> list[dict[str, Any]]:
@@ -166,10 +181,6 @@ def run_state(run_dir: str | Path, job_id: str | None, scheduler: dict[str, dict
     if beat is not None:
         return "stale", f"no heartbeat for {now - beat:.0f} s and no live job; relaunch to resume from the checkpoint"
     return "pending", ""
-
-
-def read_manifest(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text())
 
 
 def collect(path: str | Path) -> list[dict[str, Any]]:

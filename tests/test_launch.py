@@ -189,3 +189,45 @@ def test_prepare_text_tags_the_syntax_runs_captions_before_launch(tmp_path, monk
     plain = grid_file(tmp_path)
     assert main(["prepare-text", str(plain)]) == 0
     assert "no run of this grid uses the syntax strategy" in capsys.readouterr().out
+
+
+def test_a_run_another_process_is_training_is_skipped_and_said_so(tmp_path, capsys):
+    grid, results = grid_file(tmp_path), tmp_path / "results"
+    from sweep.grid import load_grid
+
+    held = load_grid(grid).runs[1].run_id
+    (results / "tiny" / held).mkdir(parents=True)
+    with exclusive(results / "tiny" / held):
+        assert main(["launch", str(grid), "--results", str(results), "--executor", "local", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "1 queued or running; 2 to run" in out
+    assert f"skipped {held}: being trained by another process" in out
+
+
+def test_the_manifest_keeps_every_job_id_and_reads_the_older_single_job_form(tmp_path):
+    from sweep.grid import load_grid
+    from sweep.launch import write_manifest
+
+    grid, results = load_grid(grid_file(tmp_path)), tmp_path / "results"
+    first = grid.runs[0].run_id
+    (results / "tiny").mkdir(parents=True)
+    (results / "tiny" / "manifest.json").write_text(json.dumps({  # as written before job histories were kept
+        "sweep": "tiny", "launches": [],
+        "runs": {first: {"config": {}, "job": {"executor": "slurm", "job_id": "4_0", "submitted": "t0"}}}}))
+    write_manifest(grid, results, {"time": "t1", "executor": "slurm", "runs": [first], "jobs": {first: "9_2"}})
+    manifest = json.loads((results / "tiny" / "manifest.json").read_text())
+    assert [j["job_id"] for j in manifest["runs"][first]["jobs"]] == ["4_0", "9_2"]
+    assert "job" not in manifest["runs"][first]
+    assert {r["run_id"]: r["jobs"] for r in collect(results / "tiny")}[first] == ["4_0", "9_2"]
+
+
+def test_a_corrupt_manifest_is_a_one_line_error_and_is_never_replaced(tmp_path, capsys):
+    grid, results = grid_file(tmp_path), tmp_path / "results"
+    (results / "tiny").mkdir(parents=True)
+    (results / "tiny" / "manifest.json").write_bytes(b'{"sweep": "tiny", "ru')
+    for argv in (["status", str(results / "tiny")],
+                 ["launch", str(grid), "--results", str(results), "--executor", "local", "--dry-run"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "manifest.json" in err and "unreadable" in err
+    assert (results / "tiny" / "manifest.json").read_bytes() == b'{"sweep": "tiny", "ru'

@@ -137,9 +137,9 @@ def test_text_reduced_run_pretrains_at_its_context_and_finetunes_at_full(tmp_pat
         "finetune_samples=128", "batch_size=64", "train_scenes=300", "threads=1", "eval_zeroshot_samples=40",
         "eval_retrieval_samples=40"])
     record = run(cfg, tmp_path / "text", progress=False)
-    assert record["status"] == "completed"
-    assert (record["text_strategy"], record["text_tokens"]) == ("syntax", 6)
-    assert record["metrics"]["pretrain"]["text_tokens"] == 6
-    assert (record["metrics"]["finetune"]["text_strategy"], record["metrics"]["finetune"]["text_tokens"]) == ("none", 32)
-    stages = record["compute"]["stages"]
-    assert stages["pretrain"]["flops_per_step"] < stages["finetune"]["flops_per_step"]  # shorter text, fewer FLOPs
+    assert record.status == "completed"
+    assert (record.text_strategy, record.text_tokens) == ("syntax", 6)
+    assert record.metrics["pretrain"].text_tokens == 6
+    assert (record.metrics["finetune"].text_strategy, record.metrics["finetune"].text_tokens) == ("none", 32)
+    stages = record.compute.stages
+    assert stages["pretrain"].flops_per_step < stages["finetune"].flops_per_step  # shorter text, fewer FLOPs
