@@ -246,7 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("status", help="what every run of a sweep is doing: pending, running, done, failed and why",
                        description="Show every run's state (pending, running, completed, failed with its reason, "
-                                   "requeued, stale) from the run directories and one scheduler query.")
+                                   "requeued, stale) from the run directories and one scheduler query. For a run "
+                                   "with a Slurm job the scheduler's word comes first: a cancelled or failed job "
+                                   "shows as failed at once, before the run's heartbeat goes stale.")
     p.add_argument("path", help="a sweep directory (results/<sweep>) or a results directory with several")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     p.set_defaults(func=_status)

@@ -83,7 +83,7 @@ class ResultRecord(_Part):
     schema_version: int = SCHEMA_VERSION
     run_id: str | None = None
     sweep: str | None = None
-    status: Literal["completed", "failed"] = "completed"
+    status: Literal["completed", "failed"]
     error: str | None = None
     model: str | None = None
     params: int | None = Field(None, gt=0)
@@ -164,7 +164,7 @@ def read_record(path: str | Path) -> ResultRecord:
 
 class _Head(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    status: Literal["completed", "failed"] = "completed"
+    status: Literal["completed", "failed"]
     error: Any = None
 
 

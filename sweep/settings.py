@@ -71,7 +71,7 @@ class Settings(BaseModel):
         try:
             return cls.model_validate(raw)
         except ValidationError as err:
-            field, message = describe(cls, err.errors()[0])
+            field, message = describe(cls, err.errors())
             raise ConfigError(prefix + field, message, source) from None
 
     @classmethod
@@ -85,16 +85,11 @@ class Settings(BaseModel):
         return frozenset(name for name, f in cls.model_fields.items()
                          if (f.json_schema_extra or {}).get("operational"))
 
-    @classmethod
-    def defaults(cls) -> dict[str, Any]:
-        return {name: f.get_default(call_default_factory=True) for name, f in cls.model_fields.items()}
-
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump()
 
 
-_TYPE_TAGS = {"str", "int", "float", "bool", "none", "[key]", "function-after[_number(), float]",
-              "function-before[_number(), float]"}
+_TYPE_TAGS = {"str", "int", "float", "bool", "none", "[key]"}  # pydantic's names of a union's members in `loc`
 _EXPECTED = {"int_type": "an integer", "int_from_float": "an integer", "float_type": "a number",
              "float_parsing": "a number", "string_type": "a string", "bool_type": "true or false",
              "dict_type": "a mapping", "list_type": "a list", "finite_number": "a finite number"}
@@ -122,12 +117,16 @@ def _constraints(model: type[Settings], name: Any) -> dict[str, Any]:
     return out
 
 
-def describe(model: type[Settings], error: dict[str, Any]) -> tuple[str, str]:
-    """(field, one-line message) of a pydantic error, in this project's words."""
+def describe(model: type[Settings], errors: list[dict[str, Any]]) -> tuple[str, str]:
+    """(field, one-line message) of the first of pydantic's errors, in this project's words."""
+    error = errors[0]
     kind, ctx = error["type"], error.get("ctx") or {}
     loc = [str(part) for part in error["loc"] if str(part) not in _TYPE_TAGS]
     field = ".".join(loc) or "top level"
     value = error.get("input")
+    union = [e["type"] for e in errors if [str(p) for p in e["loc"] if str(p) not in _TYPE_TAGS] == loc]
+    if len(union) > 1 and all(t in _EXPECTED for t in union):  # a value that fits none of a union's members
+        return field, f"must be {' or '.join(dict.fromkeys(_EXPECTED[t] for t in union))}, got {_short(value)}"
     if kind == "setting":
         return ctx.get("field") or field, ctx["message"]
     if kind == "extra_forbidden":

@@ -67,11 +67,17 @@ def test_readme_links_the_record_document():
 ])
 def test_malformed_records_say_which_field(raw, needle):
     with pytest.raises(RecordError, match=re.escape(needle)):
-        parse_record(raw)
+        parse_record({"status": "completed", **raw} if isinstance(raw, dict) else raw)
+
+
+def test_status_is_the_one_field_a_record_must_have():
+    with pytest.raises(RecordError, match="'status'"):
+        parse_record({"run_id": "x", "model": "cpu-s"})
+    assert parse_record({"status": "failed"}).metrics == {}
 
 
 def test_settings_fall_back_to_config_and_unknown_fields_are_kept():
-    record = parse_record({"config": {"model": "cpu-m", "image_tokens": 26}, "vision_params": 12345,
+    record = parse_record({"status": "completed", "config": {"model": "cpu-m", "image_tokens": 26}, "vision_params": 12345,
                            "metrics": {"pretrain": {"zeroshot_top1": 3.0, "zeroshot_acc_macro": 2.5},
                                        "finetune": None}})
     assert (record.model, record.image_tokens) == ("cpu-m", 26)
@@ -94,7 +100,7 @@ def test_status_reads_only_what_it_needs(tmp_path, content, expected):
     assert read_status(tmp_path) == expected
 
 
-@pytest.mark.parametrize("content", ["", '{"status": "compl', '{"status": "maybe"}', "\x00\x01", "[]"])
+@pytest.mark.parametrize("content", ["", '{"status": "compl', '{"status": "maybe"}', "\x00\x01", "[]", "{}"])
 def test_an_unreadable_record_is_a_failed_run_that_says_so(tmp_path, content):
     (tmp_path / "result.json").write_text(content)
     state, reason = read_status(tmp_path)
