@@ -74,24 +74,24 @@ def bench(strategy: str, captions: list[str], text_tokens: int, batch: int, cach
 
 
 def trainer_samples_per_second(model: str, batch: int = 64, steps: int = 5) -> float:
-    """Median samples/s of `sweep.train.train_step` at full length on one thread."""
+    """Median samples/s of the trainer's step (`sweep.train.ContrastiveStep`) at full length on one thread."""
     import open_clip
-    from open_clip.loss import ClipLoss
 
     from sweep.config import RunConfig
     from sweep.models import MODELS, build_model
-    from sweep.train import make_optimizer, train_step
+    from sweep.train import ContrastiveStep, Runtime, make_optimizer
 
     torch.set_num_threads(1)
     spec = MODELS[model]
     net = build_model(model)
-    optimizer = make_optimizer(net, RunConfig(model=model), 1e-4)
+    cfg = RunConfig(model=model, device="cpu")
+    step = ContrastiveStep(net, make_optimizer(net, cfg, 1e-4), Runtime.of(cfg), 0, cfg.grad_clip)
     images = torch.rand(batch, 3, spec.image_size, spec.image_size)
     text = open_clip.tokenize(make_captions(batch), context_length=spec.text_tokens)
     times = []
     for _ in range(steps + 1):
         start = time.perf_counter()
-        train_step(net, optimizer, ClipLoss(), images, None, text, 1.0)
+        step(images, None, text)
         times.append(time.perf_counter() - start)
     times = sorted(times[1:])  # the first step warms up
     return batch / times[len(times) // 2]

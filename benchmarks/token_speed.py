@@ -8,7 +8,7 @@
     python benchmarks/token_speed.py --device cuda --models ViT-S-16 ViT-B-16 ViT-L-16   # paper sizes, GPU, bf16
 
 One step is what the trainer times per step (`sweep.train.train_stage`) without the data order and the text
-reduction: uint8 images -> `Pixels` -> `reduce_images(strategy, tokens)` -> `train_step` (open_clip `ClipLoss`,
+reduction: uint8 images -> `Pixels` -> `reduce_images(strategy, tokens)` -> `ContrastiveStep` (open_clip `ClipLoss`,
 `make_optimizer`'s AdamW, grad clip 1.0), text at the full context 32. The strategy call is inside the clock.
 
 Columns:
@@ -25,9 +25,10 @@ Columns:
   ideal*, eff*        the same with `sweep.flops.step_flops` (the project's count, attention included)
   TFLOP/s             the cell's FlopCounterMode FLOPs per step / its median step seconds (delivered, not peak)
 
-On `--device cuda` the model, batches and the kept-patch indices live on the GPU (the strategies still draw their
-random choices on the CPU, as the trainer does), steps run under bf16 autocast unless `--precision fp32`, each
-step's clock stops after `torch.cuda.synchronize()`, and there is no open_clip comparison.
+On `--device cuda` the model, batches and the kept-patch indices live on the GPU (the strategies draw their random
+choices there, as the trainer does), steps run under bf16 autocast unless `--precision fp32`, each step's clock
+stops after `torch.cuda.synchronize()`, and there is no open_clip comparison. Steps are not compiled here (the
+trainer compiles on a GPU by default): the compiled GPU benchmark of issue 10 is still to be written.
 
 Then the same model, batch and full length under open_clip's own training loop (`open_clip_train.main` with its
 synthetic dataset, in a subprocess, between two blocks of our `none` steps), and the acceptance check: every masking
@@ -109,14 +110,13 @@ OMP_NOTE = _omp_wait_policy(sys.argv[1:])
 
 import open_clip  # noqa: E402
 import torch  # noqa: E402
-from open_clip.loss import ClipLoss  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from sweep.config import RunConfig  # noqa: E402
 from sweep.data.synthetic import image_caption_pairs  # noqa: E402
 from sweep.models import MODELS, build_model  # noqa: E402
 from sweep.strategies.image import IMAGE_STRATEGIES, reduce_images  # noqa: E402
-from sweep.train import Pixels, make_optimizer, train_step  # noqa: E402
+from sweep.train import ContrastiveStep, Pixels, Runtime, make_optimizer  # noqa: E402
 
 REDUCED = {"cpu": [50, 37, 26, 17, 10, 5], "paper": [101, 50, 37, 26, 17]}  # the paper's reduced lengths
 DEFAULT_MODELS = ["cpu-s", "cpu-m", "cpu-l", "ViT-B-16"]
@@ -155,12 +155,11 @@ class Bench:
         self.model = build_model(name).to(self.device)
         self.model.train()
         cfg = RunConfig(model=name)
-        self.grad_clip = cfg.grad_clip
         self.optimizer = make_optimizer(self.model, cfg, LR)
-        self.loss_fn = ClipLoss()
-        self.pixels = Pixels()
-        self.pixels.mean, self.pixels.std = self.pixels.mean.to(self.device), self.pixels.std.to(self.device)
-        self.generator = torch.Generator().manual_seed(seed)
+        runtime = Runtime(self.device, torch.bfloat16 if precision == "bf16" else None, compile=False)
+        self.train_step = ContrastiveStep(self.model, self.optimizer, runtime, 0, cfg.grad_clip)
+        self.pixels = Pixels(self.device)
+        self.generator = torch.Generator(self.device).manual_seed(seed)  # masks drawn on the device, as the trainer
         size = self.spec.image_size
         if self.spec.scale == "cpu":  # the embedded data, rendered at the model's size
             images, captions = image_caption_pairs(seed, "train", 0, 2 * batch, size)
@@ -178,15 +177,12 @@ class Bench:
         images_u8, text = self.batches[self.calls % 2]
         self.calls += 1
         tic = time.perf_counter()
-        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.precision == "bf16"):
-            images, keep = reduce_images(self.pixels(images_u8), strategy, tokens, self.spec.patch_size,
-                                         self.generator)
-            keep = None if keep is None else keep.to(self.device, non_blocking=True)
-            loss = train_step(self.model, self.optimizer, self.loss_fn, images, keep, text, self.grad_clip)
+        images, keep = reduce_images(self.pixels(images_u8), strategy, tokens, self.spec.patch_size, self.generator)
+        loss = self.train_step(images, keep, text)
         if self.device.type == "cuda":  # kernels run asynchronously: stop the clock when they are done
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - tic
-        if not torch.isfinite(loss):  # train_step skips backward and update: the timing would be meaningless
+        if not torch.isfinite(loss):  # the weights are NaN from here on: the timing would be meaningless
             raise RuntimeError(f"{self.name} {strategy} {tokens}: loss became {loss.item()}")
         return seconds
 
@@ -383,7 +379,7 @@ def print_table(rows: list[dict], comparisons: list[dict]) -> None:
               "FlopCounterMode count (on CPU the fused attention kernel is not counted)")
     if comparisons:
         print()
-        print("Full length, same model and batch: ours (sweep.train.train_step) vs open_clip_train.main")
+        print("Full length, same model and batch: ours (sweep.train.ContrastiveStep) vs open_clip_train.main")
         print(f"{'model':<10}{'batch':>6}{'ours/s':>10}{'open_clip/s':>13}{'ours/open_clip':>16}"
               f"{'oc data s/step':>16}{'oc compute/s':>14}{'ours/oc compute':>17}")
         for c in comparisons:

@@ -16,12 +16,15 @@ def _train(args: argparse.Namespace) -> int:
     from sweep.train import Interrupted, run
 
     cfg = load_run_config(args.config, args.set)
+    where = f"{args.out}/result.json"
     try:
         record = run(cfg, args.out, progress=not args.quiet)
     except Interrupted as err:
         print(f"sweep train: {err}", file=sys.stderr)
         return 128 + err.signum
-    where = f"{args.out}/result.json"
+    except Exception as err:  # noqa: BLE001 - the trainer has recorded it in result.json; say it in one line
+        print(f"sweep train: run failed: {type(err).__name__}: {err} (record in {where})", file=sys.stderr)
+        return 1
     if record.status != "completed":
         print(f"sweep train: run failed: {record.error} (record in {where})", file=sys.stderr)
         return 1

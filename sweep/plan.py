@@ -15,7 +15,6 @@ from collections import defaultdict
 from typing import Any
 
 import torch
-from open_clip.loss import ClipLoss
 
 from sweep.config import RunConfig
 from sweep.flops import step_flops
@@ -38,21 +37,22 @@ def run_flops(cfg: RunConfig) -> int:
 @functools.lru_cache(maxsize=None)
 def cpu_flops_per_second(model: str, threads: int) -> float:
     """Delivered FLOP/s of a real training step of `model` at full length on this CPU (one timed step)."""
-    from sweep.train import make_optimizer, train_step
+    from sweep.train import ContrastiveStep, Runtime, make_optimizer
 
     spec = MODELS[model]
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         net = build_model(model)
-        optimizer = make_optimizer(net, RunConfig(model=model), 1e-4)
+        cfg = RunConfig(model=model, device="cpu")
+        step = ContrastiveStep(net, make_optimizer(net, cfg, 1e-4), Runtime.of(cfg), 0, cfg.grad_clip)
         batch = 32
         images = torch.rand(batch, 3, spec.image_size, spec.image_size)
         text = torch.randint(1, 49000, (batch, spec.text_tokens))
         text[:, -1] = 49407
-        train_step(net, optimizer, ClipLoss(), images, None, text, 1.0)  # warm-up
+        step(images, None, text)  # warm-up
         tic = time.perf_counter()
-        train_step(net, optimizer, ClipLoss(), images, None, text, 1.0)
+        step(images, None, text).item()
         seconds = time.perf_counter() - tic
     finally:
         torch.set_num_threads(previous)

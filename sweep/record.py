@@ -70,6 +70,10 @@ class Compute(_Part):
     samples_per_second: float | None = None
     stages: dict[str, StageCompute] = Field(default_factory=dict)
     threads: int | None = None
+    device: str | None = None
+    device_name: str | None = None
+    precision: str | None = None
+    compiled: bool | None = None
 
 
 class Resume(_Part):

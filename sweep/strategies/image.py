@@ -1,9 +1,10 @@
 """Image token reduction strategies, registered by name.
 
 A strategy takes a batch of full-resolution images and the number of image tokens to keep (class token
-included) and returns the images the vision tower sees plus, for masking strategies, the indices of the patches
-that enter the transformer (row-major into the patch grid, [B, image_tokens - 1]). The class token is always kept
-by the encoder, so a strategy only ever chooses ``image_tokens - 1`` patches.
+included), draws its random choices from the generator it is given (on the images' device), and returns the images
+the vision tower sees plus, for masking strategies, the indices of the patches that enter the transformer
+(row-major into the patch grid, [B, image_tokens - 1]). The class token is always kept by the encoder, so a
+strategy only ever chooses ``image_tokens - 1`` patches.
 
 Adding a strategy is one decorated function: say which token counts it can produce for a full grid of
 ``grid x grid`` patches, and how it reduces a batch. The trainer never changes.
@@ -66,7 +67,7 @@ def none(images, image_tokens, patch_size, generator):
 def random(images, image_tokens, patch_size, generator):
     """A uniformly random subset of patches, drawn anew for every sample."""
     grid = images.shape[-1] // patch_size
-    scores = torch.rand(images.shape[0], grid * grid, generator=generator)
+    scores = torch.rand(images.shape[0], grid * grid, generator=generator, device=images.device)
     return images, scores.argsort(dim=1)[:, : image_tokens - 1].sort(dim=1).values
 
 
@@ -75,8 +76,8 @@ def grid(images, image_tokens, patch_size, generator):
     """side x side patches on a regular lattice: evenly spaced rows and columns with a random phase per sample."""
     n, g, side = images.shape[0], images.shape[-1] // patch_size, side_of(image_tokens)
     spacing = g / side  # >= 1, so the floors below are distinct and stay inside the grid
-    phase = torch.rand(n, 2, 1, generator=generator) * spacing
-    lines = (phase + spacing * torch.arange(side)).floor().long()  # [B, 2 (rows, cols), side]
+    phase = torch.rand(n, 2, 1, generator=generator, device=images.device) * spacing
+    lines = (phase + spacing * torch.arange(side, device=images.device)).floor().long()  # [B, 2, side]
     keep = lines[:, 0, :, None] * g + lines[:, 1, None, :]
     return images, keep.reshape(n, side * side)
 
@@ -85,8 +86,8 @@ def grid(images, image_tokens, patch_size, generator):
 def block(images, image_tokens, patch_size, generator):
     """One contiguous side x side block of patches at a random position per sample."""
     n, g, side = images.shape[0], images.shape[-1] // patch_size, side_of(image_tokens)
-    corner = torch.randint(0, g - side + 1, (n, 2, 1), generator=generator)
-    lines = corner + torch.arange(side)
+    corner = torch.randint(0, g - side + 1, (n, 2, 1), generator=generator, device=images.device)
+    lines = corner + torch.arange(side, device=images.device)
     keep = lines[:, 0, :, None] * g + lines[:, 1, None, :]
     return images, keep.reshape(n, side * side)
 

@@ -3,28 +3,19 @@ each stage, and write the result record.
 
 Everything random is a pure function of (seed, stage, step): the data order of an epoch, every mask, every word
 choice. A run therefore resumes from its last checkpoint (model, optimizer, step) and ends exactly where an
-uninterrupted run of the same config ends, on the same machine and thread count.
+uninterrupted run of the same config ends, on the same machine and thread count (on a GPU: the same data order
+and masks, metrics within floating-point noise).
 
-Files in the run directory:
-    config.yaml          the fully resolved RunConfig (a rerun with another config is refused)
-    checkpoint.pt        the latest resumable state, replaced atomically every `checkpoint_every` steps and on
-                         SIGTERM / SIGUSR2
-    model.pt             final weights, an open_clip state dict (see `load_trained_model`)
-    result.json          the result record (sweep/record.py, docs/results.md), written atomically once the run
-                         has ended
-    heartbeat            touched every 10 s while the run is alive (read by `sweep status`)
-    .lock                held (flock) by the one process training the run
+How a step executes (device, precision, compilation, micro-batches) lives in `step.py`; the training state and its
+checkpoint in `state.py`; signals and the heartbeat in `signals.py`.
 """
 from __future__ import annotations
 
 import functools
 import math
 import platform
-import signal
 import subprocess
-import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -32,18 +23,20 @@ import numpy as np
 import open_clip
 import torch
 import yaml
-from open_clip.loss import ClipLoss
 from tqdm import tqdm
 
 from sweep.config import ConfigError, RunConfig, identity
 from sweep.data import Data, load_data
 from sweep.evaluate import feature_fns, retrieval, zeroshot
 from sweep.flops import step_flops
-from sweep.models import build_model, count_params, encode_image, encode_text, register_open_clip_configs
+from sweep.models import build_model, count_params, register_open_clip_configs
 from sweep.record import Compute, ResultRecord, read_record, status_of, write_record
 from sweep.results import atomic_write, exclusive
 from sweep.strategies.image import reduce_images
 from sweep.strategies.text import TextReducer
+from sweep.train.signals import Interrupted, StopSignals, heartbeat
+from sweep.train.state import TrainState
+from sweep.train.step import ContrastiveStep, Runtime, lr_at, make_optimizer
 
 STAGES = ("pretrain", "finetune")
 STAGE_IDS = {"pretrain": 0, "finetune": 1}
@@ -53,54 +46,28 @@ class Diverged(RuntimeError):
     """The loss stopped being finite; the run ends as failed with this message."""
 
 
-class Interrupted(RuntimeError):
-    """A SIGTERM/SIGUSR2 arrived; a checkpoint was written and a rerun resumes from it."""
-
-    def __init__(self, signum: int, step: int):
-        self.signum = signum
-        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}; checkpoint written, "
-                         f"rerun on the same directory to resume")
-
-
 @functools.lru_cache(maxsize=8)
 def text_reducer(text_strategy: str, text_tokens: int, context_length: int, spacy_model: str) -> TextReducer:
     """One reducer per setting and process, so the runs of a local worker share its prepared captions."""
     return TextReducer(text_strategy, text_tokens, context_length=context_length, spacy_model=spacy_model)
 
 
-def generator(*keys: int) -> torch.Generator:
-    """A torch generator seeded by a tuple of ints (e.g. seed, stage, step), independent across tuples."""
-    return torch.Generator().manual_seed(int(np.random.SeedSequence(list(keys)).generate_state(1)[0]))
-
-
-def lr_at(step: int, steps: int, peak: float, warmup_fraction: float) -> float:
-    """Linear warmup to `peak`, then cosine decay to 0 at the last step."""
-    warmup = int(warmup_fraction * steps)
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return 0.5 * peak * (1 + math.cos(math.pi * progress))
-
-
-def make_optimizer(model: torch.nn.Module, cfg: RunConfig, lr: float) -> torch.optim.AdamW:
-    # as in CLIP/open_clip: no weight decay on gains, biases, the logit scale and other 0/1-d parameters
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "logit_scale" not in n]
-    rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "logit_scale" not in n)]
-    # fused: one kernel for the whole update instead of a Python loop of elementwise ops; on CPU the per-op update
-    # of the 49408 x width token embedding otherwise costs as much as the transformer at 17 image tokens
-    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                              {"params": rest, "weight_decay": 0.0}], lr=lr, betas=(cfg.beta1, cfg.beta2), eps=1e-6,
-                             fused=True)
+def generator(*keys: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A torch generator on `device` seeded by a tuple of ints (e.g. seed, stage, step), independent across tuples."""
+    seed = int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
+    return torch.Generator(device).manual_seed(seed)
 
 
 class Pixels:
-    """uint8 images -> the normalised float tensors open_clip's ViTs expect."""
+    """uint8 images -> the normalised float tensors open_clip's ViTs expect, on the run's device."""
 
-    def __init__(self):
-        self.mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
-        self.std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self.mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(open_clip.OPENAI_DATASET_STD, device=self.device).view(1, 3, 1, 1)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.to(self.device, non_blocking=True)
         return (images.float() / 255.0 - self.mean) / self.std
 
 
@@ -122,147 +89,97 @@ class EpochOrder:
         return out
 
 
-class StopSignals:
-    """Turn SIGTERM/SIGUSR2 (a kill, a Slurm preemption or time-out) into a request the loop honours between
-    steps: it writes a checkpoint, then hands the signal to whoever handled it before (submitit requeues the
-    job there), else stops with `Interrupted`."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
-
-    def __init__(self, enabled: bool):
-        self.enabled, self.received, self.previous = enabled, [], {}
-
-    def __enter__(self) -> "StopSignals":
-        if self.enabled:
-            self.previous = {s: signal.signal(s, lambda signum, frame: self.received.append(signum))
-                             for s in self.SIGNALS}
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-    def __bool__(self) -> bool:
-        return bool(self.received)
-
-    def honour(self, step: int) -> None:
-        """Called after the checkpoint is written."""
-        signum = self.received[0]
-        handler = self.previous.get(signum)
-        self.__exit__()
-        if callable(handler):
-            handler(signum, None)
-        raise Interrupted(signum, step)
-
-
-@contextmanager
-def heartbeat(path: Path, every: float = 10.0):
-    """Touch `path` every few seconds from a thread, so `sweep status` can tell a live run from a dead one."""
-    done = threading.Event()
-
-    def beat() -> None:
-        while True:
-            path.touch()
-            if done.wait(every):
-                return
-
-    thread = threading.Thread(target=beat, daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        done.set()
-        thread.join()
-
-
-def train_step(model, optimizer, loss_fn, images: torch.Tensor, keep: torch.Tensor | None, tokens: torch.Tensor,
-               grad_clip: float) -> torch.Tensor:
-    """One AdamW step on a reduced batch; returns the loss. A non-finite loss updates nothing."""
-    loss = loss_fn(encode_image(model, images, keep), encode_text(model, tokens), model.logit_scale.exp())
-    if not torch.isfinite(loss):
-        return loss
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if grad_clip:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    optimizer.step()
-    with torch.no_grad():  # CLIP caps the temperature at 100
-        model.logit_scale.clamp_(0, math.log(100))
-    return loss
-
-
-def train_stage(model, cfg: RunConfig, stage: str, data: Data, pixels: Pixels, state: dict, run_dir: Path,
-                stop: StopSignals, progress: bool) -> None:
+def train_stage(model, cfg: RunConfig, runtime: Runtime, stage: str, data: Data, pixels: Pixels, state: TrainState,
+                run_dir: Path, stop: StopSignals, progress: bool, started: float) -> None:
     """Run (or finish) one stage, updating `state` in place; checkpoints as it goes."""
     samples = cfg.pretrain_samples if stage == "pretrain" else cfg.finetune_samples
     steps = samples // cfg.batch_size  # e.g. 6400 // 64 = 100; a tail that does not fill a batch is dropped
     image_strategy, image_tokens, text_strategy, text_tokens = cfg.stage_settings(stage)
-    patch = cfg.spec.patch_size
+    patch, stage_id = cfg.spec.patch_size, STAGE_IDS[stage]
     text = text_reducer(text_strategy, text_tokens, cfg.spec.text_tokens, cfg.spacy_model)
     text.prepare(data.train_captions)  # tokenise (and tag) every caption before the clock starts
     peak = cfg.lr if stage == "pretrain" else cfg.finetune_lr
     optimizer = make_optimizer(model, cfg, peak)
-    start = 0
-    if state.get("stage") == stage and "optimizer" in state:
-        optimizer.load_state_dict(state.pop("optimizer"))
-        start = state["step"]
+    if state.stage == stage and state.optimizer is not None:  # resuming this stage
+        optimizer.load_state_dict(state.optimizer)
+        state.optimizer = None
+    else:
+        state.stage, state.step = stage, 0
+    step_fn = ContrastiveStep(model, optimizer, runtime, cfg.micro_batch_size, cfg.grad_clip)
     order = EpochOrder(len(data.train_captions), cfg.seed, stage)
-    loss_fn = ClipLoss()
-    stats = state.setdefault("compute", {}).setdefault(stage, {"train_seconds": 0.0})
+    stats = state.compute.setdefault(stage, {"train_seconds": 0.0})
     # every step of a stage has the same shapes, hence the same FLOPs
     stats["flops_per_step"] = step_flops(cfg.model, image_strategy, image_tokens, text_tokens, cfg.batch_size)
-    losses = state.setdefault("losses", {}).setdefault(stage, [])
+    losses = state.losses.setdefault(stage, [])
+    pending: list[torch.Tensor] = []  # losses of the steps since the last read-back, still on the device
+    window = time.perf_counter()
 
-    def save(next_step: int) -> None:
-        ckpt = {**{k: v for k, v in state.items() if not k.startswith("_")}, "stage": stage, "step": next_step,
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "config": cfg.to_dict(),
-                "elapsed": state["elapsed"] + time.time() - state["_started"]}
-        atomic_write(run_dir / "checkpoint.pt", lambda path: torch.save(ckpt, path))
+    def read_back() -> None:
+        """Wait for the device, time the steps since the last read-back, keep their losses, stop on a non-finite
+        one. The only place the loop synchronises with the device."""
+        nonlocal window
+        values = torch.stack(pending).float().tolist() if pending else []
+        stats["train_seconds"] += time.perf_counter() - window
+        pending.clear()
+        for i, value in enumerate(values):
+            if not math.isfinite(value):
+                raise Diverged(f"loss became {value} at {stage} step {state.step - len(values) + i}")
+        losses.extend(round(v, 5) for v in values)
+        if values:
+            bar.set_postfix(loss=f"{values[-1]:.3f}")
+        window = time.perf_counter()
+
+    def save() -> None:
+        nonlocal window
+        read_back()  # never checkpoint a diverged state
+        state.save(run_dir, model, optimizer, cfg.to_dict(), started)
+        window = time.perf_counter()
 
     model.train()
-    bar = tqdm(range(start, steps), desc=stage, initial=start, total=steps, leave=False, dynamic_ncols=True,
-               disable=None if progress else True)  # None: only on a terminal
+    bar = tqdm(range(state.step, steps), desc=stage, initial=state.step, total=steps, leave=False,
+               dynamic_ncols=True, disable=None if progress else True)  # None: only on a terminal
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, steps, peak, cfg.warmup_fraction)
-        tic = time.perf_counter()
         idx = order.batch(step, cfg.batch_size)
-        gen = generator(cfg.seed, STAGE_IDS[stage], step, 1)  # every mask of this step, reproducible on resume
+        gen = generator(cfg.seed, stage_id, step, 1, device=runtime.device)  # this step's masks, on the device
+        # word choices are made on the host: on the CPU from the same generator as the masks (after them), on a
+        # GPU from a host generator of their own
+        text_gen = gen if runtime.device.type == "cpu" else generator(cfg.seed, stage_id, step, 2)
         # images [B, 3, 64, 64] = 8 x 8 patches + class token = 65 tokens; a masking strategy at 17 keeps 16
         # patches per sample (keep [B, 16]), `resize` shrinks the image to 32 px = 4 x 4 patches instead
         images, keep = reduce_images(pixels(data.train_images[idx]), image_strategy, image_tokens, patch, gen)
-        tokens = text([data.train_captions[i] for i in idx.tolist()], gen)  # [B, text_tokens]
+        tokens = text([data.train_captions[i] for i in idx.tolist()], text_gen)  # [B, text_tokens]
         # contrastive loss over the B x B image-text similarities; the step's FLOPs scale ~ with the tokens kept
-        loss = train_step(model, optimizer, loss_fn, images, keep, tokens, cfg.grad_clip)
-        if not torch.isfinite(loss):
-            raise Diverged(f"loss became {loss.item()} at {stage} step {step}")
-        stats["train_seconds"] += time.perf_counter() - tic
-        losses.append(round(loss.item(), 5))
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        pending.append(step_fn(images, keep, tokens.to(runtime.device, non_blocking=True)))
+        state.step = step + 1
         if stop:
-            save(step + 1)
+            save()
             stop.honour(step + 1)
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < steps:
-            save(step + 1)
+            save()
+        elif (step + 1) % cfg.log_every == 0:
+            read_back()
+    read_back()
     bar.close()
     stats["steps"] = steps
     stats["samples"] = steps * cfg.batch_size
-    state["metrics"][stage] = evaluate(model, cfg, stage, data, pixels)
-    state["stage"], state["step"] = stage, steps
-    save(steps)
+    state.metrics[stage] = evaluate(model, cfg, runtime, stage, data, pixels)
+    save()
 
 
-def evaluate(model, cfg: RunConfig, stage: str, data: Data, pixels: Pixels) -> dict[str, Any]:
+def evaluate(model, cfg: RunConfig, runtime: Runtime, stage: str, data: Data, pixels: Pixels) -> dict[str, Any]:
     image_strategy, image_tokens, text_strategy, text_tokens = cfg.stage_settings(stage)
     text = text_reducer(text_strategy, text_tokens, cfg.spec.text_tokens, cfg.spacy_model)
     image_features, text_features = feature_fns(
         model, pixels,
         lambda images, gen: reduce_images(images, image_strategy, image_tokens, cfg.spec.patch_size, gen),
-        text, seed=cfg.seed + 1000 * STAGE_IDS[stage])
+        text, seed=cfg.seed + 1000 * STAGE_IDS[stage], device=runtime.device)
     model.eval()
-    metrics = {**zeroshot(image_features, text_features, data.zeroshot_images, data.zeroshot_labels,
-                          data.classnames, data.templates),
-               **retrieval(image_features, text_features, data.retrieval_images, data.retrieval_captions)}
+    with runtime.autocast():
+        metrics = {**zeroshot(image_features, text_features, data.zeroshot_images, data.zeroshot_labels,
+                              data.classnames, data.templates),
+                   **retrieval(image_features, text_features, data.retrieval_images, data.retrieval_captions)}
     model.train()
     metrics.update(image_strategy=image_strategy, image_tokens=image_tokens, text_strategy=text_strategy,
                    text_tokens=text_tokens)
@@ -320,30 +237,29 @@ def run(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True, handle_si
 def _run(cfg: RunConfig, run_dir: Path, progress: bool, handle_signals: bool) -> ResultRecord:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    tic = time.time()
+    started = time.time()
     record: dict[str, Any] = dict(  # the fields of the ResultRecord that _finish writes
         run_id=run_dir.name, sweep=run_dir.parent.name, status="completed", model=cfg.model,
         image_strategy=cfg.image_strategy, image_tokens=cfg.image_tokens, text_strategy=cfg.text_strategy,
         text_tokens=cfg.text_tokens, seed=cfg.seed, config=cfg.to_dict(), versions=versions(),
         open_clip_model=cfg.spec.open_clip_name)
-    state: dict = {"metrics": {}, "elapsed": 0.0, "_started": tic}
+    state, runtime = TrainState(), None
     try:
+        runtime = Runtime.of(cfg)
         data = load_data(cfg.dataset, cfg.data_seed, cfg.train_scenes, cfg.spec.image_size,
                          cfg.eval_zeroshot_samples, cfg.eval_retrieval_samples)
         torch.manual_seed(cfg.seed)
-        model = build_model(cfg.model)
+        model = build_model(cfg.model)  # initialised on the CPU: the same weights whatever the device
         record["params"] = count_params(model)
-        if (run_dir / "checkpoint.pt").exists():
-            state = torch.load(run_dir / "checkpoint.pt", weights_only=False)
-            model.load_state_dict(state.pop("model"))
-            state.setdefault("resumed", []).append({"stage": state["stage"], "step": state["step"]})
-        state["_started"] = tic
-        pixels = Pixels()
+        state = TrainState.load(run_dir, model)
+        model.to(runtime.device)
+        model.set_grad_checkpointing(cfg.grad_checkpointing)
+        pixels = Pixels(runtime.device)
         with StopSignals(handle_signals) as stop:
             for stage in STAGES:
                 samples = cfg.pretrain_samples if stage == "pretrain" else cfg.finetune_samples
-                if samples and stage not in state["metrics"]:
-                    train_stage(model, cfg, stage, data, pixels, state, run_dir, stop, progress)
+                if samples and stage not in state.metrics:
+                    train_stage(model, cfg, runtime, stage, data, pixels, state, run_dir, stop, progress, started)
         torch.save(model.state_dict(), run_dir / "model.pt")
         record["weights"] = "model.pt"
     except Diverged as err:
@@ -352,29 +268,36 @@ def _run(cfg: RunConfig, run_dir: Path, progress: bool, handle_signals: bool) ->
         raise
     except Exception as err:  # any other failure is recorded so `sweep status` can say why, then re-raised
         record.update(status="failed", error=f"{type(err).__name__}: {err}")
-        _finish(record, state, tic, run_dir)
+        _finish(record, state, runtime, started, run_dir)
         raise
-    return _finish(record, state, tic, run_dir)
+    return _finish(record, state, runtime, started, run_dir)
 
 
-def _finish(fields: dict[str, Any], state: dict, tic: float, run_dir: Path) -> ResultRecord:
-    compute = state.get("compute", {})
+def _finish(fields: dict[str, Any], state: TrainState, runtime: Runtime | None, started: float, run_dir: Path
+            ) -> ResultRecord:
+    compute = state.compute
     samples = sum(c.get("samples", 0) for c in compute.values())
     train_seconds = sum(c.get("train_seconds", 0.0) for c in compute.values())
+    where = {}
+    if runtime is not None:
+        where = {"device": str(runtime.device), "precision": runtime.precision, "compiled": runtime.compile}
+        if runtime.device.type == "cuda":
+            where["device_name"] = torch.cuda.get_device_name(runtime.device)
     record = ResultRecord(
         **fields,
-        metrics={stage: state["metrics"].get(stage) for stage in STAGES},
+        metrics={stage: state.metrics.get(stage) for stage in STAGES},
         compute=Compute(
             samples_seen=samples,
             # FLOPs of forward + backward (sweep.flops.step_flops) x the stage's steps
             train_flops=sum((c.get("flops_per_step") or 0) * c.get("steps", 0) for c in compute.values()),
-            wall_seconds=round(state.get("elapsed", 0.0) + time.time() - tic, 3),
+            wall_seconds=round(state.elapsed + time.time() - started, 3),
             train_seconds=round(train_seconds, 3),
             samples_per_second=round(samples / train_seconds, 2) if train_seconds else None,
             stages=compute,
-            threads=torch.get_num_threads()),
-        resumed=state.get("resumed", []),  # where each restart picked up (empty: never interrupted)
-        final_loss={stage: float(np.mean(v[-20:])) for stage, v in state.get("losses", {}).items() if v},
+            threads=torch.get_num_threads(),
+            **where),
+        resumed=state.resumed,  # where each restart picked up (empty: never interrupted)
+        final_loss={stage: float(np.mean(v[-20:])) for stage, v in state.losses.items() if v},
     )
     write_record(run_dir, record)
     return record

@@ -1,0 +1,24 @@
+"""The trainer: one run from its config to its result record.
+
+    loop.py     the run, top to bottom (read this first)
+    step.py     one optimizer step: device, precision, compilation, micro-batches with the loss over the batch
+    state.py    the training state and its checkpoint
+    signals.py  SIGTERM/SIGUSR2 -> checkpoint and stop; the heartbeat
+
+Files in the run directory:
+    config.yaml          the fully resolved RunConfig (a rerun with other scientific settings is refused)
+    checkpoint.pt        the latest resumable state, replaced atomically every `checkpoint_every` steps and on
+                         SIGTERM / SIGUSR2
+    model.pt             final weights, an open_clip state dict (see `load_trained_model`)
+    result.json          the result record (sweep/record.py, docs/results.md), written atomically once the run
+                         has ended
+    heartbeat            touched every 10 s while the run is alive (read by `sweep status`)
+    .lock                held (flock) by the one process training the run
+"""
+from sweep.train.loop import Diverged, Pixels, check_run_dir, generator, load_trained_model, run
+from sweep.train.signals import Interrupted
+from sweep.train.state import TrainState
+from sweep.train.step import ContrastiveStep, Runtime, lr_at, make_optimizer
+
+__all__ = ["ContrastiveStep", "Diverged", "Interrupted", "Pixels", "Runtime", "TrainState", "check_run_dir",
+           "generator", "load_trained_model", "lr_at", "make_optimizer", "run"]

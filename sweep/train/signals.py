@@ -1,0 +1,70 @@
+"""Staying stoppable and visible: SIGTERM/SIGUSR2 become a checkpoint and a clean stop; a heartbeat file says the
+run is alive."""
+from __future__ import annotations
+
+import signal
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+
+
+class Interrupted(RuntimeError):
+    """A SIGTERM/SIGUSR2 arrived; a checkpoint was written and a rerun resumes from it."""
+
+    def __init__(self, signum: int, step: int):
+        self.signum = signum
+        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}; checkpoint written, "
+                         f"rerun on the same directory to resume")
+
+
+class StopSignals:
+    """Turn SIGTERM/SIGUSR2 (a kill, a Slurm preemption or time-out) into a request the loop honours between
+    steps: it writes a checkpoint, then hands the signal to whoever handled it before (submitit requeues the
+    job there), else stops with `Interrupted`."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
+
+    def __init__(self, enabled: bool):
+        self.enabled, self.received, self.previous = enabled, [], {}
+
+    def __enter__(self) -> "StopSignals":
+        if self.enabled:
+            self.previous = {s: signal.signal(s, lambda signum, frame: self.received.append(signum))
+                             for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def __bool__(self) -> bool:
+        return bool(self.received)
+
+    def honour(self, step: int) -> None:
+        """Called after the checkpoint is written."""
+        signum = self.received[0]
+        handler = self.previous.get(signum)
+        self.__exit__()
+        if callable(handler):
+            handler(signum, None)
+        raise Interrupted(signum, step)
+
+
+@contextmanager
+def heartbeat(path: Path, every: float = 10.0):
+    """Touch `path` every few seconds from a thread, so `sweep status` can tell a live run from a dead one."""
+    done = threading.Event()
+
+    def beat() -> None:
+        while True:
+            path.touch()
+            if done.wait(every):
+                return
+
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()

@@ -1,0 +1,142 @@
+"""One optimizer step of the contrastive loss: on a device, in a precision, compiled or not, in micro-batches.
+
+The science of a step is fixed by the run's settings (the batch, its masks, the loss over the whole batch); how the
+step is executed is not, and does not change the result beyond floating-point noise:
+- `Runtime` resolves `device`, `precision` and `compile` (all `auto` by default: cuda + bf16 autocast + compiled
+  where a GPU is present, cpu + fp32 + eager elsewhere);
+- `ContrastiveStep` splits a batch into micro-batches when asked to (or when a GPU runs out of memory) and still
+  computes the loss over the whole batch: the features of every micro-batch are first computed without gradients,
+  then each micro-batch is recomputed with gradients against the cached features of the others, so the summed
+  gradient is the gradient of the one-shot loss (open_clip's `accum_freq` scheme, with the temperature's gradient
+  taken once instead of once per micro-batch).
+Nothing here reads a value back from the device: the loss stays a device tensor until the loop asks for it.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+
+import torch
+from open_clip.loss import ClipLoss
+
+from sweep.config import RunConfig
+from sweep.models import encode_image, encode_text
+
+
+def lr_at(step: int, steps: int, peak: float, warmup_fraction: float) -> float:
+    """Linear warmup to `peak`, then cosine decay to 0 at the last step."""
+    warmup = int(warmup_fraction * steps)
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return 0.5 * peak * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: torch.nn.Module, cfg: RunConfig, lr: float) -> torch.optim.AdamW:
+    # as in CLIP/open_clip: no weight decay on gains, biases, the logit scale and other 0/1-d parameters
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "logit_scale" not in n]
+    rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "logit_scale" not in n)]
+    # fused: one kernel for the whole update instead of a Python loop of elementwise ops; on CPU the per-op update
+    # of the 49408 x width token embedding otherwise costs as much as the transformer at 17 image tokens
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": rest, "weight_decay": 0.0}], lr=lr, betas=(cfg.beta1, cfg.beta2), eps=1e-6,
+                             fused=True)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where and how a run computes: device, autocast dtype (None = fp32) and whether the encoders are compiled."""
+
+    device: torch.device
+    dtype: torch.dtype | None
+    compile: bool
+
+    @classmethod
+    def of(cls, cfg: RunConfig) -> "Runtime":
+        """Resolve the `auto` settings; a cuda device that is not there is an error of the run, not of the config
+        (a grid is validated on a login node without GPUs)."""
+        name = cfg.device
+        if name == "auto":
+            name = "cuda" if torch.cuda.is_available() else "cpu"
+        device = torch.device(name)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(f"device {cfg.device!r} was asked for, but torch sees no CUDA device here")
+        precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+        compiled = cfg.compile if cfg.compile is not None else device.type == "cuda"
+        return cls(device, torch.bfloat16 if precision == "bf16" else None, compiled)
+
+    @property
+    def precision(self) -> str:
+        return "bf16" if self.dtype == torch.bfloat16 else "fp32"
+
+    def autocast(self):
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def synchronize(self) -> None:
+        """Wait for the device's queued work (to time it); a no-op on the CPU."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def _features(model, images: torch.Tensor, keep: torch.Tensor | None, tokens: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    return encode_image(model, images, keep), encode_text(model, tokens)
+
+
+class ContrastiveStep:
+    """`step(images, keep, tokens)`: one AdamW step on one batch; returns the loss as a device tensor.
+
+    A non-finite loss is not looked at here (that would wait for the device); the loop checks the losses every
+    `log_every` steps and ends the run there."""
+
+    def __init__(self, model, optimizer, runtime: Runtime, micro_batch_size: int, grad_clip: float):
+        self.model, self.optimizer, self.runtime = model, optimizer, runtime
+        self.micro_batch_size, self.grad_clip = micro_batch_size, grad_clip
+        self.loss_fn = ClipLoss()
+        self.features = torch.compile(_features, dynamic=False) if runtime.compile else _features
+
+    def __call__(self, images: torch.Tensor, keep: torch.Tensor | None, tokens: torch.Tensor) -> torch.Tensor:
+        while True:
+            try:
+                return self._step(images, keep, tokens)
+            except torch.OutOfMemoryError:
+                # automatic micro-batch: halve until the step fits (the result is the same, see the module doc)
+                size = self.micro_batch_size or images.shape[0]
+                if self.runtime.device.type != "cuda" or size <= 1:
+                    raise
+                self.optimizer.zero_grad(set_to_none=True)
+                torch.cuda.empty_cache()
+                self.micro_batch_size = size // 2
+
+    def _step(self, images, keep, tokens) -> torch.Tensor:
+        model, batch = self.model, images.shape[0]
+        size = self.micro_batch_size or batch
+        self.optimizer.zero_grad(set_to_none=True)
+        if size >= batch:  # the whole batch in one pass
+            with self.runtime.autocast():
+                image_f, text_f = self.features(model, images, keep, tokens)
+                loss = self.loss_fn(image_f, text_f, model.logit_scale.exp())
+            loss.backward()
+        else:
+            parts = [slice(i, min(i + size, batch)) for i in range(0, batch, size)]
+            cut = lambda part: (images[part], None if keep is None else keep[part], tokens[part])  # noqa: E731
+            with torch.no_grad(), self.runtime.autocast():  # every micro-batch's features, to stand in for it
+                cached = [self.features(model, *cut(part)) for part in parts]
+            for i, part in enumerate(parts):
+                with self.runtime.autocast():
+                    image_f, text_f = self.features(model, *cut(part))
+                    all_image = torch.cat([image_f if j == i else c[0] for j, c in enumerate(cached)])
+                    all_text = torch.cat([text_f if j == i else c[1] for j, c in enumerate(cached)])
+                    scale = model.logit_scale.exp()
+                    # the temperature's gradient comes from the whole loss once, not once per micro-batch
+                    loss = self.loss_fn(all_image, all_text, scale if i == 0 else scale.detach())
+                loss.backward()
+        if self.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), self.grad_clip)
+        self.optimizer.step()
+        with torch.no_grad():  # CLIP caps the temperature at 100
+            model.logit_scale.clamp_(0, math.log(100))
+        return loss.detach()
