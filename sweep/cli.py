@@ -12,7 +12,7 @@ import textwrap
 
 
 def _train(args: argparse.Namespace) -> int:
-    from sweep.config import load_run_config
+    from sweep.config import ConfigError, load_run_config
     from sweep.train import Interrupted, run
 
     cfg = load_run_config(args.config, args.set)
@@ -22,6 +22,8 @@ def _train(args: argparse.Namespace) -> int:
     except Interrupted as err:
         print(f"sweep train: {err}", file=sys.stderr)
         return 128 + err.signum
+    except ConfigError:  # the directory holds another run: bad input, exit 2
+        raise
     except Exception as err:  # noqa: BLE001 - the trainer has recorded it in result.json; say it in one line
         print(f"sweep train: run failed: {type(err).__name__}: {err} (record in {where})", file=sys.stderr)
         return 1
