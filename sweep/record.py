@@ -60,6 +60,7 @@ class StageCompute(_Part):
     flops_per_step: int | None = None
     steps: int | None = None
     samples: int | None = None
+    micro_batch_size: int | None = None
 
 
 class Compute(_Part):

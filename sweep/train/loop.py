@@ -118,15 +118,16 @@ def train_stage(model, cfg: RunConfig, runtime: Runtime, stage: str, data: Data,
         """Wait for the device, time the steps since the last read-back, keep their losses, stop on a non-finite
         one. The only place the loop synchronises with the device."""
         nonlocal window
-        values = torch.stack(pending).float().tolist() if pending else []
+        if not pending:
+            return
+        values = torch.stack(pending).float().tolist()
         stats["train_seconds"] += time.perf_counter() - window
         pending.clear()
         for i, value in enumerate(values):
             if not math.isfinite(value):
                 raise Diverged(f"loss became {value} at {stage} step {state.step - len(values) + i}")
         losses.extend(round(v, 5) for v in values)
-        if values:
-            bar.set_postfix(loss=f"{values[-1]:.3f}")
+        bar.set_postfix(loss=f"{values[-1]:.3f}")
         window = time.perf_counter()
 
     def save() -> None:
@@ -164,6 +165,7 @@ def train_stage(model, cfg: RunConfig, runtime: Runtime, stage: str, data: Data,
     bar.close()
     stats["steps"] = steps
     stats["samples"] = steps * cfg.batch_size
+    stats["micro_batch_size"] = step_fn.micro_batch_size or cfg.batch_size  # what fitted, after any halving
     state.metrics[stage] = evaluate(model, cfg, runtime, stage, data, pixels)
     save()
 
