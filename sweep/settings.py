@@ -131,7 +131,7 @@ def describe(model: type[Settings], errors: list[dict[str, Any]]) -> tuple[str, 
         return ctx.get("field") or field, ctx["message"]
     if kind == "extra_forbidden":
         return field, f"unknown setting; known settings: {', '.join(model.model_fields)}"
-    if kind == "invalid_key" or str(error["loc"][-1:]) == "('[key]',)":
+    if kind == "invalid_key" or tuple(error["loc"][-1:]) == ("[key]",):
         return field, "keys must be names (strings)"
     if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
         return field, f"must be {_range(_constraints(model, loc[0]) or ctx)}, got {value!r}"
