@@ -31,9 +31,9 @@ import yaml
 
 from sweep.config import SlurmOptions, config_from_dict
 from sweep.grid import Grid, Run
-from sweep.record import read_status, status_of
+from sweep.record import read_status, result_mtime, status_of
 from sweep.results import AlreadyRunning, atomic_write, held_elsewhere, write_json_atomic
-from sweep.status import SCHEDULER_ALIVE, latest_slurm_job, read_manifest, scheduler_states
+from sweep.status import SCHEDULER_ALIVE, jobs_of, latest_slurm_job, read_manifest, scheduler_states
 
 
 # ---------------------------------------------------------------------------------------------------- run state
@@ -96,7 +96,7 @@ def write_manifest(grid: Grid, results: str | Path, launch: dict[str, Any] | Non
         manifest = sweep_manifest(results, grid.sweep)
         for run in grid.runs:
             entry = manifest["runs"].setdefault(run.run_id, {})
-            jobs = entry.pop("jobs", None) or ([entry.pop("job")] if entry.get("job") else [])
+            jobs = jobs_of(entry)  # reads the older single-`job` form too
             entry.pop("job", None)
             entry.update(config=run.config.to_dict(), baseline=run.baseline, grid=str(grid.path), jobs=jobs)
         if launch:
@@ -217,11 +217,8 @@ def launch_local(run_dirs: list[Path], folder: Path, max_parallel: int, fail_fas
     def finished() -> list[str]:  # statuses of the results written by this launch
         out = []
         for d in run_dirs:
-            try:
-                if (d / "result.json").stat().st_mtime >= started:
-                    out.append(status_of(d) or "unreadable")
-            except OSError:
-                pass
+            if (result_mtime(d) or 0) >= started:
+                out.append(status_of(d) or "unreadable")
         return out
 
     try:

@@ -22,7 +22,6 @@ from sweep.results import write_json_atomic
 
 SCHEMA_VERSION = 1
 RESULT_FILE = "result.json"
-STAGES = ("pretrain", "finetune")
 # the run's settings that also sit at the top of the record (copied from `config` when a record lacks them)
 RUN_SETTINGS = ("model", "image_strategy", "image_tokens", "text_strategy", "text_tokens", "seed")
 

@@ -117,14 +117,19 @@ def _constraints(model: type[Settings], name: Any) -> dict[str, Any]:
     return out
 
 
+def _path(error: dict[str, Any]) -> list[str]:
+    """The setting an error is about: its `loc` without the union-member tags pydantic appends."""
+    return [str(part) for part in error["loc"] if str(part) not in _TYPE_TAGS]
+
+
 def describe(model: type[Settings], errors: list[dict[str, Any]]) -> tuple[str, str]:
     """(field, one-line message) of the first of pydantic's errors, in this project's words."""
     error = errors[0]
     kind, ctx = error["type"], error.get("ctx") or {}
-    loc = [str(part) for part in error["loc"] if str(part) not in _TYPE_TAGS]
+    loc = _path(error)
     field = ".".join(loc) or "top level"
     value = error.get("input")
-    union = [e["type"] for e in errors if [str(p) for p in e["loc"] if str(p) not in _TYPE_TAGS] == loc]
+    union = [e["type"] for e in errors if _path(e) == loc]
     if len(union) > 1 and all(t in _EXPECTED for t in union):  # a value that fits none of a union's members
         return field, f"must be {' or '.join(dict.fromkeys(_EXPECTED[t] for t in union))}, got {_short(value)}"
     if kind == "setting":
