@@ -26,9 +26,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", metavar="DIR", default=None,
                         help="output directory (default: PATH/analysis, or <parent>/analysis for a table file)")
     parser.add_argument("--metric", default="zeroshot_top1",
-                        help="metric column to analyse, in percent (default: zeroshot_top1)")
-    parser.add_argument("--stage", choices=("pretrain", "finetune"), default=None,
-                        help="which stage's metrics (default: pretrain, or the only stage present)")
+                        help="metric column to analyse, in percent (default: zeroshot_top1); an evaluation set on disk "
+                             "gives <name>_<metric> columns, e.g. imagenet_top1 or coco_i2t_r5")
+    parser.add_argument("--stage", choices=("pretrain", "pretrain_full_length", "finetune"), default=None,
+                        help="which stage's metrics (default: pretrain, or the only stage present); "
+                             "pretrain_full_length: the pre-trained model evaluated at full length "
+                             "(eval_full_length)")
     parser.add_argument("--max-drop", type=float, default=1.0, metavar="X",
                         help="tolerance in percentage points for the minimum token length (default: 1.0)")
     parser.add_argument("--bootstrap", type=int, default=1000, metavar="N",

@@ -44,7 +44,7 @@ ID_COLUMNS = ("run_id", "sweep", "status", "error")
 SETTING_COLUMNS = ("model", "params", "image_strategy", "image_tokens", "text_strategy", "text_tokens", "seed", "stage")
 METRIC_COLUMNS = ("zeroshot_top1", "zeroshot_top5", "i2t_r1", "t2i_r1", "zeroshot_classes")
 COMPUTE_COLUMNS = ("samples_seen", "train_flops", "wall_seconds", "train_seconds", "samples_per_second")
-STAGES = ("pretrain", "finetune")
+STAGES = ("pretrain", "pretrain_full_length", "finetune")
 STRING_COLUMNS = ("run_id", "sweep", "status", "error", "model", "image_strategy", "text_strategy", "stage", "source")
 # Settings a result.json must carry (top level, or in its resolved ``config``) to be placed in the grid.
 _REQUIRED_RECORD_FIELDS = ("model", "image_strategy", "image_tokens", "text_strategy", "text_tokens")

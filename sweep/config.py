@@ -24,8 +24,27 @@ from sweep.models import MODELS
 from sweep.settings import ConfigError, Number, Settings, invalid, read_yaml_mapping, setting
 from sweep.strategies.image import IMAGE_STRATEGIES
 
-__all__ = ["ConfigError", "RunConfig", "SlurmOptions", "config_from_dict", "load_run_config", "identity",
+__all__ = ["ConfigError", "EvalSet", "RunConfig", "SlurmOptions", "config_from_dict", "load_run_config", "identity",
            "read_yaml_mapping", "field_docs", "OPERATIONAL"]
+
+
+class EvalSet(Settings):
+    """One evaluation set on disk (`eval_sets:` of a run): its metrics are reported as `<name>_<metric>`."""
+
+    name: str = setting(..., "Name of the set in the result record and the analysis (letters, digits, _), e.g. "
+                        "imagenet gives imagenet_top1.")
+    type: str = setting(..., "zeroshot (an ImageNet-style folder <class>/<images>) or retrieval (a CSV/TSV with "
+                        "several rows per image, or .tar shards with several captions per sample).")
+    data: str = setting(..., "The folder, table or shards (brace expansion and :: as in train_data).")
+    zeroshot_classnames: str | None = setting(None, "zeroshot: imagenet (open_clip's ImageNet names), a file "
+                                              "with one name per line in sorted folder order, or empty: the "
+                                              "folder names.")
+    zeroshot_templates: str | None = setting(None, "zeroshot: imagenet (open_clip's 80 OpenAI templates), a "
+                                             "file with one template per line containing {}, or empty: imagenet "
+                                             "with ImageNet names, else 'a photo of a {}.'.")
+    csv_img_key: str = setting("filepath", "retrieval table: the image path column.")
+    csv_caption_key: str = setting("title", "retrieval table: the caption column.")
+    csv_separator: str = setting("\t", "retrieval table: the column separator.")
 
 
 class RunConfig(Settings):
@@ -43,8 +62,18 @@ class RunConfig(Settings):
                                       "32). Empty means full length.")
     seed: int = setting(0, "Seeds the initial weights, the data order and every random mask.", ge=0)
 
-    dataset: str = setting("synthetic", "Where image-caption pairs come from; 'synthetic' is the embedded "
-                           "procedurally rendered data.")
+    dataset: str = setting("synthetic", "Where training image-caption pairs come from: synthetic (the embedded "
+                           "procedurally rendered data), webdataset (.tar shards of image + .txt/.json caption) or "
+                           "csv (a table of image paths and captions).")
+    train_data: str | None = setting(None, "webdataset: the shards, e.g. data/train-{00000..00099}.tar (brace "
+                                     "expansion; several sources joined with ::); csv: the table. Relative paths "
+                                     "are relative to the working directory.")
+    train_num_samples: int | None = setting(None, "End an epoch of webdataset/csv data after this many samples "
+                                            "(open_clip_train's epoch size); empty: an epoch is every sample once.",
+                                            gt=0)
+    csv_img_key: str = setting("filepath", "csv: the image path column (paths relative to the table).")
+    csv_caption_key: str = setting("title", "csv: the caption column.")
+    csv_separator: str = setting("\t", "csv: the column separator.")
     data_seed: int = setting(0, "Which synthetic scenes (the same for every run of a study, unlike `seed`).", ge=0)
     train_scenes: int = setting(20000, "Distinct synthetic training scenes; pre-training cycles through them in a "
                                 "new order every epoch.", gt=0)
@@ -68,6 +97,14 @@ class RunConfig(Settings):
                                          "colour x shape classes, chance 2.5%).", gt=0)
     eval_retrieval_samples: int = setting(500, "Held-out image-caption pairs for image-to-text and text-to-image "
                                           "recall@1.", gt=0)
+    eval_embedded: bool = setting(True, "Evaluate on the embedded synthetic zero-shot and retrieval sets "
+                                  "(zeroshot_top1, i2t_r1, ...); meaningful for models trained on synthetic "
+                                  "scenes, in memory or as generated files.")
+    eval_sets: list[EvalSet] = setting([], "Evaluation sets on disk, each a mapping with name, type, data (and "
+                                       "zeroshot_classnames, zeroshot_templates, csv_* keys); see `sweep "
+                                       "make-data` for examples.")
+    eval_full_length: bool = setting(False, "Also evaluate the pre-trained model at full length (reported as "
+                                     "stage pretrain_full_length), so drops can be measured without a fine-tune.")
     checkpoint_every: int = setting(100, "Write a resumable checkpoint every this many steps (and on "
                                     "SIGTERM/SIGUSR2); 0 only on signals.", operational=True, ge=0)
     threads: int = setting(0, "CPU threads for torch; 0 leaves torch's default (all cores).", operational=True,
@@ -86,6 +123,10 @@ class RunConfig(Settings):
     grad_checkpointing: bool = setting(False, "Recompute activations in the backward pass instead of keeping them "
                                        "(less memory, ~30% more compute): for full-length fine-tunes of large "
                                        "sizes.", operational=True)
+    workers: int = setting(2, "Loader processes that decode webdataset/csv images (and evaluation sets); 0 "
+                           "decodes in the training process. The data order does not depend on it; an epoch has "
+                           "at most 16 streams (and one per shard), so more workers than that stay idle.",
+                           operational=True, ge=0)
     log_every: int = setting(10, "Read the loss back from the device every this many steps (progress bar, loss "
                              "history, divergence check); reading it every step stalls a GPU.", operational=True,
                              ge=1)
@@ -100,7 +141,8 @@ class RunConfig(Settings):
         _choice("model", self.model, MODELS)
         _choice("image_strategy", self.image_strategy, IMAGE_STRATEGIES)
         _choice("text_strategy", self.text_strategy, TEXT_STRATEGIES)
-        _choice("dataset", self.dataset, ["synthetic"])
+        _choice("dataset", self.dataset, ["synthetic", "webdataset", "csv"])
+        self._check_data()
         _choice("precision", self.precision, ["auto", "fp32", "bf16"])
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise invalid("device", f"unknown value {self.device!r}; allowed: auto, cpu, cuda, cuda:N")
@@ -128,6 +170,52 @@ class RunConfig(Settings):
             if 0 < getattr(self, name) < self.batch_size:
                 raise invalid(name, f"{getattr(self, name)} is less than one batch ({self.batch_size})")
         return self
+
+    def _check_data(self) -> None:
+        """The files a run reads exist and have the columns it reads (found now, not an hour into a job)."""
+        from sweep.data.sources import expand_paths
+
+        if self.dataset == "synthetic":
+            for name in ("train_data", "train_num_samples"):
+                if getattr(self, name) is not None:
+                    raise invalid(name, "is only read with dataset webdataset or csv")
+        elif not self.train_data:
+            raise invalid("train_data", f"must be set with dataset {self.dataset}")
+        else:
+            paths = expand_paths(self.train_data)
+            _files_exist("train_data", paths)
+            if self.dataset == "csv":
+                if len(paths) != 1:
+                    raise invalid("train_data", f"a csv training set is one table, got {len(paths)} paths")
+                _check_columns("train_data", paths[0], (self.csv_img_key, self.csv_caption_key),
+                               self.csv_separator)
+        if not self.eval_embedded and not self.eval_sets:
+            raise invalid("eval_sets", "nothing to evaluate: give eval_sets or leave eval_embedded true")
+        names = set()
+        for i, eval_set in enumerate(self.eval_sets):
+            where = f"eval_sets.{i}"
+            if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", eval_set.name):
+                raise invalid(f"{where}.name", f"{eval_set.name!r} must be letters, digits and _")
+            if eval_set.name in names or eval_set.name in ("zeroshot", "i2t", "t2i"):
+                raise invalid(f"{where}.name", f"{eval_set.name!r} is taken (names must differ from each other "
+                              f"and from the embedded sets' zeroshot, i2t, t2i)")
+            names.add(eval_set.name)
+            _choice(f"{where}.type", eval_set.type, ["zeroshot", "retrieval"])
+            paths = expand_paths(eval_set.data)
+            if eval_set.type == "zeroshot":
+                if len(paths) != 1 or not Path(paths[0]).is_dir():
+                    raise invalid(f"{where}.data", f"{eval_set.data!r} is not a folder of class folders")
+                for key in ("zeroshot_classnames", "zeroshot_templates"):
+                    value = getattr(eval_set, key)
+                    if value not in (None, "imagenet"):
+                        _files_exist(f"{where}.{key}", [value])
+            else:
+                _files_exist(f"{where}.data", paths)
+                if not all(p.endswith(".tar") for p in paths):
+                    if len(paths) != 1:
+                        raise invalid(f"{where}.data", "expected .tar shards or one CSV/TSV table")
+                    _check_columns(f"{where}.data", paths[0], (eval_set.csv_img_key, eval_set.csv_caption_key),
+                                   eval_set.csv_separator)
 
     @property
     def spec(self):
@@ -167,7 +255,10 @@ ID_SETTINGS_V1 = ("batch_size", "beta1", "beta2", "data_seed", "dataset", "eval_
                   "text_tokens", "train_scenes", "warmup_fraction", "weight_decay")
 # Every scientific setting added after ID_SETTINGS_V1 -> the value that reproduces the behaviour from before it
 # existed. A run id hashes such a setting only when its value differs from this one.
-ADDED_SETTINGS: dict[str, Any] = {}
+ADDED_SETTINGS: dict[str, Any] = {
+    "train_data": None, "train_num_samples": None, "csv_img_key": "filepath", "csv_caption_key": "title",
+    "csv_separator": "\t", "eval_embedded": True, "eval_sets": [], "eval_full_length": False,
+}
 
 
 def _canonical(value: Any) -> Any:
@@ -210,6 +301,27 @@ def _allowed_text_tokens(strategy: str, context_length: int) -> frozenset[int]:
 def _choice(name: str, value: str, allowed) -> None:
     if value not in allowed:
         raise invalid(name, f"unknown value {value!r}; allowed: {', '.join(allowed)}")
+
+
+def _files_exist(name: str, paths: list[str]) -> None:
+    if not paths:
+        raise invalid(name, "names no file")
+    missing = [p for p in paths if not Path(p).is_file()]
+    if missing:
+        more = f" (and {len(missing) - 1} more of {len(paths)})" if len(missing) > 1 else ""
+        where = "" if Path(missing[0]).is_absolute() else f", relative to {Path.cwd()}"
+        raise invalid(name, f"no such file: {missing[0]}{more}{where}")
+
+
+def _check_columns(name: str, table: str, columns: tuple[str, ...], separator: str) -> None:
+    import csv
+
+    with open(table, newline="", encoding="utf-8", errors="replace") as f:
+        header = next(csv.reader(f, delimiter=separator), [])
+    missing = [c for c in columns if c not in header]
+    if missing:
+        raise invalid(name, f"{table} has no column {missing[0]!r} (header: {separator.join(header)[:80]!r}, "
+                      f"separator {separator!r})")
 
 
 def _span(values) -> str:

@@ -1,4 +1,5 @@
-"""Zero-shot classification and image-text retrieval, at the token lengths of the stage being evaluated.
+"""Zero-shot classification and image-text retrieval, at the token lengths of the stage being evaluated: on the
+embedded sets in memory (`zeroshot`, `retrieval`) and on sets on disk (`evaluate_on_disk`).
 
 Both run the model through the same reduction as training (strategy and token counts of the stage), with a fixed
 generator so that random masks at evaluation are the same for every run of a seed.
@@ -9,6 +10,8 @@ from typing import Callable
 
 import torch
 
+from sweep.data.evalsets import (RetrievalSet, ZeroshotSet, image_batches, retrieval_metrics,
+                                 zeroshot_metrics)
 from sweep.models import encode_image, encode_text
 
 ImageFeatures = Callable[[torch.Tensor], torch.Tensor]  # uint8 images -> normalised features
@@ -24,8 +27,7 @@ def zeroshot(image_features: ImageFeatures, text_features: TextFeatures, images:
              labels: torch.Tensor, classnames: tuple[str, ...], templates: tuple[str, ...],
              batch_size: int = 256) -> dict[str, float]:
     """Top-1/top-5 (percent) against class embeddings averaged over prompt templates, as CLIP does."""
-    per_template = [text_features([t.format(c) for c in classnames]) for t in templates]
-    classes = torch.nn.functional.normalize(torch.stack(per_template).mean(0), dim=-1)  # [C, D]
+    classes = class_features(text_features, classnames, templates)
     logits = _batched(image_features, images, batch_size) @ classes.T
     top5 = logits.topk(min(5, len(classnames)), dim=1).indices
     hit = top5 == labels[:, None]
@@ -34,6 +36,14 @@ def zeroshot(image_features: ImageFeatures, text_features: TextFeatures, images:
         "zeroshot_top5": 100.0 * hit.any(dim=1).float().mean().item(),
         "zeroshot_classes": len(classnames),
     }
+
+
+@torch.no_grad()
+def class_features(text_features: TextFeatures, classnames: tuple[str, ...], templates: tuple[str, ...]
+                   ) -> torch.Tensor:
+    """Normalised class embeddings [C, D]: each class's prompts over all templates, averaged, as CLIP does."""
+    per_template = [text_features([t.format(c) for c in classnames]) for t in templates]
+    return torch.nn.functional.normalize(torch.stack(per_template).mean(0), dim=-1)
 
 
 @torch.no_grad()
@@ -46,6 +56,23 @@ def retrieval(image_features: ImageFeatures, text_features: TextFeatures, images
         "i2t_r1": 100.0 * (sim.argmax(dim=1) == target).float().mean().item(),
         "t2i_r1": 100.0 * (sim.argmax(dim=0) == target).float().mean().item(),
     }
+
+
+@torch.no_grad()
+def evaluate_on_disk(image_features: ImageFeatures, text_features: TextFeatures,
+                     eval_set: ZeroshotSet | RetrievalSet, image_size: int, workers: int) -> dict[str, float]:
+    """An evaluation set on disk: its images decoded by `workers` processes and encoded batch by batch (a set
+    never sits in memory as pixels), then zero-shot or retrieval metrics (sweep.data.evalsets)."""
+    features, decoded = [], []
+    for images, ok in image_batches(eval_set.images, image_size, workers):
+        features.append(image_features(images))
+        decoded.append(ok)
+    images, ok = torch.cat(features), torch.cat(decoded)
+    if isinstance(eval_set, ZeroshotSet):
+        classes = class_features(text_features, eval_set.classnames, eval_set.templates)
+        return zeroshot_metrics(images, ok, eval_set.labels, classes)
+    captions = _batched(text_features, eval_set.captions, 256)
+    return retrieval_metrics(images, ok, captions, eval_set.caption_image)
 
 
 def feature_fns(model, to_input: Callable[[torch.Tensor], torch.Tensor], reduce_images: Callable,

@@ -19,6 +19,7 @@ Every problem is reported as one line naming the file and the field, before anyt
 from __future__ import annotations
 
 import hashlib
+import json
 import itertools
 import re
 from dataclasses import dataclass
@@ -30,6 +31,9 @@ from sweep.settings import check_keys
 
 GRID_KEYS = ("sweep", "settings", "axes", "include", "exclude", "baselines", "slurm")
 FIELDS = set(RunConfig.model_fields)
+# settings whose one value is itself a list or mapping (e.g. eval_sets): whole in `settings`, never an axis
+STRUCTURED = {name for name, f in RunConfig.model_fields.items()
+              if getattr(f.annotation, "__origin__", None) in (list, dict)}
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -122,7 +126,7 @@ def _expand(raw: dict[str, Any]) -> tuple[str, list[Run]]:
     for key, value in settings.items():
         if key not in FIELDS:
             raise ConfigError(f"settings.{key}", f"unknown setting; known settings: {', '.join(sorted(FIELDS))}")
-        if isinstance(value, (list, dict)):
+        if isinstance(value, (list, dict)) and key not in STRUCTURED:
             raise ConfigError(f"settings.{key}", "must be a single value (put lists under axes)")
     axes = raw.get("axes")
     if not isinstance(axes, dict) or not axes:
@@ -163,7 +167,7 @@ def _expand(raw: dict[str, Any]) -> tuple[str, list[Run]]:
         for run in list(runs.values()):
             full = {**run.config.to_dict(), "image_strategy": "none", "image_tokens": None,
                     "text_strategy": "none", "text_tokens": None}
-            key = tuple(full.items())
+            key = json.dumps(full, sort_keys=True)
             if key in seen:  # most runs share their baseline: build each one once
                 continue
             seen.add(key)

@@ -130,7 +130,7 @@ def prepare_text(runs: list[Run], progress: bool = True) -> int:
     prepared = 0
     datasets = {(c.dataset, c.data_seed, c.train_scenes, c.spec.image_size, c.eval_zeroshot_samples,
                  c.eval_retrieval_samples, c.spacy_model, c.spec.text_tokens)
-                for c in (r.config for r in runs) if c.text_strategy == "syntax"}
+                for c in (r.config for r in runs) if c.text_strategy == "syntax" and c.dataset == "synthetic"}
     for dataset, data_seed, scenes, size, zeroshot, retrieval, spacy_model, context in sorted(datasets):
         if progress:
             print(f"tagging the captions of {dataset} (data_seed {data_seed}, {scenes} scenes) with {spacy_model}")

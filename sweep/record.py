@@ -60,6 +60,7 @@ class StageCompute(_Part):
     steps: int | None = None
     samples: int | None = None
     micro_batch_size: int | None = None
+    skipped_samples: int | None = None
 
 
 class Compute(_Part):

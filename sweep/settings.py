@@ -11,7 +11,7 @@ Every problem becomes a `ConfigError`, one line naming the source file and the f
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any, ClassVar, get_args
 
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
@@ -135,7 +135,7 @@ def describe(model: type[Settings], errors: list[dict[str, Any]]) -> tuple[str, 
     if kind == "setting":
         return ctx.get("field") or field, ctx["message"]
     if kind == "extra_forbidden":
-        return field, f"unknown setting; known settings: {', '.join(model.model_fields)}"
+        return field, f"unknown setting; known settings: {', '.join(_model_at(model, loc[:-1]).model_fields)}"
     if kind == "invalid_key" or tuple(error["loc"][-1:]) == ("[key]",):
         return field, "keys must be names (strings)"
     if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
@@ -145,6 +145,18 @@ def describe(model: type[Settings], errors: list[dict[str, Any]]) -> tuple[str, 
     if kind == "missing":
         return field, "must be set"
     return field, error["msg"]
+
+
+def _model_at(model: type[Settings], loc: list[str]) -> type[Settings]:
+    """The settings class a nested error path points into (e.g. eval_sets.0 -> EvalSet)."""
+    for part in loc:
+        field = model.model_fields.get(part)
+        if field is None:
+            continue  # a list index
+        nested = [t for t in (field.annotation, *get_args(field.annotation))
+                  if isinstance(t, type) and issubclass(t, Settings)]
+        model = nested[0] if nested else model
+    return model
 
 
 def _short(value: Any) -> str:

@@ -58,20 +58,11 @@ def test_run_example_learns_and_writes_every_record_field(tmp_path, capsys):
         torch.testing.assert_close(model.encode_image(images, normalize=True), encode_image(model, images))
 
 
-def test_sigkill_after_first_checkpoint_then_rerun_matches_uninterrupted(tmp_path):
+def test_sigkill_after_first_checkpoint_then_rerun_matches_uninterrupted(tmp_path, sigkill_at_first_checkpoint):
     sets = [a for s in SMALL for a in ("--set", s)]
     killed, clean = tmp_path / "killed", tmp_path / "clean"
-    proc = subprocess.Popen(sweep_cmd("train", "grids/run-example.yaml", "--out", str(killed), "--quiet", *sets),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (killed / "checkpoint.pt").exists():
-        assert proc.poll() is None and time.time() < deadline, "no checkpoint before the run ended"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (killed / "result.json").exists()
-    step = torch.load(killed / "checkpoint.pt", weights_only=False)["step"]
-    assert 0 < step < 20
+    command = sweep_cmd("train", "grids/run-example.yaml", "--out", str(killed), "--quiet", *sets)
+    assert 0 < sigkill_at_first_checkpoint(command, killed)["step"] < 20
 
     subprocess.run(sweep_cmd("train", "grids/run-example.yaml", "--out", str(killed), "--quiet", *sets), check=True)
     subprocess.run(sweep_cmd("train", "grids/run-example.yaml", "--out", str(clean), "--quiet", *sets), check=True)

@@ -1,8 +1,13 @@
-"""Datasets for the trainer. Today: the embedded synthetic data; real loaders (webdataset, CSV) come later.
+"""Datasets for the trainer.
 
-``load_data`` returns everything one run reads, as tensors in memory: the training pool and the held-out
-zero-shot and retrieval sets. Rendered synthetic pools are cached on disk (``$SWEEP_CACHE_DIR`` or
-``~/.cache/inverse-scaling-sweep``) so that the runs of a sweep render each scene once, not once per run.
+- The embedded synthetic data (`synthetic.py`): ``load_data`` returns its training pool and its held-out zero-shot
+  and retrieval sets as tensors in memory. Rendered pools are cached on disk (``$SWEEP_CACHE_DIR`` or
+  ``~/.cache/inverse-scaling-sweep``) so that the runs of a sweep render each scene once, not once per run.
+- Files (`sources.py`, `stream.py`): webdataset shards or a CSV table, streamed through loader workers
+  (`StreamedBatches`), with an exact resume.
+- Evaluation sets on disk (`evalsets.py`): ImageNet-style folders for zero-shot, caption tables or shards for
+  retrieval.
+- `generate.py` writes the synthetic data as such files (`sweep make-data`), for tests and demos.
 """
 from __future__ import annotations
 
@@ -27,8 +32,8 @@ def cache_dir() -> Path:
 
 @dataclass
 class Data:
-    train_images: torch.Tensor  # uint8 [N, 3, H, W]
-    train_captions: list[str]
+    train_images: torch.Tensor | None  # uint8 [N, 3, H, W]; None when the run trains on files
+    train_captions: list[str] | None
     zeroshot_images: torch.Tensor  # uint8 [M, 3, H, W]
     zeroshot_labels: torch.Tensor  # int64 [M], index into classnames
     classnames: tuple[str, ...]
@@ -58,16 +63,18 @@ def _cached(name: str, key: dict, make) -> tuple[np.ndarray, list]:
 @functools.lru_cache(maxsize=1)  # the runs of a local worker share one copy (nothing writes to it)
 def load_data(dataset: str, data_seed: int, train_scenes: int, image_size: int,
               zeroshot_samples: int, retrieval_samples: int) -> Data:
-    if dataset != "synthetic":
-        raise ValueError(f"unknown dataset {dataset!r}")
+    """The embedded data; with a dataset on files, only its evaluation sets (the training pool is streamed)."""
     key = {"seed": data_seed, "size": image_size}
-    train = _cached("train", {**key, "n": train_scenes},
-                    lambda: synthetic.image_caption_pairs(data_seed, "train", 0, train_scenes, image_size))
+    train = (None, None)
+    if dataset == "synthetic":
+        train = _cached("train", {**key, "n": train_scenes},
+                        lambda: synthetic.image_caption_pairs(data_seed, "train", 0, train_scenes, image_size))
     ret = _cached("retrieval", {**key, "n": retrieval_samples},
                   lambda: synthetic.image_caption_pairs(data_seed, "retrieval", 0, retrieval_samples, image_size))
     zs_images, zs_labels = synthetic.zeroshot_set(data_seed, zeroshot_samples, image_size)
     return Data(
-        train_images=torch.from_numpy(np.ascontiguousarray(train[0])), train_captions=list(train[1]),
+        train_images=None if train[0] is None else torch.from_numpy(np.ascontiguousarray(train[0])),
+        train_captions=None if train[1] is None else list(train[1]),
         zeroshot_images=torch.from_numpy(zs_images), zeroshot_labels=torch.from_numpy(zs_labels),
         classnames=synthetic.CLASSNAMES, templates=synthetic.TEMPLATES,
         retrieval_images=torch.from_numpy(np.ascontiguousarray(ret[0])), retrieval_captions=list(ret[1]),

@@ -254,6 +254,9 @@ def encode_kept(caption: CaptionWords, kept: Iterable[int], text_tokens: int) ->
     return ids
 
 
+MAX_CACHED_CAPTIONS = 500_000  # ~0.5 GB of cached rows; the embedded pool (20,000 captions) always fits
+
+
 class TextReducer:
     """Captions -> token rows [N, text_tokens] with one text strategy; the trainer's text transform.
 
@@ -289,6 +292,9 @@ class TextReducer:
         todo = [c for c in dict.fromkeys(captions) if c not in store]
         if not todo:
             return
+        if len(store) + len(todo) > MAX_CACHED_CAPTIONS:  # a streamed dataset: its captions rarely come back
+            store.clear()
+            todo = list(dict.fromkeys(captions))
         splits = [split_words(c) for c in todo]
         if self._tagger is not None:
             tags: list[tuple[str, ...] | None] = list(self._tagger.tag([(text, starts) for text, starts, _ in splits]))

@@ -27,12 +27,15 @@ from tqdm import tqdm
 
 from sweep.config import ConfigError, RunConfig, identity
 from sweep.data import Data, load_data
-from sweep.evaluate import feature_fns, retrieval, zeroshot
+from sweep.data.evalsets import RetrievalSet, ZeroshotSet, read_retrieval, read_zeroshot
+from sweep.data.sources import open_source
+from sweep.data.stream import StreamedBatches
+from sweep.evaluate import evaluate_on_disk, feature_fns, retrieval, zeroshot
 from sweep.flops import step_flops
 from sweep.models import build_model, count_params, register_open_clip_configs
 from sweep.record import Compute, ResultRecord, read_record, status_of, write_record
 from sweep.results import atomic_write, exclusive
-from sweep.strategies.image import reduce_images
+from sweep.strategies.image import reduce_images, side_of
 from sweep.strategies.text import TextReducer
 from sweep.train.signals import Interrupted, StopSignals, heartbeat
 from sweep.train.state import TrainState
@@ -40,6 +43,8 @@ from sweep.train.step import ContrastiveStep, Runtime, lr_at, make_optimizer
 
 STAGES = ("pretrain", "finetune")
 STAGE_IDS = {"pretrain": 0, "finetune": 1}
+# what the record's `metrics` may hold: each stage, and the pre-trained model at full length (eval_full_length)
+EVALUATIONS = ("pretrain", "pretrain_full_length", "finetune")
 
 
 class Diverged(RuntimeError):
@@ -89,24 +94,63 @@ class EpochOrder:
         return out
 
 
-def train_stage(model, cfg: RunConfig, runtime: Runtime, stage: str, data: Data, pixels: Pixels, state: TrainState,
-                run_dir: Path, stop: StopSignals, progress: bool, started: float) -> None:
+class InMemoryBatches:
+    """Batches of the embedded pool, in EpochOrder, from `step` on (the same interface as StreamedBatches)."""
+
+    skipped = 0  # rendered scenes never fail
+
+    def __init__(self, data: Data, seed: int, stage: str, batch_size: int, step: int):
+        self.data, self.batch_size, self.step = data, batch_size, step
+        self.order = EpochOrder(len(data.train_captions), seed, stage)
+
+    def next_batch(self) -> tuple[torch.Tensor, list[str], list[str]]:
+        idx = self.order.batch(self.step, self.batch_size).tolist()
+        self.step += 1
+        return self.data.train_images[idx], [self.data.train_captions[i] for i in idx], [str(i) for i in idx]
+
+    def position(self) -> None:
+        return None  # the step is the position
+
+
+def training_batches(cfg: RunConfig, stage: str, data: Data | None, state: TrainState
+                     ) -> InMemoryBatches | StreamedBatches:
+    """Where a stage's batches come from: the embedded pool, or files streamed from `state.data` on."""
+    if cfg.dataset == "synthetic":
+        return InMemoryBatches(data, cfg.seed, stage, cfg.batch_size, state.step)
+    image_strategy, image_tokens, _, _ = cfg.stage_settings(stage)
+    size = cfg.spec.image_size
+    if image_strategy == "resize":  # decode straight to the reduced resolution: small images cost less to load
+        size = side_of(image_tokens) * cfg.spec.patch_size
+    source = open_source(cfg.dataset, cfg.train_data, cfg.csv_img_key, cfg.csv_caption_key, cfg.csv_separator)
+    return StreamedBatches(source, seed=cfg.seed, stage=STAGE_IDS[stage], batch_size=cfg.batch_size,
+                           image_size=size, workers=cfg.workers, epoch_samples=cfg.train_num_samples,
+                           position=state.data)
+
+
+def train_stage(model, cfg: RunConfig, runtime: Runtime, stage: str, data: Data | None, eval_sets: dict,
+                pixels: Pixels, state: TrainState, run_dir: Path, stop: StopSignals, progress: bool,
+                started: float) -> None:
     """Run (or finish) one stage, updating `state` in place; checkpoints as it goes."""
     samples = cfg.pretrain_samples if stage == "pretrain" else cfg.finetune_samples
     steps = samples // cfg.batch_size  # e.g. 6400 // 64 = 100; a tail that does not fill a batch is dropped
     image_strategy, image_tokens, text_strategy, text_tokens = cfg.stage_settings(stage)
     patch, stage_id = cfg.spec.patch_size, STAGE_IDS[stage]
     text = text_reducer(text_strategy, text_tokens, cfg.spec.text_tokens, cfg.spacy_model)
-    text.prepare(data.train_captions)  # tokenise (and tag) every caption before the clock starts
+    if cfg.dataset == "synthetic":
+        text.prepare(data.train_captions)  # tokenise (and tag) every caption before the clock starts
+    else:
+        text.prepare(["a caption"])  # loads the tokenizer (and tagger) before the clock starts
     peak = cfg.lr if stage == "pretrain" else cfg.finetune_lr
     optimizer = make_optimizer(model, cfg, peak)
     if state.stage == stage and state.optimizer is not None:  # resuming this stage
         optimizer.load_state_dict(state.optimizer)
         state.optimizer = None
     else:
-        state.stage, state.step = stage, 0
+        state.stage, state.step, state.data = stage, 0, None
     step_fn = ContrastiveStep(model, optimizer, runtime, cfg.micro_batch_size, cfg.grad_clip)
-    order = EpochOrder(len(data.train_captions), cfg.seed, stage)
+    batches = training_batches(cfg, stage, data, state)
+    if isinstance(batches, StreamedBatches):
+        batches.start()  # the loader workers start decoding before the clock starts
     stats = state.compute.setdefault(stage, {"train_seconds": 0.0})
     # every step of a stage has the same shapes, hence the same FLOPs
     stats["flops_per_step"] = step_flops(cfg.model, image_strategy, image_tokens, text_tokens, cfg.batch_size)
@@ -133,6 +177,8 @@ def train_stage(model, cfg: RunConfig, runtime: Runtime, stage: str, data: Data,
     def save() -> None:
         nonlocal window
         read_back()  # never checkpoint a diverged state
+        state.data = batches.position()  # where the data stream goes on after the steps done so far
+        stats["skipped_samples"] = batches.skipped
         state.save(run_dir, model, optimizer, cfg.to_dict(), started)
         window = time.perf_counter()
 
@@ -142,15 +188,15 @@ def train_stage(model, cfg: RunConfig, runtime: Runtime, stage: str, data: Data,
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, steps, peak, cfg.warmup_fraction)
-        idx = order.batch(step, cfg.batch_size)
+        uint8_images, captions, _keys = batches.next_batch()  # [B, 3, H, W] and their B captions
         gen = generator(cfg.seed, stage_id, step, 1, device=runtime.device)  # this step's masks, on the device
         # word choices are made on the host: on the CPU from the same generator as the masks (after them), on a
         # GPU from a host generator of their own
         text_gen = gen if runtime.device.type == "cpu" else generator(cfg.seed, stage_id, step, 2)
         # images [B, 3, 64, 64] = 8 x 8 patches + class token = 65 tokens; a masking strategy at 17 keeps 16
         # patches per sample (keep [B, 16]), `resize` shrinks the image to 32 px = 4 x 4 patches instead
-        images, keep = reduce_images(pixels(data.train_images[idx]), image_strategy, image_tokens, patch, gen)
-        tokens = text([data.train_captions[i] for i in idx.tolist()], text_gen)  # [B, text_tokens]
+        images, keep = reduce_images(pixels(uint8_images), image_strategy, image_tokens, patch, gen)
+        tokens = text(captions, text_gen)  # [B, text_tokens]
         # contrastive loss over the B x B image-text similarities; the step's FLOPs scale ~ with the tokens kept
         pending.append(step_fn(images, keep, tokens.to(runtime.device, non_blocking=True)))
         state.step = step + 1
@@ -166,22 +212,43 @@ def train_stage(model, cfg: RunConfig, runtime: Runtime, stage: str, data: Data,
     stats["steps"] = steps
     stats["samples"] = steps * cfg.batch_size
     stats["micro_batch_size"] = step_fn.micro_batch_size or cfg.batch_size  # what fitted, after any halving
-    state.metrics[stage] = evaluate(model, cfg, runtime, stage, data, pixels)
+    stats["skipped_samples"] = batches.skipped
+    evaluation = cfg.stage_settings(stage)
+    state.metrics[stage] = evaluate(model, cfg, runtime, evaluation, STAGE_IDS[stage], data, eval_sets, pixels)
+    if stage == "pretrain" and cfg.eval_full_length:  # the pre-trained model at full length, as a fine-tune sees it
+        state.metrics["pretrain_full_length"] = evaluate(model, cfg, runtime, cfg.stage_settings("finetune"),
+                                                         STAGE_IDS[stage], data, eval_sets, pixels)
     save()
 
 
-def evaluate(model, cfg: RunConfig, runtime: Runtime, stage: str, data: Data, pixels: Pixels) -> dict[str, Any]:
-    image_strategy, image_tokens, text_strategy, text_tokens = cfg.stage_settings(stage)
+def load_eval_sets(cfg: RunConfig) -> dict[str, ZeroshotSet | RetrievalSet]:
+    """The run's evaluation sets on disk, listed (not decoded) once per run."""
+    return {e.name: read_zeroshot(e.data, e.zeroshot_classnames, e.zeroshot_templates) if e.type == "zeroshot"
+            else read_retrieval(e.data, e.csv_img_key, e.csv_caption_key, e.csv_separator) for e in cfg.eval_sets}
+
+
+def evaluate(model, cfg: RunConfig, runtime: Runtime, settings: tuple[str, int, str, int], stage_id: int,
+             data: Data | None, eval_sets: dict[str, ZeroshotSet | RetrievalSet], pixels: Pixels
+             ) -> dict[str, Any]:
+    """Metrics of the model at `settings` (image strategy and tokens, text strategy and tokens): the embedded
+    sets under their own names (zeroshot_top1, i2t_r1, ...), each set on disk as <name>_<metric>."""
+    image_strategy, image_tokens, text_strategy, text_tokens = settings
     text = text_reducer(text_strategy, text_tokens, cfg.spec.text_tokens, cfg.spacy_model)
     image_features, text_features = feature_fns(
         model, pixels,
         lambda images, gen: reduce_images(images, image_strategy, image_tokens, cfg.spec.patch_size, gen),
-        text, seed=cfg.seed + 1000 * STAGE_IDS[stage], device=runtime.device)
+        text, seed=cfg.seed + 1000 * stage_id, device=runtime.device)
     model.eval()
+    metrics: dict[str, Any] = {}
     with runtime.autocast():
-        metrics = {**zeroshot(image_features, text_features, data.zeroshot_images, data.zeroshot_labels,
-                              data.classnames, data.templates),
-                   **retrieval(image_features, text_features, data.retrieval_images, data.retrieval_captions)}
+        if cfg.eval_embedded:
+            metrics.update(zeroshot(image_features, text_features, data.zeroshot_images, data.zeroshot_labels,
+                                    data.classnames, data.templates))
+            metrics.update(retrieval(image_features, text_features, data.retrieval_images,
+                                     data.retrieval_captions))
+        for name, eval_set in eval_sets.items():
+            found = evaluate_on_disk(image_features, text_features, eval_set, cfg.spec.image_size, cfg.workers)
+            metrics.update({f"{name}_{key}": value for key, value in found.items()})
     model.train()
     metrics.update(image_strategy=image_strategy, image_tokens=image_tokens, text_strategy=text_strategy,
                    text_tokens=text_tokens)
@@ -248,8 +315,11 @@ def _run(cfg: RunConfig, run_dir: Path, progress: bool, handle_signals: bool) ->
     state, runtime = TrainState(), None
     try:
         runtime = Runtime.of(cfg)
-        data = load_data(cfg.dataset, cfg.data_seed, cfg.train_scenes, cfg.spec.image_size,
-                         cfg.eval_zeroshot_samples, cfg.eval_retrieval_samples)
+        data = None
+        if cfg.dataset == "synthetic" or cfg.eval_embedded:
+            data = load_data(cfg.dataset, cfg.data_seed, cfg.train_scenes, cfg.spec.image_size,
+                             cfg.eval_zeroshot_samples, cfg.eval_retrieval_samples)
+        eval_sets = load_eval_sets(cfg)
         torch.manual_seed(cfg.seed)
         model = build_model(cfg.model)  # initialised on the CPU: the same weights whatever the device
         record["params"] = count_params(model)
@@ -261,7 +331,8 @@ def _run(cfg: RunConfig, run_dir: Path, progress: bool, handle_signals: bool) ->
             for stage in STAGES:
                 samples = cfg.pretrain_samples if stage == "pretrain" else cfg.finetune_samples
                 if samples and stage not in state.metrics:
-                    train_stage(model, cfg, runtime, stage, data, pixels, state, run_dir, stop, progress, started)
+                    train_stage(model, cfg, runtime, stage, data, eval_sets, pixels, state, run_dir, stop, progress,
+                                started)
         torch.save(model.state_dict(), run_dir / "model.pt")
         record["weights"] = "model.pt"
     except Diverged as err:
@@ -287,7 +358,7 @@ def _finish(fields: dict[str, Any], state: TrainState, runtime: Runtime | None, 
             where["device_name"] = torch.cuda.get_device_name(runtime.device)
     record = ResultRecord(
         **fields,
-        metrics={stage: state.metrics.get(stage) for stage in STAGES},
+        metrics={key: state.metrics.get(key) for key in EVALUATIONS if key in STAGES or key in state.metrics},
         compute=Compute(
             samples_seen=samples,
             # FLOPs of forward + backward (sweep.flops.step_flops) x the stage's steps

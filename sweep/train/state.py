@@ -1,7 +1,8 @@
 """The training state of a run, as one object, and the one place that saves and loads it (RUN_DIR/checkpoint.pt).
 
 No random-number state is saved: every random draw of a run (data order, masks, word choices) is a function of
-(seed, stage, step), so the stage and the step are all a resume needs besides the weights and the optimizer.
+(seed, stage, step), so the stage and the step are all a resume needs besides the weights and the optimizer (and,
+for data streamed from files, how far each stream of the epoch has been read: `data`).
 """
 from __future__ import annotations
 
@@ -37,6 +38,8 @@ class TrainState:
     """Wall seconds of earlier attempts (before the latest restart)."""
     optimizer: dict | None = None
     """The optimizer state of `stage` at `step`, until the resumed stage has taken it."""
+    data: dict[str, Any] | None = None
+    """Where the training data stream of `stage` stands after `step` steps (files only; StreamedBatches)."""
 
     @classmethod
     def load(cls, run_dir: Path, model: torch.nn.Module) -> "TrainState":

@@ -1,0 +1,177 @@
+"""Evaluation sets on disk: zero-shot classification folders and image-text retrieval sets.
+
+- `zeroshot`: an ImageNet-style folder, `<class>/<image files>`; classes in sorted folder order. Class names are
+  the folder names (`_` read as a space), or one per line from a file, or open_clip's ImageNet names
+  (`zeroshot_classnames: imagenet`: a folder of 1000 classes is taken in the standard sorted-wnid order, a smaller
+  folder must name its classes with ImageNet class names). Prompt templates likewise: a file of lines with `{}`,
+  or `imagenet` (open_clip's 80 OpenAI templates, the default with ImageNet names).
+- `retrieval`: a CSV/TSV with one row per (image, caption), several rows per image (COCO/Flickr style), or
+  webdataset shards whose samples carry several captions (`.txt` one per line, or `.json` `captions`).
+
+Images are decoded with the evaluation transform (resize + centre crop) at the model's full resolution, in loader
+workers, batch by batch: a set never has to fit in memory. An image that does not decode is left out of its set
+and counted (`<name>_skipped`).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
+from torch.utils.data import DataLoader, Dataset
+
+from sweep.data.images import BadImage, load_image
+from sweep.data.sources import expand_paths, read_shard, read_table
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+IMAGENET_TEMPLATES = tuple(t("{}") for t in OPENAI_IMAGENET_TEMPLATES)
+DEFAULT_TEMPLATES = ("a photo of a {}.",)
+
+
+@dataclass
+class ZeroshotSet:
+    images: list[str]  # paths
+    labels: torch.Tensor  # int64 [N], index into classnames
+    classnames: tuple[str, ...]
+    templates: tuple[str, ...]
+
+
+@dataclass
+class RetrievalSet:
+    images: list[bytes | str]  # file bytes (shards) or paths (tables)
+    captions: list[str]
+    caption_image: torch.Tensor  # int64 [T]: the image each caption describes
+
+
+def _lines(path: str) -> tuple[str, ...]:
+    lines = tuple(line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip())
+    if not lines:
+        raise ValueError(f"{path} is empty")
+    return lines
+
+
+def read_zeroshot(folder: str, classnames: str | None = None, templates: str | None = None) -> ZeroshotSet:
+    """An ImageNet-style folder; ValueError naming what is wrong."""
+    root = Path(folder)
+    classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+    if len(classes) < 2:
+        raise ValueError(f"{folder} has {len(classes)} class folders; zero-shot needs at least 2")
+    if classnames == "imagenet":
+        if len(classes) == len(IMAGENET_CLASSNAMES):
+            names = IMAGENET_CLASSNAMES  # the standard order of the sorted wnid folders (n01440764, ...)
+        else:
+            known = {n.lower(): n for n in IMAGENET_CLASSNAMES}
+            unknown = [c for c in classes if c.replace("_", " ").lower() not in known]
+            if unknown:
+                raise ValueError(f"class folder {unknown[0]!r} of {folder} is not an ImageNet class name (a folder "
+                                 f"of all 1000 classes may use wnids)")
+            names = tuple(known[c.replace("_", " ").lower()] for c in classes)
+        templates = templates or "imagenet"
+    elif classnames:
+        names = _lines(classnames)
+        if len(names) != len(classes):
+            raise ValueError(f"{classnames} names {len(names)} classes, {folder} has {len(classes)} class folders")
+    else:
+        names = tuple(c.replace("_", " ") for c in classes)
+    if templates == "imagenet":
+        prompts = IMAGENET_TEMPLATES
+    elif templates:
+        prompts = _lines(templates)
+        bad = [t for t in prompts if t.count("{}") != 1]
+        if bad:
+            raise ValueError(f"template {bad[0]!r} of {templates} must contain {{}} once")
+    else:
+        prompts = DEFAULT_TEMPLATES
+    images, labels = [], []
+    for label, name in enumerate(classes):
+        files = sorted(f for f in os.listdir(root / name) if f.lower().endswith(IMAGE_SUFFIXES))
+        images += [str(root / name / f) for f in files]
+        labels += [label] * len(files)
+    if not images:
+        raise ValueError(f"{folder} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+    return ZeroshotSet(images, torch.tensor(labels), tuple(names), prompts)
+
+
+def read_retrieval(data: str, img_key: str, caption_key: str, separator: str) -> RetrievalSet:
+    """A retrieval set from a table (rows grouped by image, in order of first appearance) or from shards."""
+    images: list[bytes | str] = []
+    captions: list[str] = []
+    owner: list[int] = []
+    paths = expand_paths(data)
+    if all(p.endswith(".tar") for p in paths):
+        for path in paths:
+            for sample in read_shard(path):
+                if sample.image is not None and sample.captions:
+                    captions += sample.captions
+                    owner += [len(images)] * len(sample.captions)
+                    images.append(sample.image)
+    elif len(paths) == 1:
+        index: dict[str, int] = {}
+        for image, caption in read_table(paths[0], img_key, caption_key, separator):
+            if image not in index:
+                index[image] = len(images)
+                images.append(image)
+            captions.append(caption)
+            owner.append(index[image])
+    else:
+        raise ValueError(f"{data}: expected .tar shards or one CSV/TSV table")
+    if not images:
+        raise ValueError(f"{data} holds no image with a caption")
+    return RetrievalSet(images, captions, torch.tensor(owner))
+
+
+class _Decoded(Dataset):
+    def __init__(self, files: list[bytes | str], size: int):
+        self.files, self.size = files, size
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, bool]:
+        try:
+            return torch.from_numpy(load_image(self.files[i], self.size)), True
+        except (BadImage, OSError):
+            return torch.zeros(3, self.size, self.size, dtype=torch.uint8), False
+
+
+def image_batches(files: list[bytes | str], size: int, workers: int, batch_size: int = 256
+                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(uint8 images [b, 3, size, size], decoded ok [b]) in file order, decoded by `workers` processes."""
+    loader = DataLoader(_Decoded(files, size), batch_size=batch_size, num_workers=workers,
+                        prefetch_factor=2 if workers else None)
+    yield from loader
+
+
+def zeroshot_metrics(image_features: torch.Tensor, ok: torch.Tensor, labels: torch.Tensor,
+                     class_features: torch.Tensor) -> dict[str, float]:
+    """Top-1/top-5 (percent) of the images that decoded, against normalised class embeddings [C, D]."""
+    logits = image_features[ok] @ class_features.T
+    hit = logits.topk(min(5, len(class_features)), dim=1).indices == labels[ok][:, None]
+    return {"top1": 100.0 * hit[:, 0].float().mean().item(), "top5": 100.0 * hit.any(dim=1).float().mean().item(),
+            "classes": len(class_features), "skipped": int((~ok).sum())}
+
+
+def retrieval_metrics(image_features: torch.Tensor, ok: torch.Tensor, text_features: torch.Tensor,
+                      caption_image: torch.Tensor, ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, float]:
+    """Recall@k (percent), counted the standard way: image->text is a hit if any of the image's captions is among
+    the k nearest texts; text->image if the caption's image is among the k nearest images. Images that did not
+    decode are left out, with their captions as queries (their captions stay as distractors)."""
+    kept = ok.nonzero().squeeze(1)
+    new_index = torch.full((len(ok),), -1, dtype=torch.long)
+    new_index[kept] = torch.arange(len(kept))
+    owner = new_index[caption_image]  # -1 for captions of a skipped image
+    sim = image_features[kept] @ text_features.T  # [I, T]
+    out: dict[str, float] = {}
+    for k in ks:
+        top_texts = sim.topk(min(k, sim.shape[1]), dim=1).indices  # [I, k]
+        out[f"i2t_r{k}"] = 100.0 * (owner[top_texts] == torch.arange(len(kept))[:, None]).any(1).float().mean().item()
+    queries = owner >= 0
+    for k in ks:
+        top_images = sim.T[queries].topk(min(k, sim.shape[0]), dim=1).indices  # [T', k]
+        out[f"t2i_r{k}"] = 100.0 * (top_images == owner[queries][:, None]).any(1).float().mean().item()
+    out["skipped"] = int((~ok).sum())
+    return out
+

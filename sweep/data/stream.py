@@ -1,0 +1,249 @@
+"""Streamed training batches from files (webdataset shards, CSV tables), with an exact resume.
+
+The order of an epoch is a function of (seed, stage, epoch) and of nothing operational, not of the number of loader
+workers or the machine:
+
+- The epoch is split into `streams = min(STREAMS, what the source allows)` logical streams (`sources.py` says what
+  stream s of n holds: a share of the shards, read sequentially and buffer-shuffled, or of the table's rows).
+- Each stream is cut into chunks of CHUNK consecutive raw samples (chunk k holds positions k*CHUNK .. k*CHUNK+31).
+- The epoch's sample order is the chunks in (k, stream) order: chunk 0 of every stream, then chunk 1 of every
+  stream still going, and so on. Batches are consecutive `batch_size` samples of that order; a batch may straddle
+  two epochs, so no sample is ever dropped.
+
+Loader workers decode whole chunks (a worker owns the streams w, w+W, ...; its own order is the same (k, stream)
+rule, so chunks arrive almost in order) and the main process puts them back in order. The position of an epoch is
+how many raw samples of each stream have gone into batches (`consumed`); a checkpoint holds it, and a restarted
+stream skips that many raw samples without decoding them and goes on. So a resumed run trains on exactly the
+batches an uninterrupted run trains on: no sample seen twice, none skipped.
+
+A sample that cannot be used (an image that does not decode, a missing caption, the rest of a truncated shard)
+is skipped and counted (`skipped`), never a crash. `epoch_samples` (the setting `train_num_samples`) ends an epoch
+after that many samples, like open_clip_train's epoch size.
+"""
+from __future__ import annotations
+
+import random
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from sweep.data.images import BadImage, load_image
+from sweep.data.sources import RawSample, ShardSource, TableSource
+
+STREAMS = 16  # logical streams per epoch (shards are shared among them; enough to keep 16 workers busy)
+CHUNK = 32  # raw samples per chunk: the unit a loader worker decodes and hands over
+WARN_SKIPPED = 10  # the first this many skipped samples of a run are named on stderr
+
+
+@dataclass
+class Chunk:
+    """Decoded samples of raw positions [start, end) of one stream of an epoch."""
+
+    stream: int
+    index: int  # start // CHUNK: where the chunk sits in the epoch's (index, stream) order
+    start: int
+    end: int
+    last: bool  # the stream has nothing after `end`
+    positions: list[int] = field(default_factory=list)  # raw position of each usable sample
+    keys: list[str] = field(default_factory=list)
+    captions: list[str] = field(default_factory=list)
+    images: torch.Tensor | None = None  # uint8 [len(positions), 3, S, S]
+    bad: list[tuple[int, str, str]] = field(default_factory=list)  # (position, key, why) of skipped samples
+
+
+def decode(sample: RawSample, image_size: int, rng: random.Random) -> np.ndarray:
+    """The sample's training image, or ValueError saying why the sample is unusable."""
+    if sample.error:
+        raise ValueError(sample.error)
+    if sample.image is None:
+        raise ValueError("no image (.jpg/.jpeg/.png/.webp) in the sample")
+    if not sample.caption:
+        raise ValueError("no caption (.txt, or .json with caption/text/captions)")
+    try:
+        return load_image(sample.image, image_size, rng)
+    except BadImage as err:
+        raise ValueError(f"image does not decode ({err})") from None
+    except OSError as err:  # a table row whose file is missing or unreadable
+        raise ValueError(f"cannot read image ({err.strerror or err})") from None
+
+
+class EpochChunks(IterableDataset):
+    """The chunks of the given streams of one epoch, each stream starting at raw position `start[stream]`."""
+
+    def __init__(self, source: ShardSource | TableSource, seed: int, stage: int, epoch: int, streams: int,
+                 start: list[int], image_size: int):
+        self.source, self.seed, self.stage, self.epoch = source, seed, stage, epoch
+        self.streams, self.start, self.image_size = streams, start, image_size
+
+    def __iter__(self) -> Iterator[Chunk]:
+        info = get_worker_info()
+        mine = range(info.id, self.streams, info.num_workers) if info else range(self.streams)
+        going = {s: self._chunks(s) for s in mine}
+        upcoming = {s: next(going[s]) for s in mine}
+        while upcoming:  # the epoch's own order: lowest chunk index first, then stream
+            s = min(upcoming, key=lambda s: (upcoming[s].index, s))
+            chunk = upcoming.pop(s)
+            yield chunk
+            if not chunk.last:
+                upcoming[s] = next(going[s])
+
+    def _chunks(self, s: int) -> Iterator[Chunk]:
+        raw = self.source.stream(self.seed, self.stage, self.epoch, s, self.streams)
+        position = self.start[s]
+        for _ in range(position):  # already trained on: skipped without decoding
+            next(raw, None)
+        ahead = next(raw, None)
+        while True:
+            end = (position // CHUNK + 1) * CHUNK
+            chunk = Chunk(s, position // CHUNK, position, position, last=False)
+            images = []
+            while ahead is not None and position < end:
+                sample, ahead = ahead, next(raw, None)
+                # the crop of a sample is a function of the sample's place in the epoch, not of the worker
+                rng = random.Random(f"{self.seed}/{self.stage}/{self.epoch}/{s}/{position}")
+                try:
+                    images.append(decode(sample, self.image_size, rng))
+                    chunk.positions.append(position)
+                    chunk.keys.append(sample.key)
+                    chunk.captions.append(sample.caption)
+                except ValueError as err:
+                    chunk.bad.append((position, sample.key, str(err)))
+                position += 1
+            chunk.end, chunk.last = position, ahead is None
+            chunk.images = torch.from_numpy(np.stack(images)) if images else None
+            yield chunk
+            if chunk.last:
+                return
+
+
+class StreamedBatches:
+    """Batches of (uint8 images [B, 3, S, S], captions, keys) from a source, in the epoch order described above.
+
+    `position()` is what a checkpoint keeps; passing it back as `position` continues exactly there."""
+
+    def __init__(self, source: ShardSource | TableSource, *, seed: int, stage: int, batch_size: int,
+                 image_size: int, workers: int, epoch_samples: int | None = None,
+                 position: dict[str, Any] | None = None):
+        self.source, self.seed, self.stage, self.batch_size = source, seed, stage, batch_size
+        self.image_size, self.workers, self.epoch_samples = image_size, workers, epoch_samples
+        self.streams = min(STREAMS, source.max_streams)
+        position = position or {}
+        self.epoch: int = position.get("epoch", 0)
+        self.consumed: list[int] = list(position.get("consumed") or [0] * self.streams)
+        self.taken: int = position.get("taken", 0)  # usable samples of this epoch gone into batches
+        self.skipped: int = position.get("skipped", 0)  # unusable samples passed over, all epochs
+        if len(self.consumed) != self.streams:
+            raise ValueError(f"the checkpoint's data position has {len(self.consumed)} streams, the data now gives "
+                             f"{self.streams}: the training set changed since the checkpoint")
+        self._chunks: EpochReader | None = None  # the current epoch's chunks, in order
+        self._prefetched: EpochReader | None = None  # the next epoch's, started once the current one is read
+        self._chunk: Chunk | None = None  # the chunk being taken from, and how many of its samples are taken
+        self._used = 0
+
+    def position(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "consumed": list(self.consumed), "taken": self.taken, "skipped": self.skipped}
+
+    def next_batch(self) -> tuple[torch.Tensor, list[str], list[str]]:
+        parts: list[tuple[Chunk, int, int]] = []  # (chunk, first, end): slices, not single samples
+        need = self.batch_size
+        while need:
+            chunk = self._current()
+            n = min(need, len(chunk.positions) - self._used)
+            if self.epoch_samples is not None:
+                n = min(n, self.epoch_samples - self.taken)
+            first, self._used = self._used, self._used + n
+            parts.append((chunk, first, self._used))
+            # the stream moves on to its next usable sample (or the chunk's end): unusable ones between are passed
+            self._advance(chunk, chunk.end if self._used == len(chunk.positions) else chunk.positions[self._used])
+            self.taken += n
+            need -= n
+        images = torch.cat([chunk.images[a:b] for chunk, a, b in parts])
+        return (images, [c for chunk, a, b in parts for c in chunk.captions[a:b]],
+                [k for chunk, a, b in parts for k in chunk.keys[a:b]])
+
+    def start(self) -> None:
+        """Start the loader workers on the current epoch now (before a stage's clock starts, say)."""
+        if self._chunks is None and not self._epoch_full():
+            self._chunks = self._prefetched or self._epoch(self.epoch, self.consumed)
+            self._prefetched = None
+
+    def _current(self) -> Chunk:
+        """The chunk the next sample comes from: moves to the next chunk, and the next epoch, as they run out."""
+        while True:
+            if self._chunk is not None and self._used < len(self._chunk.positions) and not self._epoch_full():
+                return self._chunk
+            self.start()
+            chunk = None if self._epoch_full() else next(self._chunks, None)
+            # the epoch's streams are ending: start workers on the next epoch, so that its first batch is ready when
+            # this one runs out (not when epoch_samples may cut it short)
+            if self._chunks and self._chunks.ending and not self._prefetched and self.workers \
+                    and self.epoch_samples is None:
+                self._prefetched = self._epoch(self.epoch + 1, [0] * self.streams)
+            if chunk is None:  # the epoch is over
+                if self.taken == 0:
+                    raise RuntimeError(f"epoch {self.epoch} of the training data has no usable sample "
+                                       f"({self.skipped} skipped so far)")
+                self._chunks = self._chunk = None  # stops its workers
+                self.epoch, self.consumed, self.taken = self.epoch + 1, [0] * self.streams, 0
+                continue
+            self._chunk, self._used = chunk, 0
+            if not chunk.positions:  # nothing usable in it: pass over it now
+                self._advance(chunk, chunk.end)
+
+    def _epoch_full(self) -> bool:
+        return self.epoch_samples is not None and self.taken >= self.epoch_samples
+
+    def _epoch(self, epoch: int, consumed: list[int]) -> "EpochReader":
+        chunks = EpochChunks(self.source, self.seed, self.stage, epoch, self.streams, consumed, self.image_size)
+        loader = DataLoader(chunks, batch_size=None, num_workers=self.workers, worker_init_fn=_one_thread,
+                            prefetch_factor=4 if self.workers else None)
+        return EpochReader(iter(loader), consumed)
+
+    def _advance(self, chunk: Chunk, to: int) -> None:
+        """Move stream `chunk.stream` to raw position `to`, counting the unusable samples passed over."""
+        for position, key, why in chunk.bad:
+            if self.consumed[chunk.stream] <= position < to:
+                self.skipped += 1
+                if self.skipped <= WARN_SKIPPED:
+                    print(f"skipping training sample {key}: {why}", file=sys.stderr)
+        self.consumed[chunk.stream] = to
+
+
+class EpochReader:
+    """The chunks of one epoch from its loader, put back in the epoch's (index, stream) order. The workers start
+    when it is made and stop when it is dropped. `ending`: a stream has delivered its last chunk (the others, which
+    are as long give or take a shard, are about to)."""
+
+    def __init__(self, pulled: Iterator[Chunk], consumed: list[int]):
+        self.pulled = pulled
+        self.upcoming = {s: position // CHUNK for s, position in enumerate(consumed)}
+        self.arrived: dict[tuple[int, int], Chunk] = {}
+        self.ending = False
+
+    def __iter__(self) -> "EpochReader":
+        return self
+
+    def __next__(self) -> Chunk:
+        if not self.upcoming:
+            raise StopIteration
+        s = min(self.upcoming, key=lambda s: (self.upcoming[s], s))
+        while (s, self.upcoming[s]) not in self.arrived:
+            try:
+                chunk = next(self.pulled)
+            except StopIteration:
+                raise RuntimeError(f"the loader ended without chunk {self.upcoming[s]} of stream {s}") from None
+            self.arrived[chunk.stream, chunk.index] = chunk
+            self.ending |= chunk.last
+        chunk = self.arrived.pop((s, self.upcoming[s]))
+        self.upcoming[s] += 1
+        if chunk.last:
+            del self.upcoming[s]
+        return chunk
+
+
+def _one_thread(_worker: int) -> None:
+    torch.set_num_threads(1)  # a worker decodes with PIL; torch threads would only compete with the trainer

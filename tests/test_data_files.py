@@ -1,0 +1,352 @@
+"""Training and evaluation data on files: shards, tables, folders, and the exact resume of a streamed epoch."""
+import io
+import json
+import subprocess
+import sys
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from hypothesis import given, settings, strategies as st
+from PIL import Image
+
+from sweep.cli import main
+from sweep.config import ConfigError, config_from_dict
+from sweep.data.evalsets import read_retrieval, read_zeroshot, retrieval_metrics, zeroshot_metrics
+from sweep.data.generate import jpeg, make_data
+from sweep.data.images import BadImage, load_image
+from sweep.data.sources import RawSample, ShardSource, expand_paths, open_source, read_shard
+from sweep.data.stream import CHUNK, StreamedBatches
+from sweep.record import read_record
+from sweep.train.loop import training_batches
+from sweep.train.state import TrainState
+
+TRAIN, SHARD, CORRUPT = 600, 100, 4
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """The embedded data as files: 6 shards of 100 pairs (4 of them corrupt), folders, retrieval sets."""
+    out = tmp_path_factory.mktemp("demo")
+    make_data(out, train_samples=TRAIN, shard_size=SHARD, corrupt=CORRUPT, zeroshot_samples=120,
+              retrieval_images=40, imagenet_classes=10, progress=False)
+    return out
+
+
+def shards(demo):
+    return str(demo / "shards" / "train-{00000..00005}.tar")
+
+
+def keys_of(batches, steps):
+    return [key for _ in range(steps) for key in batches.next_batch()[2]]
+
+
+def test_paths_expand_braces_and_join_with_double_colons():
+    assert expand_paths("a/{0..2}.tar::b.tar") == ["a/0.tar", "a/1.tar", "a/2.tar", "b.tar"]
+    assert expand_paths("s-{00008..00010}.tar") == ["s-00008.tar", "s-00009.tar", "s-00010.tar"]
+
+
+def test_a_shard_groups_members_by_key_and_reads_every_caption_form(tmp_path):
+    image = jpeg(np.zeros((3, 8, 8), np.uint8))
+    members = [("dir/a.jpg", image), ("dir/a.txt", b"first\nsecond\n"), ("b.png", image),
+               ("b.json", json.dumps({"captions": ["x", "y"]}).encode()), ("c.jpg", image),
+               ("c.json", json.dumps({"caption": "only"}).encode()), ("d.txt", b"no image")]
+    with tarfile.open(tmp_path / "s.tar", "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    samples = list(read_shard(str(tmp_path / "s.tar")))
+    assert [(s.key, s.caption, s.captions, s.image is not None) for s in samples] == [
+        ("dir/a", "first", ("first", "second"), True), ("b", "x", ("x", "y"), True),
+        ("c", "only", ("only",), True), ("d", "no image", ("no image",), False)]
+
+
+def test_reduced_size_decoding_gives_the_same_picture_as_a_full_decode():
+    rng = np.random.default_rng(0)
+    smooth = np.asarray(Image.fromarray((rng.random((8, 8, 3)) * 255).astype(np.uint8)).resize((256, 256)))
+    data = jpeg(smooth.transpose(2, 0, 1))
+    for size in (64, 112):
+        for crop in (None, 3):
+            full = load_image(data, size, None if crop is None else np.random.default_rng(crop), draft=False)
+            small = load_image(data, size, None if crop is None else np.random.default_rng(crop), draft=True)
+            assert small.shape == full.shape == (3, size, size) and small.dtype == np.uint8
+            assert np.abs(small.astype(int) - full.astype(int)).mean() < 6  # the same picture, other rounding
+    # a training crop is a function of its generator: same seed, same pixels; another seed, another crop
+    a, b, c = (load_image(data, 64, np.random.default_rng(s)) for s in (1, 1, 2))
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    with pytest.raises(BadImage):
+        load_image(data[: len(data) // 3], 64)
+
+
+def test_resumed_stream_trains_on_exactly_the_batches_of_an_uninterrupted_one(demo):
+    """Killed after 7 batches (mid-chunk), resumed with another number of loader workers: the same sequence of
+    sample keys over three epochs; each epoch holds every usable sample exactly once; corrupt ones are counted."""
+    source = open_source("webdataset", shards(demo), "filepath", "title", "\t")
+
+    def batches(workers, position=None):
+        return StreamedBatches(source, seed=3, stage=0, batch_size=50, image_size=32, workers=workers,
+                               position=position)
+
+    steps = 3 * (TRAIN - CORRUPT) // 50 + 1  # three whole epochs
+    clean = batches(workers=2)
+    expected = keys_of(clean, steps)
+    first = batches(workers=2)
+    before = keys_of(first, 7)
+    assert 7 * 50 % CHUNK != 0 and first.position()["epoch"] == 0
+    resumed = batches(workers=0, position=json.loads(json.dumps(first.position())))  # as a checkpoint keeps it
+    assert before + keys_of(resumed, steps - 7) == expected
+    usable = TRAIN - CORRUPT
+    epochs = [expected[i * usable:(i + 1) * usable] for i in range(3)]
+    assert all(len(set(epoch)) == usable for epoch in epochs)
+    assert set(epochs[0]) == set(epochs[1]) == set(epochs[2]) and epochs[0] != epochs[1]  # reshuffled
+    assert resumed.skipped == clean.skipped >= 3 * CORRUPT
+
+
+class Rows:
+    """A source of n tiny samples whose keys are their row numbers (the stream logic without files)."""
+
+    image = jpeg(np.full((3, 8, 8), 128, np.uint8))
+
+    def __init__(self, n: int, bad: frozenset[int] = frozenset()):
+        self.n, self.bad = n, bad
+
+    @property
+    def max_streams(self):
+        return self.n
+
+    def stream(self, seed, stage, epoch, stream, streams):
+        order = np.random.default_rng([seed, stage, epoch]).permutation(self.n)
+        for row in order[stream::streams]:
+            yield RawSample(str(row), None if row in self.bad else self.image, "a caption")
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(3, 150), batch=st.integers(2, 40), cut=st.lists(st.integers(1, 12), max_size=3),
+       bad=st.sets(st.integers(0, 150), max_size=5))
+def test_any_kill_points_give_every_sample_once_per_epoch(n, batch, cut, bad):
+    bad = frozenset(b for b in bad if b < n)
+    if len(bad) == n:
+        return
+    source, steps = Rows(n, bad), 2 * (n - len(bad)) // batch + 2
+
+    def batches(position=None):
+        return StreamedBatches(source, seed=0, stage=0, batch_size=batch, image_size=8, workers=0,
+                               position=position)
+
+    expected = keys_of(batches(), steps)
+    got, current, done = [], batches(), 0
+    for k in cut:
+        k = min(k, steps - done)
+        got += keys_of(current, k)
+        done += k
+        current = batches(current.position())
+    got += keys_of(current, steps - done)
+    assert got == expected
+    usable = n - len(bad)
+    for i in range(len(expected) // usable):
+        assert Counter(expected[i * usable:(i + 1) * usable]) == Counter(str(r) for r in range(n) if r not in bad)
+
+
+def test_a_table_streams_every_row_once_and_skips_a_missing_image(demo):
+    lines = (demo / "train.tsv").read_text().splitlines()[:201]  # the header and rows 0..199
+    lines[5] = "images/not-there.jpg\tlost"  # row 4
+    (demo / "with_missing.tsv").write_text("\n".join(lines) + "\n")
+    broken = {str(row) for row in range(200) if row != 4
+              and _fails(demo / "images" / f"{row:08d}.jpg")} | {"4"}  # the generated corrupt ones too
+    source = open_source("csv", str(demo / "with_missing.tsv"), "filepath", "title", "\t")
+    batches = StreamedBatches(source, seed=0, stage=0, batch_size=5, image_size=32, workers=1)
+    keys = keys_of(batches, 40)
+    usable = 200 - len(broken)
+    assert sorted(keys[:usable], key=int) == [str(r) for r in range(200) if str(r) not in broken]
+    assert batches.skipped == len(broken)
+
+
+def _fails(path) -> bool:
+    try:
+        load_image(str(path), 32)
+    except BadImage:
+        return True
+    return False
+
+
+def test_an_epoch_ends_after_train_num_samples(demo):
+    source = open_source("webdataset", shards(demo), "filepath", "title", "\t")
+    batches = StreamedBatches(source, seed=0, stage=0, batch_size=40, image_size=32, workers=0, epoch_samples=100)
+    keys = keys_of(batches, 5)  # 200 samples: two epochs of 100
+    assert len(set(keys[:100])) == len(set(keys[100:])) == 100 and set(keys[:100]) != set(keys[100:])
+    assert (batches.position()["epoch"], batches.position()["taken"]) == (1, 100)
+
+
+def test_a_truncated_shard_is_counted_and_the_stream_goes_on(demo, tmp_path):
+    whole = (demo / "shards" / "train-00000.tar").read_bytes()
+    (tmp_path / "cut.tar").write_bytes(whole[: len(whole) // 2])
+    source = ShardSource([str(tmp_path / "cut.tar"), str(demo / "shards" / "train-00001.tar")])
+    batches = StreamedBatches(source, seed=0, stage=0, batch_size=10, image_size=32, workers=0)
+    keys = keys_of(batches, 10)
+    assert len(set(keys)) == 100 and batches.skipped >= 1
+
+
+def test_resize_runs_decode_files_at_the_reduced_resolution(demo):
+    cfg = config_from_dict({"dataset": "webdataset", "train_data": shards(demo), "image_strategy": "resize",
+                            "image_tokens": 17, "batch_size": 16, "workers": 0})
+    images, captions, _ = training_batches(cfg, "pretrain", None, TrainState()).next_batch()
+    assert images.shape == (16, 3, 32, 32) and images.dtype == torch.uint8 and len(captions) == 16
+    images, _, _ = training_batches(cfg, "finetune", None, TrainState()).next_batch()
+    assert images.shape == (16, 3, 64, 64)  # the fine-tune is at full length
+
+
+def test_retrieval_recall_counts_an_image_hit_when_any_of_its_captions_is_found():
+    # 3 images, 2 captions each (captions 2i, 2i+1 belong to image i); features on axes so ranks are set by hand
+    images = torch.eye(3, 4)
+    texts = torch.tensor([[1, 0, 0, 0], [0.1, 1, 0, 0],     # image 0: caption 0 right, caption 1 nearer image 1
+                          [0, 0.5, 0, 0.5], [0, 0.4, 0, 0.6],  # image 1: its captions, weaker than caption 1
+                          [0, 0, 1, 0], [0, 0, 0.8, 0]])    # image 2: both right
+    owner = torch.tensor([0, 0, 1, 1, 2, 2])
+    found = retrieval_metrics(images, torch.ones(3, dtype=torch.bool), texts, owner, ks=(1, 5))
+    assert found["i2t_r1"] == pytest.approx(200 / 3)  # image 1 finds caption 1 (image 0's) first
+    assert found["t2i_r1"] == pytest.approx(500 / 6)  # caption 1 finds image 1 first
+    assert found["i2t_r5"] == found["t2i_r5"] == 100.0 and found["skipped"] == 0
+    # an image that did not decode leaves the set; its captions stay as distractors, not as queries (were they
+    # queries, t2i_r1 would be 4/6)
+    found = retrieval_metrics(images, torch.tensor([True, False, True]), texts, owner, ks=(1,))
+    assert found["i2t_r1"] == 100.0 and found["t2i_r1"] == 100.0 and found["skipped"] == 1
+
+
+def test_zeroshot_top1_and_top5_leave_out_undecoded_images():
+    classes = torch.eye(6, 6)
+    images = torch.eye(6, 6)[[0, 1, 2, 3]]
+    labels = torch.tensor([0, 1, 5, 4])
+    found = zeroshot_metrics(images, torch.tensor([True, True, True, False]), labels, classes)
+    assert found["top1"] == pytest.approx(200 / 3) and found["classes"] == 6 and found["skipped"] == 1
+
+
+def test_a_folder_named_after_imagenet_classes_gets_their_names_and_the_80_templates(demo, tmp_path):
+    zeroshot = read_zeroshot(str(demo / "imagenet"), "imagenet")
+    assert len(zeroshot.classnames) == 10 and "tench" in zeroshot.classnames
+    assert len(zeroshot.templates) == 80 and all(t.count("{}") == 1 for t in zeroshot.templates)
+    assert sorted(Counter(zeroshot.labels.tolist()).values()) == [3] * 10  # 120 images over 40 classes, 10 kept
+    named = read_zeroshot(str(demo / "zeroshot"), str(demo / "zeroshot_classnames.txt"),
+                          str(demo / "zeroshot_templates.txt"))
+    assert named.classnames[0] == "blue circle" and named.templates[0] == "a {}."
+    (tmp_path / "tench").mkdir()
+    (tmp_path / "not_a_class").mkdir()
+    with pytest.raises(ValueError, match="not_a_class"):
+        read_zeroshot(str(tmp_path), "imagenet")
+
+
+def test_retrieval_sets_from_a_table_and_from_shards_agree(demo):
+    table = read_retrieval(str(demo / "retrieval.tsv"), "filepath", "title", "\t")
+    shard = read_retrieval(str(demo / "retrieval-00000.tar"), "filepath", "title", "\t")
+    assert len(table.images) == len(shard.images) == 40 and len(table.captions) == 200
+    assert table.captions == shard.captions and table.caption_image.tolist() == [i // 5 for i in range(200)]
+    assert all(len(set(table.captions[i:i + 5])) >= 2 for i in range(0, 200, 5))
+
+
+@pytest.mark.parametrize("settings, field", [
+    ({"dataset": "webdataset"}, "train_data"),
+    ({"dataset": "webdataset", "train_data": "nowhere/{0..3}.tar"}, "train_data"),
+    ({"train_data": "x.tar"}, "train_data"),
+    ({"dataset": "csv", "train_data": "TSV", "csv_caption_key": "caption"}, "train_data"),
+    ({"eval_sets": [{"name": "a", "type": "zeroshot", "data": "nowhere"}]}, "eval_sets.0.data"),
+    ({"eval_sets": [{"name": "a", "type": "retrieval", "data": "TSV"}] * 2}, "eval_sets.1.name"),
+    ({"eval_sets": [{"name": "zeroshot", "type": "retrieval", "data": "TSV"}]}, "eval_sets.0.name"),
+    ({"eval_sets": [{"name": "a", "type": "zeroshot", "data": "DIR", "zeroshot_classnames": "none.txt"}]},
+     "eval_sets.0.zeroshot_classnames"),
+    ({"eval_embedded": False}, "eval_sets"),
+])
+def test_data_settings_that_cannot_work_fail_at_load_naming_the_field(demo, settings, field):
+    raw = json.loads(json.dumps(settings).replace("TSV", str(demo / "train.tsv")).replace("DIR", str(demo)))
+    with pytest.raises(ConfigError) as err:
+        config_from_dict(raw, "run.yaml")
+    assert err.value.field == field and "run.yaml" in str(err.value)
+
+
+def test_make_data_refuses_impossible_counts_before_writing(tmp_path, capsys):
+    assert main(["make-data", str(tmp_path / "out"), "--train-samples", "10", "--corrupt", "11"]) == 2
+    assert "--corrupt" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------- end to end: `sweep train` on files
+
+def run_config(demo, tmp_path, **settings):
+    """A small run on the generated files, evaluated on every kind of set on disk; returns its YAML file."""
+    config = {"model": "cpu-s", "dataset": "webdataset", "train_data": shards(demo), "image_strategy": "random",
+              "image_tokens": 17, "pretrain_samples": 1280, "batch_size": 64, "threads": 1, "workers": 1,
+              "checkpoint_every": 4, "eval_zeroshot_samples": 80, "eval_retrieval_samples": 80,
+              "eval_full_length": True,
+              "eval_sets": [
+                  {"name": "shapes", "type": "zeroshot", "data": str(demo / "zeroshot"),
+                   "zeroshot_classnames": str(demo / "zeroshot_classnames.txt"),
+                   "zeroshot_templates": str(demo / "zeroshot_templates.txt")},
+                  {"name": "inet", "type": "zeroshot", "data": str(demo / "imagenet"),
+                   "zeroshot_classnames": "imagenet"},
+                  {"name": "coco", "type": "retrieval", "data": str(demo / "retrieval.tsv")},
+                  {"name": "cocoshards", "type": "retrieval", "data": str(demo / "retrieval-00000.tar")}],
+              **settings}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dataset", ["webdataset", "csv"])
+def test_a_run_on_files_reports_every_evaluation_set_and_counts_corrupt_images(demo, tmp_path, dataset):
+    train_data = shards(demo) if dataset == "webdataset" else str(demo / "train.tsv")
+    config = run_config(demo, tmp_path, dataset=dataset, train_data=train_data)
+    assert main(["train", str(config), "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    record = read_record(tmp_path / "run")
+    assert record.status == "completed"
+    for stage in ("pretrain", "pretrain_full_length"):
+        metrics = record.metrics[stage].values()
+        assert {"zeroshot_top1", "i2t_r1", "shapes_top1", "shapes_top5", "inet_top1", "inet_top5",
+                "coco_i2t_r1", "coco_i2t_r5", "coco_i2t_r10", "coco_t2i_r1", "coco_t2i_r5", "coco_t2i_r10"
+                } <= set(metrics)
+        assert metrics["inet_classes"] == 10 and metrics["shapes_classes"] == 40 and metrics["coco_skipped"] == 0
+        assert all(0 <= v <= 100 for k, v in metrics.items() if not k.endswith(("classes", "skipped")))
+    full = record.metrics["pretrain_full_length"]
+    assert (full.image_tokens, record.metrics["pretrain"].image_tokens) == (65, 17)
+    # the retrieval set from a table and from a shard is one set: at full length (no random masks) equal scores
+    assert {k: v for k, v in full.values().items() if k.startswith("coco_")} == {
+        k.replace("cocoshards_", "coco_"): v for k, v in full.values().items() if k.startswith("cocoshards_")}
+    # 1280 samples: the first 1280 of the epoch's 596 usable pairs, then 684 of the second: each corrupt one met
+    # once or twice
+    assert CORRUPT <= record.compute.stages["pretrain"].skipped_samples <= 2 * CORRUPT
+
+
+@pytest.mark.slow
+def test_sigkill_on_shards_then_rerun_matches_uninterrupted(demo, tmp_path, sigkill_at_first_checkpoint):
+    config = run_config(demo, tmp_path, pretrain_samples=1920, eval_sets=[], eval_full_length=False)
+    killed, clean = tmp_path / "killed", tmp_path / "clean"
+    command = [sys.executable, "-m", "sweep", "train", str(config), "--quiet", "--out"]
+    saved = sigkill_at_first_checkpoint([*command, str(killed)], killed)
+    assert 0 < saved["step"] < 30 and saved["data"]["taken"] == saved["step"] * 64
+    subprocess.run([*command, str(killed)], check=True, stderr=subprocess.DEVNULL)
+    subprocess.run([*command, str(clean)], check=True, stderr=subprocess.DEVNULL)
+    a, b = read_record(killed), read_record(clean)
+    assert a.resumed and a.metrics == b.metrics and a.final_loss == b.final_loss
+    assert a.compute.stages["pretrain"].skipped_samples == b.compute.stages["pretrain"].skipped_samples
+
+
+@pytest.mark.slow
+def test_the_files_demo_grid_runs_end_to_end_and_is_analysed(tmp_path):
+    """grids/files_demo.yaml as its header says: make-data, launch, analyze (from the directory holding data/)."""
+    sweep = [sys.executable, "-m", "sweep"]
+    subprocess.run([*sweep, "make-data", "data/demo", "--imagenet-classes", "10", "--quiet"], cwd=tmp_path,
+                   check=True, stdout=subprocess.DEVNULL)
+    grid = Path(__file__).parent.parent / "grids" / "files_demo.yaml"
+    done = subprocess.run([*sweep, "launch", str(grid), "--executor", "local", "--quiet"], cwd=tmp_path,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "4 runs: 4 completed" in done.stdout
+    for metric, stage in (("shapes_top1", "pretrain_full_length"), ("captions_i2t_r5", "pretrain")):
+        done = subprocess.run([*sweep, "analyze", "results/files_demo", "--metric", metric, "--stage", stage,
+                               "--bootstrap", "0"], cwd=tmp_path, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert "analysed 4 runs (0 failed" in done.stdout and f"metric {metric}" in done.stdout
+    runs = (tmp_path / "results" / "files_demo" / "analysis" / "runs.csv").read_text()
+    assert "captions_i2t_r5" in runs.splitlines()[0]
