@@ -3,9 +3,10 @@
 Two inputs give the same table:
 
 * a results directory: every ``result.json`` below it (any depth), as written by the trainer and read through
-  `sweep.record` (the record's fields are documented in docs/results.md). ``metrics.pretrain`` and
-  ``metrics.finetune`` become one row each; a stage that is absent, null or empty gives no row. A run with no metrics at all (typically ``status: failed``) keeps one row with an empty stage so it
-  can still be listed.
+  `sweep.record` (the record's fields are documented in docs/results.md). ``metrics.pretrain``,
+  ``metrics.pretrain_full_length`` and ``metrics.finetune`` become one row each; a stage that is absent, null or
+  empty gives no row. A run with no metrics at all (typically ``status: failed``) keeps one row with an empty
+  stage so it can still be listed.
 * a flat CSV or Parquet table with at least the columns of `REQUIRED_TABLE_COLUMNS` (results produced elsewhere).
 
 A results directory is written by many processes at once and lives on shared file systems, so some files may be

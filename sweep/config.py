@@ -101,8 +101,8 @@ class RunConfig(Settings):
                                   "(zeroshot_top1, i2t_r1, ...); meaningful for models trained on synthetic "
                                   "scenes, in memory or as generated files.")
     eval_sets: list[EvalSet] = setting([], "Evaluation sets on disk, each a mapping with name, type, data (and "
-                                       "zeroshot_classnames, zeroshot_templates, csv_* keys); see `sweep "
-                                       "make-data` for examples.")
+                                       "zeroshot_classnames, zeroshot_templates, csv_* keys); "
+                                       "grids/files_demo.yaml has one of each kind.")
     eval_full_length: bool = setting(False, "Also evaluate the pre-trained model at full length (reported as "
                                      "stage pretrain_full_length), so drops can be measured without a fine-tune.")
     checkpoint_every: int = setting(100, "Write a resumable checkpoint every this many steps (and on "
