@@ -22,6 +22,7 @@ from sweep.data.images import BadImage, load_image
 from sweep.data.sources import RawSample, ShardSource, expand_paths, open_source, read_shard
 from sweep.data.stream import CHUNK, StreamedBatches
 from sweep.record import read_record
+from sweep.strategies.text import TextReducer
 from sweep.train.loop import training_batches
 from sweep.train.state import TrainState
 
@@ -194,10 +195,23 @@ def test_a_truncated_shard_is_counted_and_the_stream_goes_on(demo, tmp_path):
 def test_resize_runs_decode_files_at_the_reduced_resolution(demo):
     cfg = config_from_dict({"dataset": "webdataset", "train_data": shards(demo), "image_strategy": "resize",
                             "image_tokens": 17, "batch_size": 16, "workers": 0})
-    images, captions, _ = training_batches(cfg, "pretrain", None, TrainState()).next_batch()
+    images, captions, _, _ = training_batches(cfg, "pretrain", None, TrainState()).next_batch()
     assert images.shape == (16, 3, 32, 32) and images.dtype == torch.uint8 and len(captions) == 16
-    images, _, _ = training_batches(cfg, "finetune", None, TrainState()).next_batch()
+    images, _, _, _ = training_batches(cfg, "finetune", None, TrainState()).next_batch()
     assert images.shape == (16, 3, 64, 64)  # the fine-tune is at full length
+
+
+@pytest.mark.parametrize("strategy, tokens, by_workers", [("none", 32, True), ("truncation", 8, True),
+                                                          ("random", 8, False)])
+def test_loader_workers_tokenise_captions_as_the_trainer_would(demo, strategy, tokens, by_workers):
+    text = TextReducer(strategy, tokens, context_length=32)
+    source = open_source("webdataset", shards(demo), "filepath", "title", "\t")
+    batch = StreamedBatches(source, seed=0, stage=0, batch_size=70, image_size=32, workers=2,
+                            text=text).next_batch()
+    if by_workers:
+        assert torch.equal(batch.tokens, text(batch.captions))
+    else:  # a random strategy draws from the step's generator, in the training process
+        assert batch.tokens is None
 
 
 def test_retrieval_recall_counts_an_image_hit_when_any_of_its_captions_is_found():

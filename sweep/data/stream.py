@@ -25,7 +25,7 @@ from __future__ import annotations
 import random
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -34,9 +34,19 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from sweep.data.images import BadImage, load_image
 from sweep.data.sources import RawSample, ShardSource, TableSource
 
+if TYPE_CHECKING:
+    from sweep.strategies.text import TextReducer
+
 STREAMS = 16  # logical streams per epoch (shards are shared among them; enough to keep 16 workers busy)
 CHUNK = 32  # raw samples per chunk: the unit a loader worker decodes and hands over
 WARN_SKIPPED = 10  # the first this many skipped samples of a run are named on stderr
+
+
+class Batch(NamedTuple):
+    images: torch.Tensor  # uint8 [B, 3, S, S]
+    captions: list[str]
+    keys: list[str]
+    tokens: torch.Tensor | None  # [B, text_tokens] when the loader workers tokenised the captions, else None
 
 
 @dataclass
@@ -52,6 +62,7 @@ class Chunk:
     keys: list[str] = field(default_factory=list)
     captions: list[str] = field(default_factory=list)
     images: torch.Tensor | None = None  # uint8 [len(positions), 3, S, S]
+    tokens: torch.Tensor | None = None  # [len(positions), text_tokens], when the workers tokenise
     bad: list[tuple[int, str, str]] = field(default_factory=list)  # (position, key, why) of skipped samples
 
 
@@ -72,12 +83,13 @@ def decode(sample: RawSample, image_size: int, rng: random.Random) -> np.ndarray
 
 
 class EpochChunks(IterableDataset):
-    """The chunks of the given streams of one epoch, each stream starting at raw position `start[stream]`."""
+    """The chunks of the given streams of one epoch, each stream starting at raw position `start[stream]`; with a
+    `text` reducer, their captions tokenised too."""
 
     def __init__(self, source: ShardSource | TableSource, seed: int, stage: int, epoch: int, streams: int,
-                 start: list[int], image_size: int):
+                 start: list[int], image_size: int, text: "TextReducer | None" = None):
         self.source, self.seed, self.stage, self.epoch = source, seed, stage, epoch
-        self.streams, self.start, self.image_size = streams, start, image_size
+        self.streams, self.start, self.image_size, self.text = streams, start, image_size, text
 
     def __iter__(self) -> Iterator[Chunk]:
         info = get_worker_info()
@@ -114,21 +126,26 @@ class EpochChunks(IterableDataset):
                     chunk.bad.append((position, sample.key, str(err)))
                 position += 1
             chunk.end, chunk.last = position, ahead is None
-            chunk.images = torch.from_numpy(np.stack(images)) if images else None
+            if images:
+                chunk.images = torch.from_numpy(np.stack(images))
+                chunk.tokens = self.text(chunk.captions) if self.text else None
             yield chunk
             if chunk.last:
                 return
 
 
 class StreamedBatches:
-    """Batches of (uint8 images [B, 3, S, S], captions, keys) from a source, in the epoch order described above.
+    """Batches from a source, in the epoch order described above.
 
-    `position()` is what a checkpoint keeps; passing it back as `position` continues exactly there."""
+    `position()` is what a checkpoint keeps; passing it back as `position` continues exactly there. With a `text`
+    reducer whose strategy draws nothing at random and tags nothing (none, truncation), the loader workers tokenise
+    the captions too (`Batch.tokens`): ~50 us per new caption that the training process no longer spends."""
 
     def __init__(self, source: ShardSource | TableSource, *, seed: int, stage: int, batch_size: int,
                  image_size: int, workers: int, epoch_samples: int | None = None,
-                 position: dict[str, Any] | None = None):
+                 position: dict[str, Any] | None = None, text: "TextReducer | None" = None):
         self.source, self.seed, self.stage, self.batch_size = source, seed, stage, batch_size
+        self.text = text if text is not None and text.deterministic and not text.needs_pos else None
         self.image_size, self.workers, self.epoch_samples = image_size, workers, epoch_samples
         self.streams = min(STREAMS, source.max_streams)
         position = position or {}
@@ -147,7 +164,7 @@ class StreamedBatches:
     def position(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "consumed": list(self.consumed), "taken": self.taken, "skipped": self.skipped}
 
-    def next_batch(self) -> tuple[torch.Tensor, list[str], list[str]]:
+    def next_batch(self) -> Batch:
         parts: list[tuple[Chunk, int, int]] = []  # (chunk, first, end): slices, not single samples
         need = self.batch_size
         while need:
@@ -161,9 +178,10 @@ class StreamedBatches:
             self._advance(chunk, chunk.end if self._used == len(chunk.positions) else chunk.positions[self._used])
             self.taken += n
             need -= n
-        images = torch.cat([chunk.images[a:b] for chunk, a, b in parts])
-        return (images, [c for chunk, a, b in parts for c in chunk.captions[a:b]],
-                [k for chunk, a, b in parts for k in chunk.keys[a:b]])
+        return Batch(torch.cat([chunk.images[a:b] for chunk, a, b in parts]),
+                     [c for chunk, a, b in parts for c in chunk.captions[a:b]],
+                     [k for chunk, a, b in parts for k in chunk.keys[a:b]],
+                     torch.cat([chunk.tokens[a:b] for chunk, a, b in parts]) if self.text else None)
 
     def start(self) -> None:
         """Start the loader workers on the current epoch now (before a stage's clock starts, say)."""
@@ -198,7 +216,8 @@ class StreamedBatches:
         return self.epoch_samples is not None and self.taken >= self.epoch_samples
 
     def _epoch(self, epoch: int, consumed: list[int]) -> "EpochReader":
-        chunks = EpochChunks(self.source, self.seed, self.stage, epoch, self.streams, consumed, self.image_size)
+        chunks = EpochChunks(self.source, self.seed, self.stage, epoch, self.streams, consumed, self.image_size,
+                             self.text)
         loader = DataLoader(chunks, batch_size=None, num_workers=self.workers, worker_init_fn=_one_thread,
                             prefetch_factor=4 if self.workers else None)
         return EpochReader(iter(loader), consumed)

@@ -29,7 +29,7 @@ from sweep.config import ConfigError, RunConfig, identity
 from sweep.data import Data, load_data
 from sweep.data.evalsets import RetrievalSet, ZeroshotSet, read_retrieval, read_zeroshot
 from sweep.data.sources import open_source
-from sweep.data.stream import StreamedBatches
+from sweep.data.stream import Batch, StreamedBatches
 from sweep.evaluate import evaluate_on_disk, feature_fns, retrieval, zeroshot
 from sweep.flops import step_flops
 from sweep.models import build_model, count_params, register_open_clip_configs
@@ -103,18 +103,20 @@ class InMemoryBatches:
         self.data, self.batch_size, self.step = data, batch_size, step
         self.order = EpochOrder(len(data.train_captions), seed, stage)
 
-    def next_batch(self) -> tuple[torch.Tensor, list[str], list[str]]:
+    def next_batch(self) -> Batch:
         idx = self.order.batch(self.step, self.batch_size).tolist()
         self.step += 1
-        return self.data.train_images[idx], [self.data.train_captions[i] for i in idx], [str(i) for i in idx]
+        return Batch(self.data.train_images[idx], [self.data.train_captions[i] for i in idx], [str(i) for i in idx],
+                     tokens=None)
 
     def position(self) -> None:
         return None  # the step is the position
 
 
-def training_batches(cfg: RunConfig, stage: str, data: Data | None, state: TrainState
-                     ) -> InMemoryBatches | StreamedBatches:
-    """Where a stage's batches come from: the embedded pool, or files streamed from `state.data` on."""
+def training_batches(cfg: RunConfig, stage: str, data: Data | None, state: TrainState,
+                     text: TextReducer | None = None) -> InMemoryBatches | StreamedBatches:
+    """Where a stage's batches come from: the embedded pool, or files streamed from `state.data` on (their
+    captions tokenised by the loader workers where `text` allows)."""
     if cfg.dataset == "synthetic":
         return InMemoryBatches(data, cfg.seed, stage, cfg.batch_size, state.step)
     image_strategy, image_tokens, _, _ = cfg.stage_settings(stage)
@@ -124,7 +126,7 @@ def training_batches(cfg: RunConfig, stage: str, data: Data | None, state: Train
     source = open_source(cfg.dataset, cfg.train_data, cfg.csv_img_key, cfg.csv_caption_key, cfg.csv_separator)
     return StreamedBatches(source, seed=cfg.seed, stage=STAGE_IDS[stage], batch_size=cfg.batch_size,
                            image_size=size, workers=cfg.workers, epoch_samples=cfg.train_num_samples,
-                           position=state.data)
+                           position=state.data, text=text)
 
 
 def train_stage(model, cfg: RunConfig, runtime: Runtime, stage: str, data: Data | None, eval_sets: dict,
@@ -148,7 +150,7 @@ def train_stage(model, cfg: RunConfig, runtime: Runtime, stage: str, data: Data 
     else:
         state.stage, state.step, state.data = stage, 0, None
     step_fn = ContrastiveStep(model, optimizer, runtime, cfg.micro_batch_size, cfg.grad_clip)
-    batches = training_batches(cfg, stage, data, state)
+    batches = training_batches(cfg, stage, data, state, text)
     if isinstance(batches, StreamedBatches):
         batches.start()  # the loader workers start decoding before the clock starts
     stats = state.compute.setdefault(stage, {"train_seconds": 0.0})
@@ -188,15 +190,15 @@ def train_stage(model, cfg: RunConfig, runtime: Runtime, stage: str, data: Data 
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, steps, peak, cfg.warmup_fraction)
-        uint8_images, captions, _keys = batches.next_batch()  # [B, 3, H, W] and their B captions
+        batch = batches.next_batch()  # uint8 images [B, 3, H, W] and their B captions
         gen = generator(cfg.seed, stage_id, step, 1, device=runtime.device)  # this step's masks, on the device
         # word choices are made on the host: on the CPU from the same generator as the masks (after them), on a
         # GPU from a host generator of their own
         text_gen = gen if runtime.device.type == "cpu" else generator(cfg.seed, stage_id, step, 2)
         # images [B, 3, 64, 64] = 8 x 8 patches + class token = 65 tokens; a masking strategy at 17 keeps 16
         # patches per sample (keep [B, 16]), `resize` shrinks the image to 32 px = 4 x 4 patches instead
-        images, keep = reduce_images(pixels(uint8_images), image_strategy, image_tokens, patch, gen)
-        tokens = text(captions, text_gen)  # [B, text_tokens]
+        images, keep = reduce_images(pixels(batch.images), image_strategy, image_tokens, patch, gen)
+        tokens = batch.tokens if batch.tokens is not None else text(batch.captions, text_gen)  # [B, text_tokens]
         # contrastive loss over the B x B image-text similarities; the step's FLOPs scale ~ with the tokens kept
         pending.append(step_fn(images, keep, tokens.to(runtime.device, non_blocking=True)))
         state.step = step + 1
