@@ -55,10 +55,27 @@ def exclusive(run_dir: Path, patience_s: float = 1.0):
                 handle.close()
                 raise AlreadyRunning(f"{run_dir} is being trained by another process") from None
             time.sleep(0.05)
+    _HELD.add(handle.fileno())
     try:
         yield
     finally:
+        _HELD.discard(handle.fileno())
         handle.close()
+
+
+_HELD: set[int] = set()  # descriptors of the run locks this process holds
+
+
+def drop_inherited_locks() -> None:
+    """In a process forked from a trainer (a data loader worker): close the inherited copies of the run's lock, so
+    that the lock still dies with the trainer. Otherwise a SIGKILLed trainer's orphaned workers would hold it for
+    the seconds they take to notice, and a rerun in that window would be refused as already running."""
+    for fd in list(_HELD):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD.clear()
 
 
 def held_elsewhere(run_dir: Path) -> bool:

@@ -22,6 +22,7 @@ from sweep.data.images import BadImage, load_image
 from sweep.data.sources import RawSample, ShardSource, expand_paths, open_source, read_shard
 from sweep.data.stream import CHUNK, StreamedBatches
 from sweep.record import read_record
+from sweep.results import held_elsewhere
 from sweep.strategies.text import TextReducer
 from sweep.train.loop import training_batches
 from sweep.train.state import TrainState
@@ -338,6 +339,8 @@ def test_sigkill_on_shards_then_rerun_matches_uninterrupted(demo, tmp_path, sigk
     killed, clean = tmp_path / "killed", tmp_path / "clean"
     command = [sys.executable, "-m", "sweep", "train", str(config), "--quiet", "--out"]
     saved = sigkill_at_first_checkpoint([*command, str(killed)], killed)
+    # the lock dies with the trainer, not with its orphaned loader workers (which linger for seconds)
+    assert not held_elsewhere(killed)
     assert 0 < saved["step"] < 30 and saved["data"]["taken"] == saved["step"] * 64
     subprocess.run([*command, str(killed)], check=True, stderr=subprocess.DEVNULL)
     subprocess.run([*command, str(clean)], check=True, stderr=subprocess.DEVNULL)

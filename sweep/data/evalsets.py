@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from sweep.data.images import BadImage, load_image
 from sweep.data.sources import expand_paths, read_shard, read_table
+from sweep.data.stream import worker_init
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 IMAGENET_TEMPLATES = tuple(t("{}") for t in OPENAI_IMAGENET_TEMPLATES)
@@ -141,7 +142,7 @@ def image_batches(files: list[bytes | str], size: int, workers: int, batch_size:
                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(uint8 images [b, 3, size, size], decoded ok [b]) in file order, decoded by `workers` processes."""
     loader = DataLoader(_Decoded(files, size), batch_size=batch_size, num_workers=workers,
-                        prefetch_factor=2 if workers else None)
+                        prefetch_factor=2 if workers else None, worker_init_fn=worker_init)
     yield from loader
 
 

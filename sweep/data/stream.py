@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from sweep.data.images import BadImage, load_image
 from sweep.data.sources import RawSample, ShardSource, TableSource
+from sweep.results import drop_inherited_locks
 
 if TYPE_CHECKING:
     from sweep.strategies.text import TextReducer
@@ -218,7 +219,7 @@ class StreamedBatches:
     def _epoch(self, epoch: int, consumed: list[int]) -> "EpochReader":
         chunks = EpochChunks(self.source, self.seed, self.stage, epoch, self.streams, consumed, self.image_size,
                              self.text)
-        loader = DataLoader(chunks, batch_size=None, num_workers=self.workers, worker_init_fn=_one_thread,
+        loader = DataLoader(chunks, batch_size=None, num_workers=self.workers, worker_init_fn=worker_init,
                             prefetch_factor=4 if self.workers else None)
         return EpochReader(iter(loader), consumed)
 
@@ -264,5 +265,6 @@ class EpochReader:
         return chunk
 
 
-def _one_thread(_worker: int) -> None:
+def worker_init(_worker: int) -> None:
     torch.set_num_threads(1)  # a worker decodes with PIL; torch threads would only compete with the trainer
+    drop_inherited_locks()  # the run's lock must die with the trainer, not with its last orphaned worker
