@@ -28,14 +28,9 @@ def zeroshot(image_features: ImageFeatures, text_features: TextFeatures, images:
              batch_size: int = 256) -> dict[str, float]:
     """Top-1/top-5 (percent) against class embeddings averaged over prompt templates, as CLIP does."""
     classes = class_features(text_features, classnames, templates)
-    logits = _batched(image_features, images, batch_size) @ classes.T
-    top5 = logits.topk(min(5, len(classnames)), dim=1).indices
-    hit = top5 == labels[:, None]
-    return {
-        "zeroshot_top1": 100.0 * hit[:, 0].float().mean().item(),
-        "zeroshot_top5": 100.0 * hit.any(dim=1).float().mean().item(),
-        "zeroshot_classes": len(classnames),
-    }
+    features = _batched(image_features, images, batch_size)
+    found = zeroshot_metrics(features, torch.ones(len(features), dtype=torch.bool), labels, classes)
+    return {"zeroshot_top1": found["top1"], "zeroshot_top5": found["top5"], "zeroshot_classes": found["classes"]}
 
 
 @torch.no_grad()

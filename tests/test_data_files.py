@@ -124,7 +124,7 @@ class Rows:
     def stream(self, seed, stage, epoch, stream, streams):
         order = np.random.default_rng([seed, stage, epoch]).permutation(self.n)
         for row in order[stream::streams]:
-            yield RawSample(str(row), None if row in self.bad else self.image, "a caption")
+            yield RawSample(str(row), None if row in self.bad else self.image, ("a caption",))
 
 
 @settings(max_examples=25, deadline=None)

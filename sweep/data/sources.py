@@ -16,6 +16,7 @@ sources with `::`.
 from __future__ import annotations
 
 import csv
+import functools
 import gzip
 import json
 import zlib
@@ -34,9 +35,13 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 class RawSample:
     key: str
     image: bytes | str | None  # file bytes (shards), a path (tables), None when the sample has no image
-    caption: str | None  # None when the sample has no caption
-    captions: tuple[str, ...] = ()  # all captions, for retrieval sets with several per image
+    captions: tuple[str, ...] = ()  # every caption (retrieval sets have several per image); empty: none
     error: str | None = None  # why this is not a usable sample (e.g. the rest of a truncated shard)
+
+    @property
+    def caption(self) -> str | None:
+        """The caption a training pair uses: the first."""
+        return self.captions[0] if self.captions else None
 
 
 def expand_paths(pattern: str) -> list[str]:
@@ -49,25 +54,30 @@ def rng_for(*keys: int) -> np.random.Generator:
     return np.random.default_rng(list(keys))
 
 
-def _caption_of(files: dict[str, bytes]) -> tuple[str | None, tuple[str, ...]]:
-    """The caption (and every caption) of a webdataset sample: `.txt` (one caption per line), or `.json` with
-    `caption`, `text` or a `captions` list."""
+@functools.lru_cache(maxsize=2)
+def epoch_order(n: int, seed: int, stage: int, epoch: int) -> np.ndarray:
+    """The epoch's permutation of n shards or rows: drawn once per process, shared by the streams it reads."""
+    return rng_for(seed, stage, epoch).permutation(n)
+
+
+def _captions_of(files: dict[str, bytes]) -> tuple[str, ...]:
+    """The captions of a webdataset sample: `.txt` (one caption per line), or `.json` with a `captions` list,
+    `caption` or `text`."""
     if "txt" in files:
-        lines = [line.strip() for line in files["txt"].decode("utf-8", "replace").splitlines() if line.strip()]
-        return (lines[0] if lines else None), tuple(lines)
+        return tuple(line.strip() for line in files["txt"].decode("utf-8", "replace").splitlines() if line.strip())
     if "json" in files:
         try:
             meta = json.loads(files["json"])
         except ValueError:
-            return None, ()
+            return ()
         if isinstance(meta, dict):
             many = meta.get("captions")
             if isinstance(many, list) and many and all(isinstance(c, str) for c in many):
-                return many[0], tuple(many)
+                return tuple(many)
             for name in ("caption", "text"):
                 if isinstance(meta.get(name), str):
-                    return meta[name], (meta[name],)
-    return None, ()
+                    return (meta[name],)
+    return ()
 
 
 def tar_members(f: BinaryIO) -> Iterator[tuple[str, bytes]]:
@@ -116,8 +126,7 @@ def read_shard(path: str) -> Iterator[RawSample]:
     shard ends early, with an OSError after the samples read so far."""
     def sample(key: str, files: dict[str, bytes]) -> RawSample:
         image = next((files[ext] for ext in IMAGE_EXTENSIONS if ext in files), None)
-        caption, captions = _caption_of(files)
-        return RawSample(key, image, caption, captions)
+        return RawSample(key, image, _captions_of(files))
 
     key, files = None, {}
     try:
@@ -152,7 +161,7 @@ class ShardSource:
         return len(self.shards)  # a shard is read by one stream
 
     def stream(self, seed: int, stage: int, epoch: int, stream: int, streams: int) -> Iterator[RawSample]:
-        order = rng_for(seed, stage, epoch).permutation(len(self.shards))
+        order = epoch_order(len(self.shards), seed, stage, epoch)
         shuffle = rng_for(seed, stage, epoch, stream, 1)
         buffer: list[RawSample] = []
         for index in order[stream::streams]:
@@ -172,7 +181,7 @@ def _with_error(path: str) -> Iterator[RawSample]:
     try:
         yield from read_shard(path)
     except OSError as err:
-        yield RawSample(f"{path}#unreadable", None, None, error=str(err))
+        yield RawSample(f"{path}#unreadable", None, error=str(err))
 
 
 class TableSource:
@@ -187,10 +196,10 @@ class TableSource:
         return len(self.rows)
 
     def stream(self, seed: int, stage: int, epoch: int, stream: int, streams: int) -> Iterator[RawSample]:
-        order = rng_for(seed, stage, epoch).permutation(len(self.rows))
+        order = epoch_order(len(self.rows), seed, stage, epoch)
         for index in order[stream::streams]:
             image, caption = self.rows[index]
-            yield RawSample(f"{index}", image, caption, (caption,))
+            yield RawSample(f"{index}", image, (caption,))
 
 
 def read_table(path: str, img_key: str, caption_key: str, separator: str) -> list[tuple[str, str]]:

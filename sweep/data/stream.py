@@ -52,11 +52,11 @@ class Batch(NamedTuple):
 
 @dataclass
 class Chunk:
-    """Decoded samples of raw positions [start, end) of one stream of an epoch."""
+    """Decoded samples of one stream of an epoch, from raw position index * CHUNK (or where a resumed stream
+    starts) to `end`."""
 
     stream: int
-    index: int  # start // CHUNK: where the chunk sits in the epoch's (index, stream) order
-    start: int
+    index: int  # where the chunk sits in the epoch's (index, stream) order
     end: int
     last: bool  # the stream has nothing after `end`
     positions: list[int] = field(default_factory=list)  # raw position of each usable sample
@@ -112,7 +112,7 @@ class EpochChunks(IterableDataset):
         ahead = next(raw, None)
         while True:
             end = (position // CHUNK + 1) * CHUNK
-            chunk = Chunk(s, position // CHUNK, position, position, last=False)
+            chunk = Chunk(s, position // CHUNK, position, last=False)
             images = []
             while ahead is not None and position < end:
                 sample, ahead = ahead, next(raw, None)
