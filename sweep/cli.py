@@ -30,6 +30,8 @@ def _train(args: argparse.Namespace) -> int:
     if record.status != "completed":
         print(f"sweep train: run failed: {record.error} (record in {where})", file=sys.stderr)
         return 1
+    if os.environ.get("RANK", "0") != "0":  # one of several processes: rank 0 reports
+        return 0
     for stage, m in record.stage_metrics().items():  # the percentages (not class or skipped counts)
         print(f"{stage}: " + ", ".join(f"{k} {v:.1f}" for k, v in m.values().items()
                                        if not k.endswith(("classes", "skipped"))))
@@ -87,6 +89,15 @@ def _launch(args: argparse.Namespace) -> int:
     executor = choose_executor(args.executor)
     if executor == "slurm" and not slurm_available():
         raise ConfigError("--executor", "slurm was asked for, but sbatch/sinfo do not work here", "command line")
+    if executor == "local":
+        from sweep.launch import local_gpus, local_workers
+
+        if slurm.nodes > 1:
+            raise ConfigError("slurm.nodes", f"{slurm.nodes} nodes per run need the Slurm executor", args.grid)
+        try:
+            local_workers(args.max_parallel, slurm, 1, local_gpus())
+        except ValueError as err:
+            raise ConfigError("slurm.gpus_per_node", str(err), args.grid) from None
     todo, skipped = to_do(grid, args.results, args.rerun_failed)
     where = f"{args.results}/{grid.sweep}"
     live = f"{len(skipped['live'])} queued or running; " if skipped["live"] else ""
@@ -102,8 +113,9 @@ def _launch(args: argparse.Namespace) -> int:
 
         configs = [r.config for r in todo]
         if configs:
-            threads = threads_per_run(executor, args.max_parallel, slurm)
-            print(format_plan(group_rows(configs, estimate(configs, threads, args.tflops)), args.max_parallel))
+            threads = threads_per_run(executor, args.max_parallel, slurm, len(configs))
+            costs = estimate(configs, threads, args.tflops, slurm.world_size)
+            print(format_plan(group_rows(configs, costs), args.max_parallel))
         print("dry run: nothing written, nothing submitted")
         return 0
     record = launch(grid, args.results, executor, todo, skipped, max_parallel=args.max_parallel,
@@ -151,7 +163,8 @@ def _plan(args: argparse.Namespace) -> int:
     slurm = _slurm_options(args, grid)
     executor = choose_executor("auto")
     configs = [r.config for r in grid.runs]
-    costs = estimate(configs, threads_per_run(executor, args.max_parallel, slurm), args.tflops)
+    costs = estimate(configs, threads_per_run(executor, args.max_parallel, slurm, len(configs)), args.tflops,
+                     slurm.world_size)
     print(f"{grid.sweep}: {len(configs)} runs ({sum(r.baseline for r in grid.runs)} full-length baselines added)")
     print(format_plan(group_rows(configs, costs), args.max_parallel))
     return 0
@@ -202,7 +215,8 @@ def _add_slurm_options(p: argparse.ArgumentParser) -> None:
     """One flag per SlurmOptions setting, with its help text; values are checked by SlurmOptions like the grid's."""
     from sweep.config import SlurmOptions
 
-    g = p.add_argument_group("Slurm (override the grid's slurm: section)")
+    g = p.add_argument_group("Resources per run (override the grid's slurm: section; gpus-per-node and "
+                             "tasks-per-node apply to local runs too)")
     for name, help_text in SlurmOptions.docs().items():
         if name == "sbatch":
             g.add_argument("--sbatch", action="append", default=[], metavar="FLAG=VALUE",
@@ -240,7 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
         "train", help="train one run from a single-run config and write RUN_DIR/result.json",
         description="Pre-train one CLIP run at the config's reduced token lengths, optionally fine-tune at full "
                     "length, evaluate after each stage and write RUN_DIR/result.json. Rerunning on the same "
-                    "RUN_DIR resumes from its latest checkpoint; a completed run is not trained again.",
+                    "RUN_DIR resumes from its latest checkpoint; a completed run is not trained again. Under "
+                    "torchrun (torchrun --standalone --nproc_per_node N -m sweep train ...) the N processes train "
+                    "one run together, each on its share of every batch, with the same result.",
         epilog="settings (YAML keys, also for --set):\n" + settings,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", help="YAML file with the run's settings (e.g. grids/run-example.yaml)")

@@ -229,21 +229,38 @@ class RunConfig(Settings):
 
 
 class SlurmOptions(Settings):
-    """Slurm resources of every array task; from the grid's `slurm:` section, overridden on the command line."""
+    """Resources of every run (one Slurm array task, or a local worker); from the grid's `slurm:` section,
+    overridden on the command line. A run on several GPUs is one job of nodes x tasks_per_node processes
+    (sweep/train/distributed.py); the batch is split among them, the result is not."""
 
     section: ClassVar[str] = "slurm"
 
     partition: str | None = setting(None, "Partition to submit to (default: the cluster's default partition).")
     account: str | None = setting(None, "Account to charge.")
     qos: str | None = setting(None, "Quality of service.")
-    gpus: int = setting(0, "GPUs per run.", ge=0)
-    cpus: int = setting(1, "CPU cores per run (also the run's torch threads).", ge=1)
-    mem_gb: Number = setting(4.0, "Memory per run, GB.", gt=0)
+    gpus_per_node: int = setting(0, "GPUs per node of a run (Slurm), or per local worker (0 locally: one GPU "
+                                 "per worker where the machine has GPUs).", ge=0)
+    nodes: int = setting(1, "Nodes per run (Slurm only).", ge=1)
+    tasks_per_node: int = setting(0, "Processes per node of a run, one per GPU; 0: gpus_per_node (at least 1). "
+                                  "Several on CPUs train one run with gloo (e.g. to test the multi-GPU path).",
+                                  ge=0)
+    cpus: int = setting(1, "CPU cores per task (also its torch threads).", ge=1)
+    mem_gb: Number = setting(4.0, "Memory per node of a run, GB.", gt=0)
     time_min: int = setting(60, "Time limit per run, minutes; a run that hits it is requeued and resumes from "
                             "its checkpoint.", ge=1)
     array_parallelism: int = setting(64, "At most this many tasks of an array run at once.", ge=1)
     sbatch: dict[str, str | int | float | bool] = setting({}, "Extra sbatch flags, e.g. {constraint: a100, "
                                                          "exclude: node12}.")
+
+    @property
+    def tasks(self) -> int:
+        """Processes per node of a run."""
+        return self.tasks_per_node or max(1, self.gpus_per_node)
+
+    @property
+    def world_size(self) -> int:
+        """Processes (GPUs) per run."""
+        return self.nodes * self.tasks
 
 
 OPERATIONAL = RunConfig.operational()

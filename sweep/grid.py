@@ -12,7 +12,7 @@ A grid file is YAML with these keys (only `sweep` and `axes` are required):
     include: [{model: cpu-s, image_strategy: random, image_tokens: 33}]   # extra cells (over settings)
     exclude: [{model: cpu-l, image_tokens: 5}]   # drop expanded cells that match every key of an entry
     baselines: true                  # add each model's full-length run once (default true)
-    slurm: {partition: gpu, gpus: 1, cpus: 8, mem_gb: 64, time_min: 600}   # see sweep.config.SlurmOptions
+    slurm: {partition: gpu, gpus_per_node: 8, nodes: 2, cpus: 8, mem_gb: 400, time_min: 600}   # SlurmOptions
 
 Every problem is reported as one line naming the file and the field, before anything runs.
 """

@@ -7,12 +7,16 @@ ones unless --rerun-failed, and so are runs whose latest Slurm job is still queu
 asked once per launch) or that a process on this machine is training; a run directory is trained by one process at
 a time (its lock), so no result is ever duplicated.
 
-Local: `--max-parallel` worker processes (submitit's LocalExecutor) share one queue of runs; each worker takes the
+Local: `--max-parallel` workers (submitit's LocalExecutor) share one queue of runs; each worker takes the
 next run nobody holds, so each process pays the torch import once, not once per run. The cores are split
-between workers (threads per run = cores // workers). The launcher waits, showing one progress bar.
-Slurm: one job array per launch (split at the cluster's MaxArraySize), one run per array task; the command
-returns once the arrays are submitted. Runs are checkpointable: on preemption or time-out submitit requeues them
-and they resume from their last checkpoint.
+between workers (threads per run = cores // workers). On a machine with GPUs each worker gets its own GPUs (one,
+or gpus_per_node), so the machine trains one run per GPU, or one multi-GPU run at a time. A worker of
+tasks_per_node > 1 processes trains each run on all of them together. The launcher waits, showing one progress
+bar.
+Slurm: one job array per launch (split at the cluster's MaxArraySize), one run per array task; a task is a job of
+nodes x tasks_per_node processes (one per GPU) that train the run together (sweep/train/distributed.py). The
+command returns once the arrays are submitted. Runs are checkpointable: on preemption or time-out submitit
+requeues the whole job and every process resumes from the last checkpoint.
 """
 from __future__ import annotations
 
@@ -144,6 +148,15 @@ def prepare_text(runs: list[Run], progress: bool = True) -> int:
 
 # ------------------------------------------------------------------------------------------ what a job executes
 
+def join_job_tasks() -> None:
+    """In a job of several tasks (a multi-task Slurm job, a local worker with tasks_per_node > 1): export
+    torchrun's variables from submitit's job environment, so that the trainer's processes form one run (rank 0 on
+    the job's first node gives the rendezvous address). A one-task job is left a plain process."""
+    if submitit.JobEnvironment().num_tasks > 1:
+        # GPUs are left as Slurm binds them; the trainer takes the one of its local rank
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+
+
 def train_run_dir(run_dir: str | Path, handle_signals: bool = True) -> str:
     """Train the run prepared in `run_dir` (inside a job); returns its final status."""
     from sweep.train import run
@@ -157,9 +170,10 @@ def train_run_dir(run_dir: str | Path, handle_signals: bool = True) -> str:
 
 
 def work_queue(run_dirs: list[str], fail_fast: bool = False) -> dict[str, str]:
-    """A local worker: train every run of the list that nobody else holds, in order."""
+    """A local worker: train every run of the list that nobody else holds, in order (all its tasks together)."""
     from sweep.train import Interrupted
 
+    join_job_tasks()
     outcome: dict[str, str] = {}
     for run_dir in run_dirs:
         if fail_fast and any(v.startswith("failed") for v in outcome.values()):
@@ -176,10 +190,11 @@ def work_queue(run_dirs: list[str], fail_fast: bool = False) -> dict[str, str]:
 
 
 class SlurmRun(submitit.helpers.Checkpointable):
-    """One array task. On preemption or time-out (SIGUSR2) the trainer writes a checkpoint, then submitit
-    requeues this same call, which resumes from it."""
+    """One array task: one run, on each of its job's tasks. On preemption or time-out (SIGUSR2, on any task) the
+    trainer writes one checkpoint, then submitit (on rank 0) requeues the whole job, which resumes from it."""
 
     def __call__(self, run_dir: str) -> str:
+        join_job_tasks()
         return train_run_dir(run_dir)
 
 
@@ -201,15 +216,38 @@ def choose_executor(requested: str) -> str:
     return "slurm" if slurm_available() else "local"
 
 
-def launch_local(run_dirs: list[Path], folder: Path, max_parallel: int, fail_fast: bool, progress: bool
-                 ) -> dict[str, Any]:
+def local_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def local_workers(max_parallel: int, opts: SlurmOptions, runs: int, gpus: int) -> list[dict[str, Any]]:
+    """The LocalExecutor parameters of each local worker. A worker runs `opts.tasks` processes that train one run
+    at a time together; on a machine with `gpus` GPUs each worker gets its own (gpus_per_node, or one per task),
+    so a GPU machine runs one multi-GPU run across them, or one single-GPU run per GPU."""
+    tasks = opts.tasks
+    if not gpus:
+        count = 1 if tasks > 1 else max_parallel  # several tasks on CPUs: one run at a time uses the cores
+        return [{"tasks_per_node": tasks}] * max(1, min(count, runs))
+    per = max(tasks, opts.gpus_per_node)
+    if per > gpus:
+        raise ValueError(f"a run asks for {per} GPUs; this machine has {gpus}")
+    count = max(1, min(max_parallel, gpus // per, runs))
+    return [{"tasks_per_node": tasks, "gpus_per_node": per, "visible_gpus": tuple(range(i * per, (i + 1) * per))}
+            for i in range(count)]
+
+
+def launch_local(run_dirs: list[Path], folder: Path, workers: list[dict[str, Any]], fail_fast: bool,
+                 progress: bool) -> dict[str, Any]:
     from tqdm import tqdm
 
-    workers = max(1, min(max_parallel, len(run_dirs)))
-    executor = submitit.LocalExecutor(folder=folder)
-    executor.update_parameters(timeout_min=7 * 24 * 60)
     queue = [str(d) for d in run_dirs]
-    jobs = [executor.submit(work_queue, queue, fail_fast) for _ in range(workers)]
+    jobs = []
+    for params in workers:
+        executor = submitit.LocalExecutor(folder=folder)
+        executor.update_parameters(timeout_min=7 * 24 * 60, **params)
+        jobs.append(executor.submit(work_queue, queue, fail_fast))
     started = time.time()
     bar = tqdm(total=len(queue), desc="runs", unit="run", disable=None if progress else True,
                dynamic_ncols=True)  # None: only on a terminal
@@ -241,10 +279,11 @@ def launch_local(run_dirs: list[Path], folder: Path, max_parallel: int, fail_fas
         bar.close()
     for job in jobs:  # a worker that itself crashed (not a run failure) must not pass unnoticed
         try:
-            job.result()
+            job.results()  # one per task
         except Exception as err:  # noqa: BLE001 - reported, the runs' own records say the rest
             print(f"sweep launch: a local worker ended with an error: {str(err).splitlines()[-1]}", file=sys.stderr)
-    return {"executor": "local", "workers": workers, "jobs": {}}
+    return {"executor": "local", "workers": len(workers), "tasks_per_worker": workers[0]["tasks_per_node"],
+            "jobs": {}}
 
 
 def max_array_size() -> int:
@@ -262,12 +301,14 @@ def max_array_size() -> int:
 def launch_slurm(run_dirs: list[Path], folder: Path, opts: SlurmOptions, sweep: str) -> dict[str, Any]:
     executor = submitit.AutoExecutor(folder=folder / "%j", cluster="slurm")
     params: dict[str, Any] = {
-        "name": f"sweep-{sweep}", "timeout_min": opts.time_min, "cpus_per_task": opts.cpus,
-        "mem_gb": opts.mem_gb, "slurm_array_parallelism": opts.array_parallelism,
-        "slurm_additional_parameters": dict(opts.sbatch),
+        "name": f"sweep-{sweep}", "timeout_min": opts.time_min, "nodes": opts.nodes,
+        "tasks_per_node": opts.tasks, "cpus_per_task": opts.cpus, "mem_gb": opts.mem_gb,
+        "slurm_array_parallelism": opts.array_parallelism, "slurm_additional_parameters": dict(opts.sbatch),
     }
-    if opts.gpus:
-        params["gpus_per_node"] = opts.gpus
+    if opts.gpus_per_node:
+        params["gpus_per_node"] = opts.gpus_per_node
+    if opts.world_size > 1:  # a task that dies takes the job down, instead of leaving its peers waiting
+        params["slurm_srun_args"] = ["--kill-on-bad-exit=1"]
     for key in ("partition", "account", "qos"):
         if getattr(opts, key):
             params[f"slurm_{key}"] = getattr(opts, key)
@@ -291,10 +332,13 @@ def launch_debug(run_dirs: list[Path]) -> dict[str, Any]:
     return {"executor": "debug", "jobs": {}}
 
 
-def threads_per_run(executor: str, max_parallel: int, opts: SlurmOptions) -> int:
+def threads_per_run(executor: str, max_parallel: int, opts: SlurmOptions, runs: int | None = None) -> int:
+    """torch threads of each process of a run: Slurm's cpus per task, or this machine's cores shared among the
+    local workers' processes."""
     if executor == "slurm":
         return opts.cpus
-    return max(1, (os.cpu_count() or 1) // max(1, max_parallel))
+    workers = local_workers(max_parallel, opts, runs or max_parallel, local_gpus()) if executor == "local" else [{}]
+    return max(1, (os.cpu_count() or 1) // (len(workers) * opts.tasks))
 
 
 def launch(grid: Grid, results: str | Path, executor: str, todo: list[Run], skipped: dict[str, list], *,
@@ -310,10 +354,11 @@ def launch(grid: Grid, results: str | Path, executor: str, todo: list[Run], skip
         return launch_record
     write_manifest(grid, results, None)
     prepare_text(todo, progress)
-    run_dirs = prepare_run_dirs(grid, results, todo, threads_per_run(executor, max_parallel, slurm))
+    run_dirs = prepare_run_dirs(grid, results, todo, threads_per_run(executor, max_parallel, slurm, len(todo)))
     folder = sweep_dir(results, grid.sweep) / ".submitit"
     if executor == "local":
-        launch_record.update(launch_local(run_dirs, folder, max_parallel, fail_fast, progress))
+        workers = local_workers(max_parallel, slurm, len(todo), local_gpus())
+        launch_record.update(launch_local(run_dirs, folder, workers, fail_fast, progress))
     elif executor == "slurm":
         launch_record.update(launch_slurm(run_dirs, folder, slurm, grid.sweep))
     else:

@@ -4,8 +4,9 @@ FLOPs are sweep.flops.step_flops (forward + backward, counted from shapes) times
 same count the trainer records in result.json.
 Time on this machine's CPU for the embedded sizes: FLOPs / the throughput of one real timed step of that model
 (at full length, so reduced runs that waste more time on fixed costs come out a little optimistic), plus a fixed
-per-run overhead for start-up and evaluation. Paper sizes are meant for GPUs: their time assumes `tflops`
-(effective, i.e. delivered, not peak).
+per-run overhead for start-up and evaluation. Paper sizes are meant for GPUs: their GPU-hours are FLOPs / `tflops`
+per GPU (effective, i.e. delivered, not peak) and their time is that shared by the run's GPUs (perfect scaling, so
+a lower bound).
 """
 from __future__ import annotations
 
@@ -59,23 +60,25 @@ def cpu_flops_per_second(model: str, threads: int) -> float:
     return step_flops(model, "none", spec.image_tokens, spec.text_tokens, batch) / seconds
 
 
-def estimate(runs: list[RunConfig], threads: int, tflops: float) -> list[dict[str, Any]]:
-    """Per run: FLOPs and estimated seconds."""
+def estimate(runs: list[RunConfig], threads: int, tflops: float, gpus: int = 1) -> list[dict[str, Any]]:
+    """Per run: FLOPs, estimated seconds and GPU-hours (0 for the CPU sizes) on `gpus` GPUs per run."""
     out = []
     for cfg in runs:
         flops = run_flops(cfg)
         if cfg.spec.scale == "cpu":
-            seconds = flops / cpu_flops_per_second(cfg.model, threads) + RUN_OVERHEAD_S
+            seconds, gpu_hours = flops / cpu_flops_per_second(cfg.model, threads) + RUN_OVERHEAD_S, 0.0
         else:
-            seconds = flops / (tflops * 1e12)
-        out.append({"flops": flops, "seconds": seconds})
+            gpu_hours = flops / (tflops * 1e12) / 3600
+            seconds = gpu_hours * 3600 / max(1, gpus)
+        out.append({"flops": flops, "seconds": seconds, "gpu_hours": gpu_hours})
     return out
 
 
 def group_rows(runs: list[RunConfig], costs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Runs grouped by model and strategies, with their token lengths and summed cost."""
     groups: dict[tuple, dict[str, Any]] = defaultdict(lambda: {"runs": 0, "image_tokens": set(),
-                                                               "text_tokens": set(), "flops": 0, "seconds": 0.0})
+                                                               "text_tokens": set(), "flops": 0, "seconds": 0.0,
+                                                               "gpu_hours": 0.0})
     for cfg, cost in zip(runs, costs):
         g = groups[(cfg.model, cfg.image_strategy, cfg.text_strategy)]
         g["runs"] += 1
@@ -83,6 +86,7 @@ def group_rows(runs: list[RunConfig], costs: list[dict[str, Any]]) -> list[dict[
         g["text_tokens"].add(cfg.text_tokens)
         g["flops"] += cost["flops"]
         g["seconds"] += cost["seconds"]
+        g["gpu_hours"] += cost["gpu_hours"]
     return [{"model": m, "image_strategy": i, "text_strategy": t, **g,
              "image_tokens": sorted(g["image_tokens"], reverse=True),
              "text_tokens": sorted(g["text_tokens"], reverse=True)}
@@ -104,16 +108,23 @@ def human_seconds(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
+def human_gpu_hours(hours: float) -> str:
+    return "-" if not hours else f"{hours:,.0f}" if hours >= 10 else f"{hours:.2f}"
+
+
 def format_plan(rows: list[dict[str, Any]], parallel: int) -> str:
     lines = [f"{'model':<9} {'image_strategy':<14} {'text_strategy':<13} {'runs':>4}  {'image_tokens':<26} "
-             f"{'text_tokens':<14} {'FLOPs':>11} {'time':>9}"]
+             f"{'text_tokens':<14} {'FLOPs':>11} {'time':>9} {'GPU-h':>8}"]
     for r in rows:
         lines.append(f"{r['model']:<9} {r['image_strategy']:<14} {r['text_strategy']:<13} {r['runs']:>4}  "
                      f"{','.join(map(str, r['image_tokens'])):<26} {','.join(map(str, r['text_tokens'])):<14} "
-                     f"{human_flops(r['flops']):>11} {human_seconds(r['seconds']):>9}")
+                     f"{human_flops(r['flops']):>11} {human_seconds(r['seconds']):>9} "
+                     f"{human_gpu_hours(r['gpu_hours']):>8}")
     total_runs = sum(r["runs"] for r in rows)
     flops = sum(r["flops"] for r in rows)
     seconds = sum(r["seconds"] for r in rows)
+    gpu_hours = sum(r["gpu_hours"] for r in rows)
     lines.append(f"total: {total_runs} runs, {human_flops(flops)}, {human_seconds(seconds)} of run time, "
-                 f"about {human_seconds(seconds / max(1, parallel))} with {parallel} in parallel")
+                 f"about {human_seconds(seconds / max(1, parallel))} with {parallel} in parallel"
+                 + (f", {human_gpu_hours(gpu_hours)} GPU-hours" if gpu_hours else ""))
     return "\n".join(lines)

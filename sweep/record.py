@@ -71,6 +71,7 @@ class Compute(_Part):
     samples_per_second: float | None = None
     stages: dict[str, StageCompute] = Field(default_factory=dict)
     threads: int | None = None
+    world_size: int | None = None
     device: str | None = None
     device_name: str | None = None
     precision: str | None = None

@@ -154,6 +154,24 @@ def test_any_kill_points_give_every_sample_once_per_epoch(n, batch, cut, bad):
         assert Counter(expected[i * usable:(i + 1) * usable]) == Counter(str(r) for r in range(n) if r not in bad)
 
 
+@settings(max_examples=15, deadline=None)
+@given(n=st.integers(1, 120), ranks=st.integers(2, 20))
+def test_ranks_read_distinct_samples_that_together_cover_each_epoch_once(n, ranks):
+    """Each rank streams its own streams: no sample reaches two ranks in an epoch and none is left out."""
+    source = Rows(n)
+    if min(max(16, ranks), n) < ranks:
+        with pytest.raises(ValueError, match="fewer than the run's"):
+            StreamedBatches(source, seed=0, stage=0, batch_size=1, image_size=8, workers=0, rank=0, ranks=ranks)
+        return
+    everything = []
+    for rank in range(ranks):
+        batches = StreamedBatches(source, seed=0, stage=0, batch_size=1, image_size=8, workers=0, rank=rank,
+                                  ranks=ranks)
+        while (key := batches.next_batch()[2][0]) and batches.epoch == 0:
+            everything.append(key)
+    assert len(everything) == len(set(everything)) == n  # distinct across ranks, all of them
+
+
 def test_a_table_streams_every_row_once_and_skips_a_missing_image(demo):
     lines = (demo / "train.tsv").read_text().splitlines()[:201]  # the header and rows 0..199
     lines[5] = "images/not-there.jpg\tlost"  # row 4
@@ -341,7 +359,7 @@ def test_sigkill_on_shards_then_rerun_matches_uninterrupted(demo, tmp_path, sigk
     saved = sigkill_at_first_checkpoint([*command, str(killed)], killed)
     # the lock dies with the trainer, not with its orphaned loader workers (which linger for seconds)
     assert not held_elsewhere(killed)
-    assert 0 < saved["step"] < 30 and saved["data"]["taken"] == saved["step"] * 64
+    assert 0 < saved["step"] < 30 and saved["data"][0]["taken"] == saved["step"] * 64
     subprocess.run([*command, str(killed)], check=True, stderr=subprocess.DEVNULL)
     subprocess.run([*command, str(clean)], check=True, stderr=subprocess.DEVNULL)
     a, b = read_record(killed), read_record(clean)

@@ -127,3 +127,20 @@ def test_paper_resolution_resize_gives_the_papers_token_counts():
     for tokens, size in [(101, 160), (50, 112), (37, 96), (26, 80), (17, 64)]:
         reduced, _ = reduce_images(torch.rand(1, 3, 224, 224), "resize", tokens, 16, torch.Generator())
         assert reduced.shape[-1] == size
+
+
+@settings(max_examples=30, deadline=None)
+@given(strategy=st.sampled_from(["random", "grid", "block", "resize", "none"]), ranks=st.sampled_from([1, 2, 4]),
+       share=st.integers(1, 4), seed=st.integers(0, 2**31))
+def test_a_batch_split_over_ranks_gets_the_masks_of_the_whole_batch(strategy, ranks, share, seed):
+    images = torch.rand(ranks * share, 3, 64, 64)
+    tokens = 17 if strategy != "none" else 65
+    whole_images, whole_keep = reduce_images(images, strategy, tokens, 8, torch.Generator().manual_seed(seed))
+    for rank in range(ranks):
+        rows = slice(rank * share, (rank + 1) * share)
+        got_images, keep = reduce_images(images[rows], strategy, tokens, 8, torch.Generator().manual_seed(seed), rows,
+                                         ranks * share)
+        assert torch.allclose(got_images, whole_images[rows])
+        assert (keep is None) == (whole_keep is None)
+        if keep is not None:
+            assert torch.equal(keep, whole_keep[rows])

@@ -231,3 +231,51 @@ def test_a_corrupt_manifest_is_a_one_line_error_and_is_never_replaced(tmp_path, 
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "manifest.json" in err and "unreadable" in err
     assert (results / "tiny" / "manifest.json").read_bytes() == b'{"sweep": "tiny", "ru'
+
+
+@pytest.mark.slow
+def test_a_local_worker_of_two_tasks_trains_each_run_on_both(tmp_path, capsys):
+    grid, results = grid_file(tmp_path, "slurm: {tasks_per_node: 2}"), tmp_path / "results"
+    assert main(["launch", str(grid), "--results", str(results), "--executor", "local", "--quiet"]) == 0
+    assert "3 runs: 3 completed" in capsys.readouterr().out
+    records = [json.loads(p.read_text()) for p in (results / "tiny").glob("*/result.json")]
+    assert [r["compute"]["world_size"] for r in records] == [2, 2, 2]
+    manifest = json.loads((results / "tiny" / "manifest.json").read_text())
+    assert manifest["launches"][-1]["workers"] == 1 and manifest["launches"][-1]["tasks_per_worker"] == 2
+
+
+@pytest.mark.parametrize("gpus,options,expected", [
+    (0, {}, [((), 1)] * 3),                                    # CPU: one run per worker, --max-parallel of them
+    (0, {"tasks_per_node": 2}, [((), 2)]),                     # CPU, two processes per run: one worker
+    (4, {}, [((0,), 1), ((1,), 1), ((2,), 1)]),                # one run per GPU (3 = --max-parallel)
+    (4, {"gpus_per_node": 2}, [((0, 1), 2), ((2, 3), 2)]),     # one task per GPU
+    (8, {"gpus_per_node": 8}, [(tuple(range(8)), 8)]),         # one run across the machine
+])
+def test_local_workers_share_the_machines_gpus_without_overlap(gpus, options, expected):
+    from sweep.config import SlurmOptions
+    from sweep.launch import local_workers
+
+    workers = local_workers(3, SlurmOptions(**options), runs=10, gpus=gpus)
+    assert [(w.get("visible_gpus", ()), w["tasks_per_node"]) for w in workers] == expected
+
+
+def test_a_run_that_needs_more_than_this_machine_is_refused_before_anything_runs(tmp_path, capsys):
+    results = tmp_path / "results"
+    grid = grid_file(tmp_path, "slurm: {nodes: 2}")
+    assert main(["launch", str(grid), "--results", str(results), "--executor", "local"]) == 2
+    assert "slurm.nodes" in capsys.readouterr().err and not results.exists()
+
+
+def test_the_plan_gives_gpu_hours_and_the_time_on_the_runs_gpus(tmp_path, capsys):
+    grid = tmp_path / "paper.yaml"
+    grid.write_text("sweep: paper\nsettings: {pretrain_samples: 2560000000, finetune_samples: 0, batch_size: 32768}\n"
+                    "axes: {model: [ViT-B-16], image_strategy: [resize], image_tokens: [50]}\nbaselines: false\n"
+                    "slurm: {gpus_per_node: 8}\n")
+    hours = []
+    for nodes in ("1", "2"):
+        assert main(["plan", str(grid), "--tflops", "100", "--nodes", nodes]) == 0
+        total = capsys.readouterr().out.splitlines()[-1]
+        assert total.endswith("GPU-hours")
+        hours.append((total.split(", ")[-1], total.split(", ")[2]))
+    assert hours[0][0] == hours[1][0]  # the same GPU-hours on 16 GPUs as on 8, in half the time
+    assert hours[0][1] != hours[1][1]

@@ -36,12 +36,14 @@ slurm:
   cpus: 1
   mem_gb: 2
   time_min: 30
+  tasks_per_node: {tasks}
 """
 
 
-def write_grid(tmp_path, sweep, cells, every=1000):
+def write_grid(tmp_path, sweep, cells, every=1000, tasks=1):
     path = tmp_path / f"{sweep}.yaml"
-    path.write_text(GRID.format(sweep=sweep, every=every, cells="\n".join(f"    - {c}" for c in cells)))
+    path.write_text(GRID.format(sweep=sweep, every=every, cells="\n".join(f"    - {c}" for c in cells),
+                                tasks=tasks))
     return path
 
 
@@ -131,8 +133,9 @@ def test_scancel_shows_failed_and_a_relaunch_reruns_only_it_from_its_checkpoint(
     subprocess.run(["scancel", job_of(sweep, slow)], check=True)  # no need to train it to the end
 
 
-def _interrupted_run_resumes(tmp_path, sweep_name, interrupt):
-    grid = write_grid(tmp_path, sweep_name, ["{image_strategy: block, image_tokens: 17, pretrain_samples: 19200}"])
+def _interrupted_run_resumes(tmp_path, sweep_name, interrupt, tasks=1):
+    grid = write_grid(tmp_path, sweep_name, ["{image_strategy: block, image_tokens: 17, pretrain_samples: 19200}"],
+                      tasks=tasks)
     results = tmp_path / "results"
     assert main(["launch", str(grid), "--results", str(results), "--executor", "slurm"]) == 0
     sweep = results / sweep_name
@@ -147,6 +150,8 @@ def _interrupted_run_resumes(tmp_path, sweep_name, interrupt):
     assert record["status"] == "completed"
     assert record["resumed"] and record["resumed"][0]["step"] > 0  # resumed mid-way, not from step 0
     assert states(sweep)[run_id]["state"] == "completed"
+    assert record["compute"]["world_size"] == tasks
+    return sweep / run_id
 
 
 def test_scontrol_requeue_resumes_from_the_checkpoint(tmp_path):
@@ -157,3 +162,13 @@ def test_preemption_signal_requeues_through_submitit_and_resumes(tmp_path):
     # submitit treats USR2 as preemption / time-out: checkpoint, requeue, resume
     _interrupted_run_resumes(tmp_path, "preempt",
                              lambda job: subprocess.run(["scancel", "--signal=USR2", job], check=True))
+
+
+def test_a_run_on_two_tasks_writes_one_result_and_a_requeue_resumes_every_task(tmp_path):
+    run_dir = _interrupted_run_resumes(
+        tmp_path, "ranks", lambda job: subprocess.run(["scontrol", "requeue", job], check=True), tasks=2)
+    assert sorted(p.name for p in run_dir.iterdir() if not p.name.startswith(".")) == \
+        ["checkpoint.pt", "config.yaml", "heartbeat", "model.pt", "result.json"]
+    # both tasks trained: each wrote its own log under the job's folder
+    logs = list((run_dir.parent / ".submitit").rglob("*_1_log.out"))
+    assert logs, "no log of the job's second task"

@@ -143,6 +143,15 @@ def test_random_choices_follow_the_generator() -> None:
     assert not torch.equal(first, second)  # and per call
 
 
+@pytest.mark.parametrize("strategy", ["random", "block"])
+def test_a_batch_split_over_ranks_gets_the_words_of_the_whole_batch(strategy: str) -> None:
+    reducer = TextReducer(strategy, 6, cache_dir=CACHE_DIR)
+    batch = [DOG, "a blue cat sleeps on the warm red sofa in the sun"] * 6
+    whole = reducer(batch, torch.Generator().manual_seed(3))
+    parts = [reducer(batch[i:i + 4], torch.Generator().manual_seed(3), first_row=i) for i in range(0, 12, 4)]
+    assert torch.equal(torch.cat(parts), whole)
+
+
 def test_allowed_text_tokens_and_settings() -> None:
     assert allowed_text_tokens("none", 32) == [32]
     assert allowed_text_tokens("syntax", 32) == list(range(3, 33))

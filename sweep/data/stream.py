@@ -16,6 +16,12 @@ how many raw samples of each stream have gone into batches (`consumed`); a check
 stream skips that many raw samples without decoding them and goes on. So a resumed run trains on exactly the
 batches an uninterrupted run trains on: no sample seen twice, none skipped.
 
+On several ranks, rank r reads streams r, r + ranks, ... (`streams` is then at least the number of ranks) and
+makes its share of every batch from them in the same (k, stream) order; each rank's epoch ends with its own
+streams. So the ranks read distinct shards (or rows) and together still visit every sample once per epoch, but
+which samples share a batch depends on the number of ranks (it does not on the embedded data), and a checkpoint
+holds one position per rank: resume a run on files on as many ranks as it started with.
+
 A sample that cannot be used (an image that does not decode, a missing caption, the rest of a truncated shard)
 is skipped and counted (`skipped`), never a crash. `epoch_samples` (the setting `train_num_samples`) ends an epoch
 after that many samples, like open_clip_train's epoch size.
@@ -84,17 +90,17 @@ def decode(sample: RawSample, image_size: int, rng: random.Random) -> np.ndarray
 
 
 class EpochChunks(IterableDataset):
-    """The chunks of the given streams of one epoch, each stream starting at raw position `start[stream]`; with a
-    `text` reducer, their captions tokenised too."""
+    """The chunks of streams `read` (of `streams`) of one epoch, each stream starting at raw position
+    `start[stream]`; with a `text` reducer, their captions tokenised too."""
 
     def __init__(self, source: ShardSource | TableSource, seed: int, stage: int, epoch: int, streams: int,
-                 start: list[int], image_size: int, text: "TextReducer | None" = None):
+                 read: range, start: list[int], image_size: int, text: "TextReducer | None" = None):
         self.source, self.seed, self.stage, self.epoch = source, seed, stage, epoch
-        self.streams, self.start, self.image_size, self.text = streams, start, image_size, text
+        self.streams, self.read, self.start, self.image_size, self.text = streams, read, start, image_size, text
 
     def __iter__(self) -> Iterator[Chunk]:
         info = get_worker_info()
-        mine = range(info.id, self.streams, info.num_workers) if info else range(self.streams)
+        mine = self.read[info.id::info.num_workers] if info else self.read
         going = {s: self._chunks(s) for s in mine}
         upcoming = {s: next(going[s]) for s in mine}
         while upcoming:  # the epoch's own order: lowest chunk index first, then stream
@@ -144,11 +150,17 @@ class StreamedBatches:
 
     def __init__(self, source: ShardSource | TableSource, *, seed: int, stage: int, batch_size: int,
                  image_size: int, workers: int, epoch_samples: int | None = None,
-                 position: dict[str, Any] | None = None, text: "TextReducer | None" = None):
+                 position: dict[str, Any] | None = None, text: "TextReducer | None" = None, rank: int = 0,
+                 ranks: int = 1):
         self.source, self.seed, self.stage, self.batch_size = source, seed, stage, batch_size
         self.text = text if text is not None and text.deterministic and not text.needs_pos else None
-        self.image_size, self.workers, self.epoch_samples = image_size, workers, epoch_samples
-        self.streams = min(STREAMS, source.max_streams)
+        self.image_size, self.workers = image_size, workers
+        self.epoch_samples = None if epoch_samples is None else epoch_samples // ranks  # this rank's share
+        self.streams = min(max(STREAMS, ranks), source.max_streams)
+        if self.streams < ranks:
+            raise ValueError(f"the training data can be split into {source.max_streams} streams (one per shard), "
+                             f"fewer than the run's {ranks} processes: use more, smaller shards")
+        self.read = range(rank, self.streams, ranks)  # the streams of this rank
         position = position or {}
         self.epoch: int = position.get("epoch", 0)
         self.consumed: list[int] = list(position.get("consumed") or [0] * self.streams)
@@ -217,11 +229,11 @@ class StreamedBatches:
         return self.epoch_samples is not None and self.taken >= self.epoch_samples
 
     def _epoch(self, epoch: int, consumed: list[int]) -> "EpochReader":
-        chunks = EpochChunks(self.source, self.seed, self.stage, epoch, self.streams, consumed, self.image_size,
-                             self.text)
+        chunks = EpochChunks(self.source, self.seed, self.stage, epoch, self.streams, self.read, consumed,
+                             self.image_size, self.text)
         loader = DataLoader(chunks, batch_size=None, num_workers=self.workers, worker_init_fn=worker_init,
                             prefetch_factor=4 if self.workers else None)
-        return EpochReader(iter(loader), consumed)
+        return EpochReader(iter(loader), {s: consumed[s] for s in self.read})
 
     def _advance(self, chunk: Chunk, to: int) -> None:
         """Move stream `chunk.stream` to raw position `to`, counting the unusable samples passed over."""
@@ -238,9 +250,9 @@ class EpochReader:
     when it is made and stop when it is dropped. `ending`: a stream has delivered its last chunk (the others, which
     are as long give or take a shard, are about to)."""
 
-    def __init__(self, pulled: Iterator[Chunk], consumed: list[int]):
+    def __init__(self, pulled: Iterator[Chunk], consumed: dict[int, int]):
         self.pulled = pulled
-        self.upcoming = {s: position // CHUNK for s, position in enumerate(consumed)}
+        self.upcoming = {s: position // CHUNK for s, position in consumed.items()}
         self.arrived: dict[tuple[int, int], Chunk] = {}
         self.ending = False
 

@@ -102,6 +102,15 @@ def resize(images, image_tokens, patch_size, generator):
 
 
 def reduce_images(images: torch.Tensor, strategy: str, image_tokens: int, patch_size: int,
-                  generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Apply the named strategy; the result feeds ``sweep.models.encode_image(model, images, keep)``."""
-    return IMAGE_STRATEGIES[strategy].apply(images, image_tokens, patch_size, generator)
+                  generator: torch.Generator, rows: slice | None = None, batch_size: int | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Apply the named strategy; the result feeds ``sweep.models.encode_image(model, images, keep)``.
+
+    `images` may be `rows` of a global batch of `batch_size` (one rank's share): the masks are then drawn for the
+    whole batch and the rows kept, so a sample's mask does not depend on how the batch is split over ranks."""
+    chosen = IMAGE_STRATEGIES[strategy]
+    if rows is None or not chosen.masks:
+        return chosen.apply(images, image_tokens, patch_size, generator)
+    whole = images[:1].expand(batch_size, *images.shape[1:])  # a view: masking strategies read only its shape
+    _, keep = chosen.apply(whole, image_tokens, patch_size, generator)
+    return images, keep[rows]

@@ -311,8 +311,12 @@ class TextReducer:
             else:
                 self._words[caption] = cw
 
-    def __call__(self, captions: Sequence[str], generator: torch.Generator | None = None) -> torch.LongTensor:
-        """Token rows [len(captions), text_tokens]; random strategies draw from `generator` (reproducible)."""
+    def __call__(self, captions: Sequence[str], generator: torch.Generator | None = None, first_row: int = 0
+                 ) -> torch.LongTensor:
+        """Token rows [len(captions), text_tokens]; random strategies draw from `generator` (reproducible).
+
+        Caption i's words are drawn from its own stream, seeded by the generator's draw and its row `first_row + i`
+        of the global batch, so the choice for a sample does not depend on how the batch is split over ranks."""
         if isinstance(captions, str):
             captions = [captions]
         self.prepare(captions)
@@ -321,11 +325,11 @@ class TextReducer:
                 return torch.zeros(0, self.text_tokens, dtype=torch.long)
             return torch.from_numpy(np.stack([self._rows[c] for c in captions]))
         seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
-        rng = np.random.default_rng(seed)
         out = np.zeros((len(captions), self.text_tokens), dtype=np.int64)
         budget = self.text_tokens - 2
         for i, caption in enumerate(captions):
             cw = self._words[caption]
+            rng = np.random.default_rng([seed, first_row + i])  # ~8 us
             ids = encode_kept(cw, self._fn(cw, budget, rng), self.text_tokens)
             out[i, : len(ids)] = ids
         return torch.from_numpy(out)

@@ -4,6 +4,7 @@
     step.py     one optimizer step: device, precision, compilation, micro-batches with the loss over the batch
     state.py    the training state and its checkpoint
     signals.py  SIGTERM/SIGUSR2 -> checkpoint and stop; the heartbeat
+    distributed.py  one run on several processes (torchrun, multi-task Slurm jobs): ranks, DDP, one writer
 
 Files in the run directory:
     config.yaml          the fully resolved RunConfig (a rerun with other scientific settings is refused)
@@ -13,7 +14,7 @@ Files in the run directory:
     result.json          the result record (sweep/record.py, docs/results.md), written atomically once the run
                          has ended
     heartbeat            touched every 10 s while the run is alive (read by `sweep status`)
-    .lock                held (flock) by the one process training the run
+    .lock                held (flock) by the one process training the run (rank 0 of a run on several)
 """
 from sweep.train.loop import Diverged, Pixels, check_run_dir, generator, load_trained_model, run
 from sweep.train.signals import Interrupted

@@ -11,6 +11,7 @@ checkpoint in `state.py`; signals and the heartbeat in `signals.py`.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import platform
@@ -34,12 +35,13 @@ from sweep.evaluate import evaluate_on_disk, feature_fns, retrieval, zeroshot
 from sweep.flops import step_flops
 from sweep.models import build_model, count_params, register_open_clip_configs
 from sweep.record import Compute, ResultRecord, read_record, status_of, write_record
-from sweep.results import atomic_write, exclusive
+from sweep.results import AlreadyRunning, atomic_write, exclusive
 from sweep.strategies.image import reduce_images, side_of
 from sweep.strategies.text import TextReducer
+from sweep.train.distributed import Distributed, join, wrap
 from sweep.train.signals import Interrupted, StopSignals, heartbeat
 from sweep.train.state import TrainState
-from sweep.train.step import ContrastiveStep, Runtime, lr_at, make_optimizer
+from sweep.train.step import ContrastiveStep, Encoders, Runtime, lr_at, make_optimizer
 
 STAGES = ("pretrain", "finetune")
 STAGE_IDS = {"pretrain": 0, "finetune": 1}
@@ -95,16 +97,17 @@ class EpochOrder:
 
 
 class InMemoryBatches:
-    """Batches of the embedded pool, in EpochOrder, from `step` on (the same interface as StreamedBatches)."""
+    """This rank's `rows` of the batches of the embedded pool, in EpochOrder, from `step` on (the same interface as
+    StreamedBatches)."""
 
     skipped = 0  # rendered scenes never fail
 
-    def __init__(self, data: Data, seed: int, stage: str, batch_size: int, step: int):
-        self.data, self.batch_size, self.step = data, batch_size, step
+    def __init__(self, data: Data, seed: int, stage: str, batch_size: int, step: int, rows: slice):
+        self.data, self.batch_size, self.step, self.rows = data, batch_size, step, rows
         self.order = EpochOrder(len(data.train_captions), seed, stage)
 
     def next_batch(self) -> Batch:
-        idx = self.order.batch(self.step, self.batch_size).tolist()
+        idx = self.order.batch(self.step, self.batch_size)[self.rows].tolist()
         self.step += 1
         return Batch(self.data.train_images[idx], [self.data.train_captions[i] for i in idx], [str(i) for i in idx],
                      tokens=None)
@@ -114,25 +117,33 @@ class InMemoryBatches:
 
 
 def training_batches(cfg: RunConfig, stage: str, data: Data | None, state: TrainState,
-                     text: TextReducer | None = None) -> InMemoryBatches | StreamedBatches:
-    """Where a stage's batches come from: the embedded pool, or files streamed from `state.data` on (their
-    captions tokenised by the loader workers where `text` allows)."""
+                     text: TextReducer | None = None, here: Distributed = Distributed()
+                     ) -> InMemoryBatches | StreamedBatches:
+    """Where this rank's batches of a stage come from: its rows of the embedded pool's batches, or its streams of
+    the files, streamed from `state.data` on (their captions tokenised by the loader workers where `text`
+    allows)."""
     if cfg.dataset == "synthetic":
-        return InMemoryBatches(data, cfg.seed, stage, cfg.batch_size, state.step)
+        return InMemoryBatches(data, cfg.seed, stage, cfg.batch_size, state.step, here.rows(cfg.batch_size))
+    positions = state.data or [None] * here.world_size
+    if len(positions) != here.world_size:
+        raise RuntimeError(f"the checkpoint was written by a run on {len(positions)} processes and this one has "
+                           f"{here.world_size}: the streams of a file dataset are split by rank, so resume it on "
+                           f"{len(positions)}")
     image_strategy, image_tokens, _, _ = cfg.stage_settings(stage)
     size = cfg.spec.image_size
     if image_strategy == "resize":  # decode straight to the reduced resolution: small images cost less to load
         size = side_of(image_tokens) * cfg.spec.patch_size
     source = open_source(cfg.dataset, cfg.train_data, cfg.csv_img_key, cfg.csv_caption_key, cfg.csv_separator)
-    return StreamedBatches(source, seed=cfg.seed, stage=STAGE_IDS[stage], batch_size=cfg.batch_size,
-                           image_size=size, workers=cfg.workers, epoch_samples=cfg.train_num_samples,
-                           position=state.data, text=text)
+    return StreamedBatches(source, seed=cfg.seed, stage=STAGE_IDS[stage],
+                           batch_size=cfg.batch_size // here.world_size, image_size=size, workers=cfg.workers,
+                           epoch_samples=cfg.train_num_samples, position=positions[here.rank], text=text,
+                           rank=here.rank, ranks=here.world_size)
 
 
-def train_stage(model, cfg: RunConfig, runtime: Runtime, stage: str, data: Data | None, eval_sets: dict,
-                pixels: Pixels, state: TrainState, run_dir: Path, stop: StopSignals, progress: bool,
-                started: float) -> None:
-    """Run (or finish) one stage, updating `state` in place; checkpoints as it goes."""
+def train_stage(model, encoders, cfg: RunConfig, runtime: Runtime, here: Distributed, stage: str, data: Data | None,
+                eval_sets: dict, pixels: Pixels, state: TrainState, run_dir: Path, stop: StopSignals,
+                progress: bool, started: float) -> None:
+    """Run (or finish) one stage on this rank, updating `state` in place; checkpoints as it goes (rank 0)."""
     samples = cfg.pretrain_samples if stage == "pretrain" else cfg.finetune_samples
     steps = samples // cfg.batch_size  # e.g. 6400 // 64 = 100; a tail that does not fill a batch is dropped
     image_strategy, image_tokens, text_strategy, text_tokens = cfg.stage_settings(stage)
@@ -149,8 +160,9 @@ def train_stage(model, cfg: RunConfig, runtime: Runtime, stage: str, data: Data 
         state.optimizer = None
     else:
         state.stage, state.step, state.data = stage, 0, None
-    step_fn = ContrastiveStep(model, optimizer, runtime, cfg.micro_batch_size, cfg.grad_clip)
-    batches = training_batches(cfg, stage, data, state, text)
+    step_fn = ContrastiveStep(model, optimizer, runtime, cfg.micro_batch_size, cfg.grad_clip, here, encoders)
+    batches = training_batches(cfg, stage, data, state, text, here)
+    rows = here.rows(cfg.batch_size)  # this rank's rows of every batch
     if isinstance(batches, StreamedBatches):
         batches.start()  # the loader workers start decoding before the clock starts
     stats = state.compute.setdefault(stage, {"train_seconds": 0.0})
@@ -177,34 +189,42 @@ def train_stage(model, cfg: RunConfig, runtime: Runtime, stage: str, data: Data 
         window = time.perf_counter()
 
     def save() -> None:
+        """Every rank at once: rank 0 writes the checkpoint, the others wait until it is on disk."""
         nonlocal window
         read_back()  # never checkpoint a diverged state
-        state.data = batches.position()  # where the data stream goes on after the steps done so far
-        stats["skipped_samples"] = batches.skipped
-        state.save(run_dir, model, optimizer, cfg.to_dict(), started)
+        # where each rank's data goes on after the steps done so far (files; the step says it for the embedded data)
+        positions = here.gather((batches.position(), batches.skipped))
+        state.data = [p for p, _ in positions] if cfg.dataset != "synthetic" else None
+        stats["skipped_samples"] = sum(skipped for _, skipped in positions)
+        if here.main:
+            state.save(run_dir, model, optimizer, cfg.to_dict(), started)
+        here.barrier()
         window = time.perf_counter()
 
     model.train()
     bar = tqdm(range(state.step, steps), desc=stage, initial=state.step, total=steps, leave=False,
-               dynamic_ncols=True, disable=None if progress else True)  # None: only on a terminal
+               dynamic_ncols=True, disable=None if progress and here.main else True)  # None: only on a terminal
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, steps, peak, cfg.warmup_fraction)
-        batch = batches.next_batch()  # uint8 images [B, 3, H, W] and their B captions
+        batch = batches.next_batch()  # uint8 images [B, 3, H, W] and their B captions (B / ranks on each rank)
         gen = generator(cfg.seed, stage_id, step, 1, device=runtime.device)  # this step's masks, on the device
         # word choices are made on the host: on the CPU from the same generator as the masks (after them), on a
         # GPU from a host generator of their own
         text_gen = gen if runtime.device.type == "cpu" else generator(cfg.seed, stage_id, step, 2)
         # images [B, 3, 64, 64] = 8 x 8 patches + class token = 65 tokens; a masking strategy at 17 keeps 16
-        # patches per sample (keep [B, 16]), `resize` shrinks the image to 32 px = 4 x 4 patches instead
-        images, keep = reduce_images(pixels(batch.images), image_strategy, image_tokens, patch, gen)
-        tokens = batch.tokens if batch.tokens is not None else text(batch.captions, text_gen)  # [B, text_tokens]
+        # patches per sample (keep [B, 16]), `resize` shrinks the image to 32 px = 4 x 4 patches instead; masks and
+        # words are drawn for the whole batch, each rank keeping its rows
+        images, keep = reduce_images(pixels(batch.images), image_strategy, image_tokens, patch, gen, rows,
+                                     cfg.batch_size)
+        tokens = batch.tokens if batch.tokens is not None else text(batch.captions, text_gen, rows.start)
         # contrastive loss over the B x B image-text similarities; the step's FLOPs scale ~ with the tokens kept
         pending.append(step_fn(images, keep, tokens.to(runtime.device, non_blocking=True)))
         state.step = step + 1
-        if stop:
+        signum = here.largest(stop.signum)  # a signal on any rank stops every rank, after one checkpoint
+        if signum:
             save()
-            stop.honour(step + 1)
+            stop.honour(step + 1, signum)
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < steps:
             save()
         elif (step + 1) % cfg.log_every == 0:
@@ -213,13 +233,16 @@ def train_stage(model, cfg: RunConfig, runtime: Runtime, stage: str, data: Data 
     bar.close()
     stats["steps"] = steps
     stats["samples"] = steps * cfg.batch_size
-    stats["micro_batch_size"] = step_fn.micro_batch_size or cfg.batch_size  # what fitted, after any halving
-    stats["skipped_samples"] = batches.skipped
-    evaluation = cfg.stage_settings(stage)
-    state.metrics[stage] = evaluate(model, cfg, runtime, evaluation, STAGE_IDS[stage], data, eval_sets, pixels)
-    if stage == "pretrain" and cfg.eval_full_length:  # the pre-trained model at full length, as a fine-tune sees it
-        state.metrics["pretrain_full_length"] = evaluate(model, cfg, runtime, cfg.stage_settings("finetune"),
-                                                         STAGE_IDS[stage], data, eval_sets, pixels)
+    # pairs per forward/backward pass on one rank: what fitted, after any halving
+    stats["micro_batch_size"] = step_fn.micro_batch_size or cfg.batch_size // here.world_size
+    found = {}
+    if here.main:  # the other ranks wait for rank 0's metrics
+        found[stage] = evaluate(model, cfg, runtime, cfg.stage_settings(stage), STAGE_IDS[stage], data, eval_sets,
+                                pixels)
+        if stage == "pretrain" and cfg.eval_full_length:  # the pre-trained model at full length, as a fine-tune
+            found["pretrain_full_length"] = evaluate(model, cfg, runtime, cfg.stage_settings("finetune"),
+                                                     STAGE_IDS[stage], data, eval_sets, pixels)
+    state.metrics.update(here.broadcast(found))
     save()
 
 
@@ -291,21 +314,43 @@ def run(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True, handle_si
     """Train one run to completion (resuming if `run_dir` holds a checkpoint) and write its result.json.
 
     Returns the result record. A run whose result.json is already `completed` is not trained again; a run that
-    another process is training raises AlreadyRunning.
+    another process is training raises AlreadyRunning. On several processes (torchrun, a multi-task Slurm job)
+    every rank calls this: rank 0 holds the directory (lock, heartbeat, every file written), the others follow.
     """
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    check_run_dir(cfg, run_dir)
-    with exclusive(run_dir):
-        if status_of(run_dir) == "completed":
+    here = join(device_type(cfg))
+    with contextlib.ExitStack() as held:
+        verdict: tuple[str, str] = ("train", "")
+        if here.main:
+            try:
+                run_dir.mkdir(parents=True, exist_ok=True)
+                check_run_dir(cfg, run_dir)
+                held.enter_context(exclusive(run_dir))
+                if status_of(run_dir) == "completed":
+                    verdict = ("completed", "")
+                else:
+                    atomic_write(run_dir / "config.yaml",
+                                 lambda p: Path(p).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False)))
+                    held.enter_context(heartbeat(run_dir / "heartbeat"))
+            except Exception as err:
+                here.broadcast((type(err).__name__, str(err)))  # the other ranks stop with it
+                raise
+        verdict = here.broadcast(verdict)
+        if verdict[0] == "AlreadyRunning":
+            raise AlreadyRunning(verdict[1])
+        if verdict[0] not in ("train", "completed"):
+            raise RuntimeError(f"rank 0 could not start the run: {verdict[0]}: {verdict[1]}")
+        if verdict[0] == "completed":
             return read_record(run_dir)
-        atomic_write(run_dir / "config.yaml",
-                     lambda p: Path(p).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False)))
-        with heartbeat(run_dir / "heartbeat"):
-            return _run(cfg, run_dir, progress, handle_signals)
+        return _run(cfg, run_dir, here, progress, handle_signals)
 
 
-def _run(cfg: RunConfig, run_dir: Path, progress: bool, handle_signals: bool) -> ResultRecord:
+def device_type(cfg: RunConfig) -> str:
+    """cuda or cpu, as `Runtime.of` will resolve the device (without failing where a GPU is missing)."""
+    return "cuda" if cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
+
+
+def _run(cfg: RunConfig, run_dir: Path, here: Distributed, progress: bool, handle_signals: bool) -> ResultRecord:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     started = time.time()
@@ -316,40 +361,48 @@ def _run(cfg: RunConfig, run_dir: Path, progress: bool, handle_signals: bool) ->
         open_clip_model=cfg.spec.open_clip_name)
     state, runtime = TrainState(), None
     try:
-        runtime = Runtime.of(cfg)
+        runtime = Runtime.of(cfg, here.local_rank)
+        if cfg.batch_size % here.world_size:
+            raise ValueError(f"batch_size {cfg.batch_size} does not split into {here.world_size} equal rank "
+                             f"batches; use a multiple of {here.world_size}")
         data = None
         if cfg.dataset == "synthetic" or cfg.eval_embedded:
             data = load_data(cfg.dataset, cfg.data_seed, cfg.train_scenes, cfg.spec.image_size,
                              cfg.eval_zeroshot_samples, cfg.eval_retrieval_samples)
-        eval_sets = load_eval_sets(cfg)
+        eval_sets = load_eval_sets(cfg) if here.main else {}  # rank 0 evaluates
         torch.manual_seed(cfg.seed)
         model = build_model(cfg.model)  # initialised on the CPU: the same weights whatever the device
         record["params"] = count_params(model)
-        state = TrainState.load(run_dir, model)
+        state = TrainState.load(run_dir, model)  # every rank resumes from the same checkpoint
         model.to(runtime.device)
         model.set_grad_checkpointing(cfg.grad_checkpointing)
+        encoders = wrap(Encoders(model), here, runtime.device)  # DDP on several ranks
         pixels = Pixels(runtime.device)
         with StopSignals(handle_signals) as stop:
             for stage in STAGES:
                 samples = cfg.pretrain_samples if stage == "pretrain" else cfg.finetune_samples
                 if samples and stage not in state.metrics:
-                    train_stage(model, cfg, runtime, stage, data, eval_sets, pixels, state, run_dir, stop, progress,
-                                started)
-        torch.save(model.state_dict(), run_dir / "model.pt")
+                    train_stage(model, encoders, cfg, runtime, here, stage, data, eval_sets, pixels, state, run_dir,
+                                stop, progress, started)
+        if here.main:
+            torch.save(model.state_dict(), run_dir / "model.pt")
         record["weights"] = "model.pt"
-    except Diverged as err:
+    except Diverged as err:  # every rank sees the same losses, so every rank ends here at the same step
         record.update(status="failed", error=str(err))
     except (Interrupted, SystemExit, KeyboardInterrupt):
         raise
     except Exception as err:  # any other failure is recorded so `sweep status` can say why, then re-raised
         record.update(status="failed", error=f"{type(err).__name__}: {err}")
-        _finish(record, state, runtime, started, run_dir)
+        if here.main:
+            _finish(record, state, runtime, here, started, run_dir)
         raise
-    return _finish(record, state, runtime, started, run_dir)
+    finished = _finish(record, state, runtime, here, started, run_dir) if here.main else None
+    here.barrier()  # the result is on disk
+    return finished or read_record(run_dir)
 
 
-def _finish(fields: dict[str, Any], state: TrainState, runtime: Runtime | None, started: float, run_dir: Path
-            ) -> ResultRecord:
+def _finish(fields: dict[str, Any], state: TrainState, runtime: Runtime | None, here: Distributed, started: float,
+            run_dir: Path) -> ResultRecord:
     compute = state.compute
     samples = sum(c.get("samples", 0) for c in compute.values())
     train_seconds = sum(c.get("train_seconds", 0.0) for c in compute.values())
@@ -370,6 +423,7 @@ def _finish(fields: dict[str, Any], state: TrainState, runtime: Runtime | None, 
             samples_per_second=round(samples / train_seconds, 2) if train_seconds else None,
             stages=compute,
             threads=torch.get_num_threads(),
+            world_size=here.world_size,
             **where),
         resumed=state.resumed,  # where each restart picked up (empty: never interrupted)
         final_loss={stage: float(np.mean(v[-20:])) for stage, v in state.losses.items() if v},

@@ -37,12 +37,14 @@ class StopSignals:
         for s, handler in self.previous.items():
             signal.signal(s, handler)
 
-    def __bool__(self) -> bool:
-        return bool(self.received)
+    @property
+    def signum(self) -> int:
+        """The first signal received, 0 if none."""
+        return self.received[0] if self.received else 0
 
-    def honour(self, step: int) -> None:
-        """Called after the checkpoint is written."""
-        signum = self.received[0]
+    def honour(self, step: int, signum: int) -> None:
+        """Called after the checkpoint is written, with the signal to act on (on several ranks: one that any rank
+        received; rank 0's submitit handler then requeues the whole job)."""
         handler = self.previous.get(signum)
         self.__exit__()
         if callable(handler):

@@ -2,7 +2,8 @@
 
 No random-number state is saved: every random draw of a run (data order, masks, word choices) is a function of
 (seed, stage, step), so the stage and the step are all a resume needs besides the weights and the optimizer (and,
-for data streamed from files, how far each stream of the epoch has been read: `data`).
+for data streamed from files, how far each stream of the epoch has been read: `data`). On several ranks every
+rank loads the same checkpoint; rank 0 writes it.
 """
 from __future__ import annotations
 
@@ -38,8 +39,8 @@ class TrainState:
     """Wall seconds of earlier attempts (before the latest restart)."""
     optimizer: dict | None = None
     """The optimizer state of `stage` at `step`, until the resumed stage has taken it."""
-    data: dict[str, Any] | None = None
-    """Where the training data stream of `stage` stands after `step` steps (files only; StreamedBatches)."""
+    data: list[dict[str, Any]] | None = None
+    """Where each rank's training data stream of `stage` stands after `step` steps (files only; StreamedBatches)."""
 
     @classmethod
     def load(cls, run_dir: Path, model: torch.nn.Module) -> "TrainState":
@@ -50,6 +51,8 @@ class TrainState:
         saved = torch.load(path, map_location="cpu", weights_only=False)
         model.load_state_dict(saved.pop("model"))
         known = {k: saved[k] for k in cls.__dataclass_fields__ if k in saved}
+        if isinstance(known.get("data"), dict):  # written by a one-process run before runs had ranks
+            known["data"] = [known["data"]]
         state = cls(**known)
         state.resumed.append({"stage": state.stage, "step": state.step})
         return state

@@ -8,7 +8,10 @@ step is executed is not, and does not change the result beyond floating-point no
   computes the loss over the whole batch: the features of every micro-batch are first computed without gradients,
   then each micro-batch is recomputed with gradients against the cached features of the others, so the summed
   gradient is the gradient of the one-shot loss (open_clip's `accum_freq` scheme, with the temperature's gradient
-  taken once instead of once per micro-batch).
+  taken once instead of once per micro-batch);
+- on several ranks (`distributed.py`) each rank steps on its rows of the batch; the loss gathers every rank's
+  features with their gradients and DDP averages the gradients, so global batch = micro-batch x accumulation x
+  ranks, and the update is the one of a single process on the whole batch.
 Nothing here reads a value back from the device: the loss stays a device tensor until the loop asks for it.
 """
 from __future__ import annotations
@@ -22,6 +25,7 @@ from open_clip.loss import ClipLoss
 
 from sweep.config import RunConfig
 from sweep.models import encode_image, encode_text
+from sweep.train.distributed import Distributed, local_device
 
 
 def lr_at(step: int, steps: int, peak: float, warmup_fraction: float) -> float:
@@ -53,15 +57,17 @@ class Runtime:
     compile: bool
 
     @classmethod
-    def of(cls, cfg: RunConfig) -> "Runtime":
+    def of(cls, cfg: RunConfig, local_rank: int = 0) -> "Runtime":
         """Resolve the `auto` settings; a cuda device that is not there is an error of the run, not of the config
-        (a grid is validated on a login node without GPUs)."""
+        (a grid is validated on a login node without GPUs). `cuda` is the GPU of the rank (`local_rank`)."""
         name = cfg.device
         if name == "auto":
             name = "cuda" if torch.cuda.is_available() else "cpu"
         device = torch.device(name)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError(f"device {cfg.device!r} was asked for, but torch sees no CUDA device here")
+        if device.type == "cuda" and device.index is None:
+            device = local_device(local_rank)
         precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
         compiled = cfg.compile if cfg.compile is not None else device.type == "cuda"
         return cls(device, torch.bfloat16 if precision == "bf16" else None, compiled)
@@ -81,22 +87,35 @@ class Runtime:
             torch.cuda.synchronize(self.device)
 
 
-def _features(model, images: torch.Tensor, keep: torch.Tensor | None, tokens: torch.Tensor
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-    return encode_image(model, images, keep), encode_text(model, tokens)
+class Encoders(torch.nn.Module):
+    """Both towers as one module: its forward is what a step differentiates, and what DDP wraps."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor, keep: torch.Tensor | None, tokens: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        return encode_image(self.model, images, keep), encode_text(self.model, tokens)
 
 
 class ContrastiveStep:
-    """`step(images, keep, tokens)`: one AdamW step on one batch; returns the loss as a device tensor.
+    """`step(images, keep, tokens)`: one AdamW step on this rank's rows of a batch; returns the loss over the whole
+    (global) batch as a device tensor.
 
+    `encoders` is `Encoders(model)`, wrapped in DDP for a run on several ranks (`distributed.wrap`, once per run).
     A non-finite loss is not looked at here (that would wait for the device); the loop checks the losses every
     `log_every` steps and ends the run there."""
 
-    def __init__(self, model, optimizer, runtime: Runtime, micro_batch_size: int, grad_clip: float):
-        self.model, self.optimizer, self.runtime = model, optimizer, runtime
+    def __init__(self, model, optimizer, runtime: Runtime, micro_batch_size: int, grad_clip: float,
+                 here: Distributed = Distributed(), encoders: torch.nn.Module | None = None):
+        self.model, self.optimizer, self.runtime, self.here = model, optimizer, runtime, here
         self.micro_batch_size, self.grad_clip = micro_batch_size, grad_clip
-        self.loss_fn = ClipLoss()
-        self.features = torch.compile(_features, dynamic=False) if runtime.compile else _features
+        # over several ranks: each rank's rows against the features of every rank, gathered with their gradients
+        self.loss_fn = ClipLoss(local_loss=True, gather_with_grad=True, cache_labels=True, rank=here.rank,
+                                world_size=here.world_size)
+        self.encoders = encoders if encoders is not None else Encoders(model)
+        self.features = torch.compile(self.encoders, dynamic=False) if runtime.compile else self.encoders
 
     def __call__(self, images: torch.Tensor, keep: torch.Tensor | None, tokens: torch.Tensor) -> torch.Tensor:
         while True:
@@ -107,6 +126,9 @@ class ContrastiveStep:
                 size = self.micro_batch_size or images.shape[0]
                 if self.runtime.device.type != "cuda" or size <= 1:
                     raise
+                if self.here.world_size > 1:  # the ranks would disagree on their micro-batches and deadlock
+                    raise torch.OutOfMemoryError(f"a rank batch of {images.shape[0]} does not fit; set "
+                                                 f"micro_batch_size (below {size}) for runs on several GPUs")
                 self.optimizer.zero_grad(set_to_none=True)
                 torch.cuda.empty_cache()
                 self.micro_batch_size = size // 2
@@ -117,26 +139,32 @@ class ContrastiveStep:
         self.optimizer.zero_grad(set_to_none=True)
         if size >= batch:  # the whole batch in one pass
             with self.runtime.autocast():
-                image_f, text_f = self.features(model, images, keep, tokens)
+                image_f, text_f = self.features(images, keep, tokens)
                 loss = self.loss_fn(image_f, text_f, model.logit_scale.exp())
-            loss.backward()
+            loss.backward()  # under DDP: the gradients are averaged over ranks as they are computed
         else:
             parts = [slice(i, min(i + size, batch)) for i in range(0, batch, size)]
             cut = lambda part: (images[part], None if keep is None else keep[part], tokens[part])  # noqa: E731
             with torch.no_grad(), self.runtime.autocast():  # every micro-batch's features, to stand in for it
-                cached = [self.features(model, *cut(part)) for part in parts]
+                cached = [self.features(*cut(part)) for part in parts]
+            last = len(parts) - 1
             for i, part in enumerate(parts):
-                with self.runtime.autocast():
-                    image_f, text_f = self.features(model, *cut(part))
-                    all_image = torch.cat([image_f if j == i else c[0] for j, c in enumerate(cached)])
-                    all_text = torch.cat([text_f if j == i else c[1] for j, c in enumerate(cached)])
-                    scale = model.logit_scale.exp()
-                    # the temperature's gradient comes from the whole loss once, not once per micro-batch
-                    loss = self.loss_fn(all_image, all_text, scale if i == 0 else scale.detach())
-                loss.backward()
+                # under DDP the gradients add up locally and are averaged over ranks in the last backward only
+                sync = self.encoders.no_sync() if i < last and hasattr(self.encoders, "no_sync") \
+                    else contextlib.nullcontext()
+                with sync:
+                    with self.runtime.autocast():
+                        image_f, text_f = self.features(*cut(part))
+                        all_image = torch.cat([image_f if j == i else c[0] for j, c in enumerate(cached)])
+                        all_text = torch.cat([text_f if j == i else c[1] for j, c in enumerate(cached)])
+                        scale = model.logit_scale.exp()
+                        # the temperature's gradient comes from the whole loss once, not once per micro-batch (in
+                        # the last pass, the one DDP averages)
+                        loss = self.loss_fn(all_image, all_text, scale if i == last else scale.detach())
+                    loss.backward()
         if self.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), self.grad_clip)
         self.optimizer.step()
         with torch.no_grad():  # CLIP caps the temperature at 100
             model.logit_scale.clamp_(0, math.log(100))
-        return loss.detach()
+        return self.here.mean(loss.detach())  # each rank's loss is over its rows; their mean is the batch's
