@@ -29,7 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="metric column to analyse, in percent (default: zeroshot_top1); an evaluation set on disk "
                              "gives <name>_<metric> columns, e.g. imagenet_top1 or coco_i2t_r5")
     parser.add_argument("--stage", choices=("pretrain", "pretrain_full_length", "finetune"), default=None,
-                        help="which stage's metrics (default: pretrain, or the only stage present); "
+                        help="which stage's metrics (default: finetune, the paper's protocol of pre-training "
+                             "reduced and fine-tuning and evaluating at full length; pretrain where no run "
+                             "fine-tuned); "
                              "pretrain_full_length: the pre-trained model evaluated at full length "
                              "(eval_full_length)")
     parser.add_argument("--max-drop", type=float, default=1.0, metavar="X",

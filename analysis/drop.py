@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import AnalysisInputError, AnalysisWarning
-from .load import COMPUTE_COLUMNS, METRIC_COLUMNS, STRING_COLUMNS
+from .load import COMPUTE_COLUMNS, METRIC_COLUMNS, STRING_COLUMNS, TOWER_COLUMNS
 
 AXES = ("image", "text")
 CELL_KEYS = ["model", "image_strategy", "image_tokens", "text_strategy", "text_tokens"]
@@ -32,7 +32,7 @@ CELL_KEYS = ["model", "image_strategy", "image_tokens", "text_strategy", "text_t
 
 def available_metrics(df: pd.DataFrame) -> list[str]:
     """Numeric metric columns that the table actually holds values for."""
-    skip = {"params", "image_tokens", "text_tokens", "seed", "zeroshot_classes", *COMPUTE_COLUMNS}
+    skip = {"params", *TOWER_COLUMNS, "image_tokens", "text_tokens", "seed", "zeroshot_classes", *COMPUTE_COLUMNS}
     return [
         c for c in df.columns
         if c not in skip and c not in STRING_COLUMNS and pd.api.types.is_numeric_dtype(df[c]) and df[c].notna().any()
@@ -40,10 +40,12 @@ def available_metrics(df: pd.DataFrame) -> list[str]:
 
 
 def default_stage(df: pd.DataFrame) -> str:
-    """``pretrain`` when the table has it (every run has a pre-training stage), else the first stage present."""
+    """The paper's protocol: ``finetune`` (pre-trained at reduced length, fine-tuned and evaluated at full length)
+    when the table has it, else ``pretrain``, else the first stage present."""
     stages = [s for s in df["stage"].unique() if s]
-    if "pretrain" in stages or not stages:
-        return "pretrain"
+    for stage in ("finetune", "pretrain"):
+        if stage in stages or (stage == "pretrain" and not stages):
+            return stage
     return sorted(stages)[0]
 
 
@@ -155,6 +157,7 @@ def summarize_cells(runs: pd.DataFrame) -> pd.DataFrame:
     grouped = used.groupby(CELL_KEYS, sort=True, dropna=False)
     cells = grouped.agg(
         params=("params", "first"),
+        **{column: (column, "first") for column in TOWER_COLUMNS if column in used.columns},
         stage=("stage", "first"),
         axis_=("axis", "first"),  # "axis" is a keyword of DataFrameGroupBy.agg
         strategy=("strategy", "first"),

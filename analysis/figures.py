@@ -1,7 +1,10 @@
-"""Figures a reader would put in a paper, drawn with matplotlib's object API (no pyplot state, no GUI backend).
+"""Figures a reader would put in a paper, drawn with matplotlib's object API (no pyplot state, no GUI backend) in
+seaborn's paper style and colour-blind-safe palettes.
 
 Every function takes the analysis tables and returns a `matplotlib.figure.Figure` (or None when the data for it are
-absent); `save_figure` writes PNG and PDF. Colours follow model size (light = small, dark = large) in every figure.
+absent); `save_figure` writes PNG and PDF. Colours follow model size (viridis: light = small, dark = large) in every
+figure, strategies use seaborn's colour-blind palette. Panels of one axis share their y scale, so curves compare
+across strategies at a glance.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import seaborn as sns
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.collections import LineCollection
@@ -31,9 +35,12 @@ AXIS_LABELS = {
 }
 STRATEGY_ORDER = {"image": ["random", "grid", "block", "resize"], "text": ["truncation", "random", "block", "syntax"]}
 _STYLE = {
-    "font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9, "legend.fontsize": 8, "axes.grid": True,
-    "grid.alpha": 0.3, "axes.spines.top": False, "axes.spines.right": False,
+    **sns.axes_style("whitegrid"), **sns.plotting_context("paper"),
+    "font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9, "legend.fontsize": 8, "xtick.labelsize": 8,
+    "ytick.labelsize": 8, "axes.spines.top": False, "axes.spines.right": False, "grid.alpha": 0.5,
+    "pdf.fonttype": 42,  # TrueType in the PDF: text stays text for journals
 }
+STRATEGY_PALETTE = sns.color_palette("colorblind")
 
 
 def metric_label(metric: str) -> str:
@@ -41,7 +48,7 @@ def metric_label(metric: str) -> str:
 
 
 def model_colors(cells: pd.DataFrame) -> dict[str, tuple]:
-    """One colour per model, ordered by parameter count (viridis: light = small, dark = large)."""
+    """One colour per model, ordered by parameter count (viridis, colour-blind safe: light = small, dark = large)."""
     order = model_order(cells)
     cmap = colormaps["viridis_r"]
     shades = np.linspace(0.15, 0.9, len(order)) if len(order) > 1 else [0.6]
@@ -62,6 +69,13 @@ def _human(value: float) -> str:
         if abs(value) >= scale:
             return f"{value / scale:.3g}{unit}"
     return f"{value:.3g}"
+
+
+def _human_flops(value: float) -> str:
+    for unit, scale in (("Z", 1e21), ("E", 1e18), ("P", 1e15), ("T", 1e12), ("G", 1e9)):
+        if value >= scale:
+            return f"{value / scale:g}{unit}"
+    return f"{value:g}"
 
 
 def _strategies(cells: pd.DataFrame, axis: str) -> list[str]:
@@ -92,11 +106,11 @@ def _grid_figure(panels: list[tuple[str, list[str]]]) -> tuple[Figure, dict]:
     """One row of panels per axis, one column per strategy; fixed margins (fast, unlike a layout engine)."""
     ncols = max(len(s) for _, s in panels)
     nrows = len(panels)
-    width, height = 3.3 * ncols + 0.7 + _LEGEND_WIDTH, 2.9 * nrows + 0.9
+    width, height = 3.3 * ncols + 0.7 + _LEGEND_WIDTH, 2.9 * nrows + 1.1
     fig = Figure(figsize=(width, height))
-    fig.subplots_adjust(left=0.75 / width, right=1 - (_LEGEND_WIDTH + 0.1) / width, bottom=0.6 / height,
+    fig.subplots_adjust(left=0.75 / width, right=1 - (_LEGEND_WIDTH + 0.1) / width, bottom=0.8 / height,
                         top=1 - 0.75 / height, wspace=0.38, hspace=0.55 if nrows > 1 else 0.2)
-    grid = fig.subplots(nrows, ncols, squeeze=False)
+    grid = fig.subplots(nrows, ncols, squeeze=False, sharey="row")
     axes = {}
     for row, (axis, strategies) in enumerate(panels):
         for col in range(ncols):
@@ -163,7 +177,8 @@ def plot_accuracy_vs_tokens(cells: pd.DataFrame, stage: str = "pretrain") -> Fig
             _token_axis(ax, _panel_ticks(items) if items else [])
             ax.set_title(f"{axis} · {strategy}")
             ax.set_xlabel(AXIS_LABELS[axis] + " (log scale)")
-            ax.set_ylabel(f"{metric_label(metric)} (%)")
+            if ax.get_subplotspec().is_first_col():
+                ax.set_ylabel(f"{metric_label(metric)} (%)")
         _model_legend(fig, cells, colors)
         fig.suptitle(f"{metric_label(metric).capitalize()} against token length ({stage}); "
                      f"markers: mean over seeds, bars: ±1 std; rightmost point: full-length baseline")
@@ -196,7 +211,8 @@ def plot_drop_vs_tokens(
             _token_axis(ax, _panel_ticks(curves[(axis, strategy)]) if (axis, strategy) in curves else [])
             ax.set_title(f"{axis} · {strategy}")
             ax.set_xlabel(AXIS_LABELS[axis] + " (log scale)")
-            ax.set_ylabel(f"drop in {metric_label(metric)} (pp)")
+            if ax.get_subplotspec().is_first_col():
+                ax.set_ylabel(f"drop in {metric_label(metric)} (pp)")
         extra = [Line2D([], [], color="0.3", marker="o", linestyle="none", label="mean ± std over seeds"),
                  Line2D([], [], color="0.3", linewidth=1.4, label="fitted a·((t_full/t)^b − 1)"),
                  Line2D([], [], color="crimson", linestyle="--", label=f"tolerance: {max_drop:g} pp")]
@@ -207,26 +223,28 @@ def plot_drop_vs_tokens(
 
 
 def plot_min_tokens_vs_params(min_tokens: pd.DataFrame, laws: pd.DataFrame) -> Figure | None:
-    """The inverse scaling law: minimum token length against model size, log-log, CI bars and the fitted line."""
-    table = min_tokens[np.isfinite(min_tokens["params"].astype(float))]
+    """The inverse scaling law as the paper draws it: minimum token length against the size of the encoder the axis
+    reduces (log-log), each model named at its size, with CI bars and the fitted line per strategy."""
+    size = "axis_params" if "axis_params" in min_tokens.columns else "params"
+    table = min_tokens[np.isfinite(min_tokens[size].astype(float))]
     axes_present = [a for a in AXES if (table["axis"] == a).any()]
     if not axes_present or table["min_tokens_fit"].notna().sum() + table["min_tokens_measured"].notna().sum() == 0:
         return None
     max_drop = float(table["max_drop"].iloc[0])
     metric = table["metric"].iloc[0]
     with _style():
-        width = 5.4 * len(axes_present) + 0.4
-        fig = Figure(figsize=(width, 6.0))
-        fig.subplots_adjust(left=0.95 / width, right=1 - 0.15 / width, bottom=0.3, top=0.9, wspace=0.3)
+        width = 4.6 * len(axes_present) + 0.6
+        fig = Figure(figsize=(width, 5.4))
+        fig.subplots_adjust(left=0.95 / width, right=1 - 0.2 / width, bottom=0.33, top=0.84, wspace=0.35)
         grid = fig.subplots(1, len(axes_present), squeeze=False)[0]
         for ax, axis in zip(grid, axes_present):
             sub = table[table["axis"] == axis]
             strategies = _strategies(sub, axis)
-            palette = colormaps["tab10"]
+            sizes = sub.groupby("model")[size].first().sort_values()
             for i, strategy in enumerate(strategies):
-                color = palette(i % 10)
-                rows = sub[sub["strategy"] == strategy].sort_values("params")
-                offset = 1.0 + 0.025 * (i - (len(strategies) - 1) / 2)  # keep error bars apart
+                color = STRATEGY_PALETTE[i % len(STRATEGY_PALETTE)]
+                rows = sub[sub["strategy"] == strategy].sort_values(size)
+                offset = 1.0 + 0.03 * (i - (len(strategies) - 1) / 2)  # keep error bars apart
                 ok = rows[np.isfinite(rows["min_tokens_fit"].astype(float))]
                 label = strategy
                 law = laws[(laws["axis"] == axis) & (laws["strategy"] == strategy)]
@@ -236,18 +254,26 @@ def plot_min_tokens_vs_params(min_tokens: pd.DataFrame, laws: pd.DataFrame) -> F
                     low = np.clip(ok["min_tokens_fit"] - ok["ci_low"], 0, None)
                     high = np.clip(ok["ci_high"] - ok["min_tokens_fit"], 0, None)
                     low = np.minimum(low, ok["min_tokens_fit"] * 0.95)  # a log axis cannot show 0
-                    ax.errorbar(ok["params"] * offset, ok["min_tokens_fit"], yerr=[low, high], color=color,
+                    ax.errorbar(ok[size] * offset, ok["min_tokens_fit"], yerr=[low, high], color=color,
                                 marker="o", markersize=5, capsize=3, linestyle="none", label=label)
                 meas = rows[np.isfinite(rows["min_tokens_measured"].astype(float))]
-                ax.plot(meas["params"] * offset, meas["min_tokens_measured"], color=color, marker="s",
+                ax.plot(meas[size] * offset, meas["min_tokens_measured"], color=color, marker="s",
                         markerfacecolor="none", markersize=6, linestyle="none",
                         label=None if len(ok) else label + " (measured only)")
                 if len(law):
-                    p = np.geomspace(law["params_min"].iloc[0] / 1.3, law["params_max"].iloc[0] * 1.3, 50)
+                    p = np.geomspace(law["params_min"].iloc[0] / 1.2, law["params_max"].iloc[0] * 1.2, 50)
                     ax.plot(p, 10 ** (law["intercept"].iloc[0] + law["slope"].iloc[0] * np.log10(p)), color=color,
                             linestyle="--", linewidth=1.2)
             ax.set_xscale("log")
             ax.set_yscale("log")
+            # the models are the x ticks, named and sized as the paper labels them
+            ax.xaxis.set_major_locator(FixedLocator(sizes.to_numpy(float)))
+            ax.xaxis.set_major_formatter(FuncFormatter(
+                lambda v, pos, names=list(sizes.index), at=sizes.to_numpy(float):
+                f"{names[pos]}\n{_human(at[pos])}" if pos is not None and pos < len(names) else ""))
+            ax.xaxis.set_minor_locator(NullLocator())
+            if len(sizes):
+                ax.set_xlim(sizes.min() / 1.6, sizes.max() * 1.6)
             ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
             ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
             ax.yaxis.set_minor_formatter(NullFormatter())
@@ -256,7 +282,8 @@ def plot_min_tokens_vs_params(min_tokens: pd.DataFrame, laws: pd.DataFrame) -> F
             longest = np.nanmax(sub["full_tokens"].to_numpy(float))
             if np.isfinite(shortest) and np.isfinite(longest):
                 ax.set_ylim(shortest / 2, longest * 1.15)
-            ax.set_xlabel("model parameters (log scale)")
+            tower = {"image": "vision", "text": "text"}[axis] if size == "axis_params" else "model"
+            ax.set_xlabel(f"{tower} parameters (log scale)")
             ax.set_ylabel(f"minimum {AXIS_LABELS[axis]}\nwith drop ≤ {max_drop:g} pp (log scale)")
             ax.set_title(f"{axis} tokens")
             handles, labels = ax.get_legend_handles_labels()
@@ -264,10 +291,9 @@ def plot_min_tokens_vs_params(min_tokens: pd.DataFrame, laws: pd.DataFrame) -> F
                         Line2D([], [], color="0.3", marker="s", markerfacecolor="none", linestyle="none"),
                         Line2D([], [], color="0.3", linestyle="--")]
             labels += ["fitted crossing, 95% CI", "measured (grid point)", "log-log fit"]
-            ax.legend(handles, labels, title="strategy", loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2,
+            ax.legend(handles, labels, title="strategy", loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2,
                       frameon=False)
-        fig.suptitle(f"Inverse scaling law: minimum token length against model size "
-                     f"({metric_label(metric)}, tolerance {max_drop:g} pp)")
+        fig.suptitle(f"Minimum token length against model size\n{metric_label(metric)}, tolerance {max_drop:g} pp")
     return fig
 
 
@@ -303,6 +329,9 @@ def plot_accuracy_vs_compute(cells: pd.DataFrame, stage: str = "pretrain") -> Fi
         points = data.iloc[front]
         ax.step(points["train_flops"], points["metric_mean"], where="post", color="black", linewidth=1.3)
         ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: _human_flops(v)))
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("training compute (FLOPs, log scale)")
         ax.set_ylabel(f"{metric_label(metric)} (%)")
         ax.set_title(f"{metric_label(metric).capitalize()} against training compute ({stage})")

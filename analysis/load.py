@@ -42,7 +42,10 @@ REQUIRED_TABLE_COLUMNS = (
     "zeroshot_top1",
 )
 ID_COLUMNS = ("run_id", "sweep", "status", "error")
-SETTING_COLUMNS = ("model", "params", "image_strategy", "image_tokens", "text_strategy", "text_tokens", "seed", "stage")
+SETTING_COLUMNS = ("model", "params", "vision_params", "text_params", "image_strategy", "image_tokens",
+                   "text_strategy", "text_tokens", "seed", "stage")
+# Optional: the parameters of each encoder (the text one without its token embedding), the paper's size axes.
+TOWER_COLUMNS = ("vision_params", "text_params")
 METRIC_COLUMNS = ("zeroshot_top1", "zeroshot_top5", "i2t_r1", "t2i_r1", "zeroshot_classes")
 COMPUTE_COLUMNS = ("samples_seen", "train_flops", "wall_seconds", "train_seconds", "samples_per_second")
 STAGES = ("pretrain", "pretrain_full_length", "finetune")
@@ -133,8 +136,9 @@ def parse_result_record(record: Any, file: str | Path = "<record>") -> list[dict
         "sweep": rec.sweep or file_path.parent.parent.name,
         "status": rec.status,
         "error": rec.error or "",
-        **{name: getattr(rec, name) for name in ("model", "params", "image_strategy", "image_tokens",
-                                                 "text_strategy", "text_tokens", "seed")},
+        **{name: getattr(rec, name) for name in ("model", "params", "vision_params", "text_params",
+                                                 "image_strategy", "image_tokens", "text_strategy", "text_tokens",
+                                                 "seed")},
         "source": str(file),
     }
     for key in COMPUTE_COLUMNS:
@@ -171,7 +175,8 @@ def load_table(path: str | Path) -> pd.DataFrame:
             raise AnalysisInputError(path, f"missing required column {column!r}", field=column)
     if df.empty:
         raise AnalysisInputError(path, "empty table (header only, no rows)")
-    for column in [c for c in ("params", "seed", *METRIC_COLUMNS, *COMPUTE_COLUMNS) if c in df.columns]:
+    for column in [c for c in ("params", *TOWER_COLUMNS, "seed", *METRIC_COLUMNS, *COMPUTE_COLUMNS)
+                   if c in df.columns]:
         if pd.api.types.is_numeric_dtype(df[column]):
             continue
         values = pd.to_numeric(df[column], errors="coerce")
@@ -239,10 +244,11 @@ def _normalise(df: pd.DataFrame) -> pd.DataFrame:
     for column in numeric:
         if not pd.api.types.is_numeric_dtype(df[column]):
             df[column] = pd.to_numeric(df[column], errors="coerce")
-    for column in ("params", "image_tokens", "text_tokens", "seed", "zeroshot_top1"):
+    for column in ("params", *TOWER_COLUMNS, "image_tokens", "text_tokens", "seed", "zeroshot_top1"):
         if column not in df.columns:
             df[column] = np.nan
-    df["params"] = df["params"].astype(float)
+    for column in ("params", *TOWER_COLUMNS):
+        df[column] = df[column].astype(float)
     first = [c for c in (*ID_COLUMNS, *SETTING_COLUMNS) if c in df.columns]
     metrics = [c for c in METRIC_COLUMNS if c in df.columns]
     compute = [c for c in COMPUTE_COLUMNS if c in df.columns]

@@ -51,10 +51,18 @@ MANY_SEEDS = 8
 FOCUS_FACTOR = 4.0
 MIN_TOKENS_COLUMNS = [
     "model", "params", "axis", "strategy", "full_tokens", "full_top1", "min_tokens_measured", "min_tokens_fit",
-    "ci_low", "ci_high", "max_drop",
+    "ci_low", "ci_high", "max_drop", "axis_params",
     "stage", "metric", "fit_status", "fit_reason", "fit_a", "fit_b", "fit_r2", "fit_rmse", "n_points",
     "seeds_per_point", "ci_method", "confidence", "n_boot", "bracket_low", "bracket_high", "extrapolated",
 ]
+
+
+def axis_params(curve: pd.DataFrame, axis: str) -> float:
+    """The size of the encoder whose tokens the axis reduces (vision_params for image tokens, text_params for text
+    tokens), as the paper plots it; the total `params` where the table does not have it."""
+    column = {"image": "vision_params", "text": "text_params"}[axis]
+    value = float(curve[column].iloc[0]) if column in curve.columns else np.nan
+    return value if np.isfinite(value) else float(curve["params"].iloc[0])
 
 
 def focus_scale(max_drop: float) -> float:
@@ -212,7 +220,8 @@ def min_tokens_table(
         weights = curve["n_seeds"].to_numpy(dtype=float)
         full = float(curve["full_tokens"].iloc[0])
         row = {
-            "model": model, "params": curve["params"].iloc[0], "axis": axis, "strategy": strategy,
+            "model": model, "params": curve["params"].iloc[0], "axis_params": axis_params(curve, axis),
+            "axis": axis, "strategy": strategy,
             "full_tokens": full, "full_top1": curve["full_mean"].iloc[0], "max_drop": max_drop,
             "stage": stage, "metric": metric, "n_points": len(tokens), "seeds_per_point": int(weights.min()),
             "confidence": confidence, "n_boot": n_boot,

@@ -48,6 +48,17 @@ def _num(digits: int) -> Callable[[object], str]:
     return fmt
 
 
+def _models(used: pd.DataFrame) -> str:
+    """Each model with its size: total, and per encoder where the results have it (vision, text)."""
+    sizes = used.groupby("model")[[c for c in ("params", "vision_params", "text_params") if c in used]].first()
+    parts = []
+    for model, row in sizes.iterrows():
+        towers = [f"{name} {_params(row[f'{name}_params'])}" for name in ("vision", "text")
+                  if f"{name}_params" in row and pd.notna(row[f"{name}_params"])]
+        parts.append(f"{model} ({_params(row['params'])}{'; ' + ', '.join(towers) if towers else ''})")
+    return ", ".join(parts)
+
+
 def _params(value: object) -> str:
     from .figures import _human
 
@@ -109,7 +120,7 @@ def write_report(analysis, out: Path, figure_files: dict[str, list[Path] | None]
         "",
         f"- runs: {n_runs} ({n_runs - n_failed} completed, {n_failed} failed or unfinished); "
         f"{len(used)} runs with a value at this stage are analysed",
-        f"- models: {', '.join(f'{m} ({_params(p)})' for m, p in used.groupby('model')['params'].first().items())}",
+        f"- models: {_models(used)}",
         f"- grid cells (seed-averaged): {len(a.cells)}; seeds per cell: {seeds}",
         f"- result files skipped as unreadable: {len(a.skipped)}",
         f"- models without a full-length baseline: {', '.join(a.missing_baseline) or 'none'}",
@@ -127,7 +138,7 @@ def write_report(analysis, out: Path, figure_files: dict[str, list[Path] | None]
     ]
     mt = a.min_tokens
     lines.append(markdown_table(mt, {
-        "model": "model", "params": ("params", _params), "axis": "axis", "strategy": "strategy",
+        "model": "model", "axis_params": ("tower params", _params), "axis": "axis", "strategy": "strategy",
         "full_tokens": ("full tokens", _tokens), "full_top1": (f"full {a.metric}", _num(2)),
         "min_tokens_measured": ("measured", _tokens), "min_tokens_fit": ("fitted", _num(1)),
         "ci_low": ("CI low", _num(1)), "ci_high": ("CI high", _num(1)), "ci_method": "CI from",
@@ -144,8 +155,10 @@ def write_report(analysis, out: Path, figure_files: dict[str, list[Path] | None]
     _figure(lines, figure_files.get("min_tokens_vs_params"), out, "Minimum token length against model size",
             why("No figure: no minimum token length could be placed against a parameter count."))
     if len(a.laws):
-        lines += ["`log10(min_tokens) = intercept + slope · log10(params)`, fitted on the fitted minima. A negative "
-                  "slope is the inverse scaling law: larger models tolerate shorter sequences.", ""]
+        lines += ["`log10(min_tokens) = intercept + slope · log10(params)`, fitted on the fitted minima, with "
+                  "`params` the size of the encoder the axis reduces (vision tower for image tokens, text tower "
+                  "without its token embedding for text tokens). A negative slope is the inverse scaling law: "
+                  "larger models tolerate shorter sequences.", ""]
         lines.append(markdown_table(a.laws, {
             "axis": "axis", "strategy": "strategy", "n_models": "models", "slope": ("slope", _num(3)),
             "slope_stderr": ("± s.e.", _num(3)), "intercept": ("intercept", _num(3)), "r2": ("R²", _num(3)),
@@ -153,7 +166,7 @@ def write_report(analysis, out: Path, figure_files: dict[str, list[Path] | None]
         lines += ["", f"Predictions for sizes not run ({a.confidence:.0%} prediction interval; needs three or more "
                   "models):", ""]
         lines.append(markdown_table(a.predictions, {
-            "axis": "axis", "strategy": "strategy", "params": ("params", _params),
+            "axis": "axis", "strategy": "strategy", "params": ("tower params", _params),
             "predicted_min_tokens": ("predicted min tokens", _num(1)), "prediction_low": ("low", _num(1)),
             "prediction_high": ("high", _num(1)), "extrapolated": "extrapolated",
         }))

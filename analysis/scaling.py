@@ -1,7 +1,9 @@
 """The inverse scaling law: minimum token length against model parameters, a straight line on log-log axes.
 
 ``log10(min_tokens) = intercept + slope * log10(params)`` is fitted by ordinary least squares per (axis, strategy)
-on the models whose fitted minimum is finite. The CLIPA finding is a negative slope: larger models tolerate shorter
+on the models whose fitted minimum is finite. ``params`` is the size of the encoder the axis reduces (the
+`axis_params` of the minima table: vision parameters for image tokens, text parameters without the token embedding
+for text tokens), as the paper plots it. The CLIPA finding is a negative slope: larger models tolerate shorter
 sequences. Predictions for sizes that were not run come with a 95% prediction interval when at least three models
 were fitted (with two the line is exact and no interval can be given).
 """
@@ -47,12 +49,11 @@ def fit_scaling_law(
     models gives no row.
     """
     laws, predictions = [], []
+    size = "axis_params" if "axis_params" in min_tokens.columns else "params"
     ok = min_tokens[np.isfinite(min_tokens[value].astype(float)) & (min_tokens[value] > 0)
-                    & np.isfinite(min_tokens["params"].astype(float)) & (min_tokens["params"] > 0)]
-    if predict_params is None:
-        predict_params = default_prediction_params(min_tokens["params"].to_numpy(dtype=float))
+                    & np.isfinite(min_tokens[size].astype(float)) & (min_tokens[size] > 0)]
     for (axis, strategy), group in ok.groupby(["axis", "strategy"], sort=True):
-        group = group.groupby("model", as_index=False).agg(params=("params", "first"), y=(value, "first"))
+        group = group.groupby("model", as_index=False).agg(params=(size, "first"), y=(value, "first"))
         if len(group) < 2 or group["params"].nunique() < 2:
             continue
         x = np.log10(group["params"].to_numpy(dtype=float))
@@ -71,13 +72,15 @@ def fit_scaling_law(
             "params_min": 10 ** x.min(), "params_max": 10 ** x.max(),
             "models": ", ".join(group["model"]),
         })
-        x0 = np.log10(np.asarray(predict_params, dtype=float))
+        sizes = min_tokens.loc[min_tokens["axis"] == axis, size].to_numpy(dtype=float)
+        at = default_prediction_params(sizes) if predict_params is None else np.asarray(predict_params, float)
+        x0 = np.log10(at)
         y0 = intercept + slope * x0
         if n > 2:
             half = stdtrit(n - 2, 0.5 + confidence / 2) * s * np.sqrt(1 + 1 / n + (x0 - x.mean()) ** 2 / sxx)
         else:
             half = np.full_like(x0, np.nan)
-        for p, mid, h in zip(predict_params, y0, half):
+        for p, mid, h in zip(at, y0, half):
             predictions.append({
                 "stage": stage, "axis": axis, "strategy": strategy, "params": float(p),
                 "predicted_min_tokens": 10**mid, "prediction_low": 10 ** (mid - h), "prediction_high": 10 ** (mid + h),

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any, ClassVar
@@ -175,13 +176,18 @@ class RunConfig(Settings):
         """The files a run reads exist and have the columns it reads (found now, not an hour into a job)."""
         from sweep.data.sources import expand_paths
 
+        # paths may name an environment variable ($CLIPA_DATA/...), so a recipe says where its data lives once
+        self.train_data = _expand_env("train_data", self.train_data)
+        for i, eval_set in enumerate(self.eval_sets):
+            eval_set.data = _expand_env(f"eval_sets.{i}.data", eval_set.data)
         if self.dataset == "synthetic":
             for name in ("train_data", "train_num_samples"):
                 if getattr(self, name) is not None:
                     raise invalid(name, "is only read with dataset webdataset or csv")
         elif not self.train_data:
             raise invalid("train_data", f"must be set with dataset {self.dataset}")
-        else:
+        elif (found := (self.dataset, self.train_data, self.csv_img_key, self.csv_caption_key,
+                        self.csv_separator)) not in _FOUND:  # a grid's runs share their training set: look once
             paths = expand_paths(self.train_data)
             _files_exist("train_data", paths)
             if self.dataset == "csv":
@@ -189,6 +195,7 @@ class RunConfig(Settings):
                     raise invalid("train_data", f"a csv training set is one table, got {len(paths)} paths")
                 _check_columns("train_data", paths[0], (self.csv_img_key, self.csv_caption_key),
                                self.csv_separator)
+            _FOUND.add(found)
         if not self.eval_embedded and not self.eval_sets:
             raise invalid("eval_sets", "nothing to evaluate: give eval_sets or leave eval_embedded true")
         names = set()
@@ -318,6 +325,20 @@ def _allowed_text_tokens(strategy: str, context_length: int) -> frozenset[int]:
 def _choice(name: str, value: str, allowed) -> None:
     if value not in allowed:
         raise invalid(name, f"unknown value {value!r}; allowed: {', '.join(allowed)}")
+
+
+_FOUND: set[tuple] = set()  # training sets this process has checked (41,408 shards take a second to stat)
+
+
+def _expand_env(name: str, value: str | None) -> str | None:
+    """`value` with $VAR and ${VAR} replaced from the environment; an unset one is an error naming it."""
+    if value is None or "$" not in value:
+        return value
+    unset = [m.group(1) or m.group(2) for m in re.finditer(r"\$(?:\{(\w+)\}|(\w+))", value)
+             if (m.group(1) or m.group(2)) not in os.environ]
+    if unset:
+        raise invalid(name, f"environment variable {unset[0]} is not set (export {unset[0]}=/path/to/the/data)")
+    return os.path.expandvars(value)
 
 
 def _files_exist(name: str, paths: list[str]) -> None:

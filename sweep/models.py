@@ -99,6 +99,16 @@ def count_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def tower_params(model: open_clip.CLIP) -> tuple[int, int]:
+    """(vision_params, text_params): the parameters of each encoder, the paper's model-size axes. The text tower
+    leaves out its token embedding (49408 x width), which is a lookup table, not compute, and would otherwise
+    dominate the small sizes' counts; the temperature belongs to neither."""
+    vision = count_params(model.visual)
+    text = sum(p.numel() for name, p in model.named_parameters()
+               if not name.startswith(("visual.", "token_embedding.", "logit_")))
+    return vision, text
+
+
 def position_embedding_for_grid(visual: VisionTransformer, grid: int) -> torch.Tensor:
     """The class position and ``grid x grid`` patch positions, resized from the learned full-grid table."""
     table = visual.positional_embedding

@@ -94,7 +94,7 @@ def group_rows(runs: list[RunConfig], costs: list[dict[str, Any]]) -> list[dict[
 
 
 def human_flops(flops: float) -> str:
-    for unit, scale in (("EFLOP", 1e18), ("PFLOP", 1e15), ("TFLOP", 1e12)):
+    for unit, scale in (("ZFLOP", 1e21), ("EFLOP", 1e18), ("PFLOP", 1e15), ("TFLOP", 1e12)):
         if flops >= scale:
             return f"{flops / scale:.2f} {unit}"
     return f"{flops / 1e9:.2f} GFLOP"

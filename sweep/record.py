@@ -93,6 +93,8 @@ class ResultRecord(_Part):
     error: str | None = None
     model: str | None = None
     params: int | None = Field(None, gt=0)
+    vision_params: int | None = Field(None, gt=0)
+    text_params: int | None = Field(None, gt=0)
     image_strategy: str | None = None
     image_tokens: int | None = Field(None, gt=0)
     text_strategy: str | None = None

@@ -189,8 +189,9 @@ def test_figures_have_labels_log_token_axes_error_bars_legends_and_the_tolerance
         assert fig is not None, name
         assert fig.legends or any(ax.get_legend() for ax in fig.axes), name
         for ax in fig.axes:
-            if ax.get_visible():
-                assert ax.get_xlabel() and ax.get_ylabel() and ax.get_xscale() == "log", (name, ax.get_title())
+            if ax.get_visible():  # panels of a row share their y axis, labelled once on the left
+                assert ax.get_xlabel() and ax.get_xscale() == "log", (name, ax.get_title())
+                assert ax.get_ylabel() or not ax.get_subplotspec().is_first_col(), (name, ax.get_title())
     for name in ("accuracy_vs_tokens", "drop_vs_tokens"):
         panels = [ax for ax in figures[name].axes if ax.get_visible()]
         assert len(panels) == 8
@@ -200,3 +201,46 @@ def test_figures_have_labels_log_token_axes_error_bars_legends_and_the_tolerance
         assert any(np.allclose(line.get_ydata(), 1.5) for line in ax.get_lines())  # the tolerance line
     scaling = figures["min_tokens_vs_params"].axes[0]
     assert scaling.get_yscale() == "log"
+
+
+def drawn_tick_labels(axis):
+    """The tick labels matplotlib draws: those of ticks inside the view, with text."""
+    low, high = sorted(axis.get_view_interval())
+    return [t.label1 for t in axis.get_major_ticks() + axis.get_minor_ticks()
+            if low <= t.get_loc() <= high and t.label1.get_visible() and t.label1.get_text()]
+
+
+def test_figures_keep_every_label_inside_the_page_and_apart_from_the_others():
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.text import Text
+
+    from analysis.pipeline import analyze, make_figures
+
+    both = synthetic.make_table(MODELS, seeds=2, stages=("pretrain",))
+    both["vision_params"] = both["params"] / 8  # the towers' own sizes, as records carry them
+    image_only = both[both["text_strategy"] == "none"]  # one panel per figure row: the narrowest figures
+    figures = [(f"{name} ({what})", fig) for what, table in (("both axes", both), ("image axis", image_only))
+               for name, fig in make_figures(analyze(table, max_drop=1.5, n_boot=50)).items()]
+    for name, fig in figures:
+        canvas = FigureCanvasAgg(fig)
+        canvas.draw()  # places the labels where they are drawn
+        renderer = canvas.get_renderer()
+        ticks = {id(t): t for ax in fig.axes for axis in (ax.xaxis, ax.yaxis)
+                 for t in [*(k.label1 for k in axis.get_major_ticks() + axis.get_minor_ticks())]}
+        drawn = [t for t in fig.findobj(Text) if id(t) not in ticks and t.get_visible() and t.get_text().strip()]
+        drawn += [t for ax in fig.axes if ax.get_visible() for axis in (ax.xaxis, ax.yaxis)
+                  for t in drawn_tick_labels(axis)]
+        page = fig.bbox
+        for text in drawn:
+            if text.axes is not None and not text.axes.get_visible():
+                continue
+            box = text.get_window_extent(renderer)
+            assert page.x0 - 1 <= box.x0 and box.x1 <= page.x1 + 1 and page.y0 - 1 <= box.y0 \
+                and box.y1 <= page.y1 + 1, (name, text.get_text())
+        for ax in fig.axes:
+            if ax.get_visible():
+                for axis in (ax.xaxis, ax.yaxis):
+                    boxes = [(t.get_text(), t.get_window_extent(renderer)) for t in drawn_tick_labels(axis)]
+                    for i, (a, box_a) in enumerate(boxes):
+                        for b, box_b in boxes[i + 1:]:
+                            assert not box_a.overlaps(box_b), (name, ax.get_title(), a, b)

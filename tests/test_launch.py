@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from sweep.cli import main
+from sweep.launch import slurm_available
 from sweep.status import collect, parse_scheduler_lines, run_state
 from sweep.results import AlreadyRunning, exclusive
 from sweep.train import run
@@ -279,3 +280,31 @@ def test_the_plan_gives_gpu_hours_and_the_time_on_the_runs_gpus(tmp_path, capsys
         hours.append((total.split(", ")[-1], total.split(", ")[2]))
     assert hours[0][0] == hours[1][0]  # the same GPU-hours on 16 GPUs as on 8, in half the time
     assert hours[0][1] != hours[1][1]
+
+
+@pytest.fixture(scope="module")
+def paper_data(tmp_path_factory):
+    """$CLIPA_DATA as the paper recipes expect it, with empty files: enough for the load-time checks."""
+    root = tmp_path_factory.mktemp("clipa")
+    (root / "laion400m").mkdir()
+    for i in range(41408):
+        (root / "laion400m" / f"{i:05d}.tar").touch()
+    (root / "imagenet" / "val" / "n01440764").mkdir(parents=True)
+    (root / "coco").mkdir()
+    (root / "coco" / "test_5k.csv").write_text("filepath\ttitle\n")
+    return root
+
+
+@pytest.mark.parametrize("recipe", sorted(Path("grids/paper").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_paper_recipe_plans_and_dry_runs_at_its_stated_cost(recipe, paper_data, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("CLIPA_DATA", raising=False)
+    assert main(["plan", str(recipe)]) == 2  # the data's place is asked for by name
+    assert "CLIPA_DATA is not set" in capsys.readouterr().err
+    monkeypatch.setenv("CLIPA_DATA", str(paper_data))
+    assert main(["plan", str(recipe)]) == 0
+    total = capsys.readouterr().out.splitlines()[-1]
+    stated = recipe.read_text().split("GPU-hours")[0].rsplit(", ", 1)[-1].strip()  # "73,500" in the header
+    assert round(int(total.split(", ")[-1].split()[0].replace(",", "")), -2) == int(stated.replace(",", "")), total
+    where = ["--executor", "slurm"] if slurm_available() else ["--executor", "local", "--nodes", "1"]
+    assert main(["launch", str(recipe), "--results", str(tmp_path), *where, "--dry-run"]) == 0
+    assert "nothing written, nothing submitted" in capsys.readouterr().out and not any(tmp_path.iterdir())

@@ -33,7 +33,7 @@ from sweep.data.sources import open_source
 from sweep.data.stream import Batch, StreamedBatches
 from sweep.evaluate import evaluate_on_disk, feature_fns, retrieval, zeroshot
 from sweep.flops import step_flops
-from sweep.models import build_model, count_params, register_open_clip_configs
+from sweep.models import build_model, count_params, register_open_clip_configs, tower_params
 from sweep.record import Compute, ResultRecord, read_record, status_of, write_record
 from sweep.results import AlreadyRunning, atomic_write, exclusive
 from sweep.strategies.image import reduce_images, side_of
@@ -373,6 +373,7 @@ def _run(cfg: RunConfig, run_dir: Path, here: Distributed, progress: bool, handl
         torch.manual_seed(cfg.seed)
         model = build_model(cfg.model)  # initialised on the CPU: the same weights whatever the device
         record["params"] = count_params(model)
+        record["vision_params"], record["text_params"] = tower_params(model)
         state = TrainState.load(run_dir, model)  # every rank resumes from the same checkpoint
         model.to(runtime.device)
         model.set_grad_checkpointing(cfg.grad_checkpointing)
