@@ -41,7 +41,7 @@ from sweep.strategies.text import TextReducer
 from sweep.train.distributed import Distributed, join, wrap
 from sweep.train.signals import Interrupted, StopSignals, heartbeat
 from sweep.train.state import TrainState
-from sweep.train.step import ContrastiveStep, Encoders, Runtime, lr_at, make_optimizer
+from sweep.train.step import ContrastiveStep, Encoders, Runtime, device_name, lr_at, make_optimizer
 
 STAGES = ("pretrain", "finetune")
 STAGE_IDS = {"pretrain": 0, "finetune": 1}
@@ -318,7 +318,7 @@ def run(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True, handle_si
     every rank calls this: rank 0 holds the directory (lock, heartbeat, every file written), the others follow.
     """
     run_dir = Path(run_dir)
-    here = join(device_type(cfg))
+    here = join(torch.device(device_name(cfg)).type)  # the backend: NCCL for cuda, gloo for cpu
     with contextlib.ExitStack() as held:
         verdict: tuple[str, str] = ("train", "")
         if here.main:
@@ -343,11 +343,6 @@ def run(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True, handle_si
         if verdict[0] == "completed":
             return read_record(run_dir)
         return _run(cfg, run_dir, here, progress, handle_signals)
-
-
-def device_type(cfg: RunConfig) -> str:
-    """cuda or cpu, as `Runtime.of` will resolve the device (without failing where a GPU is missing)."""
-    return "cuda" if cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
 
 
 def _run(cfg: RunConfig, run_dir: Path, here: Distributed, progress: bool, handle_signals: bool) -> ResultRecord:

@@ -48,6 +48,13 @@ def make_optimizer(model: torch.nn.Module, cfg: RunConfig, lr: float) -> torch.o
                              fused=True)
 
 
+def device_name(cfg: RunConfig) -> str:
+    """The `device` setting with `auto` resolved: cuda where torch sees a GPU, else cpu (not checked further)."""
+    if cfg.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return cfg.device
+
+
 @dataclass(frozen=True)
 class Runtime:
     """Where and how a run computes: device, autocast dtype (None = fp32) and whether the encoders are compiled."""
@@ -60,10 +67,7 @@ class Runtime:
     def of(cls, cfg: RunConfig, local_rank: int = 0) -> "Runtime":
         """Resolve the `auto` settings; a cuda device that is not there is an error of the run, not of the config
         (a grid is validated on a login node without GPUs). `cuda` is the GPU of the rank (`local_rank`)."""
-        name = cfg.device
-        if name == "auto":
-            name = "cuda" if torch.cuda.is_available() else "cpu"
-        device = torch.device(name)
+        device = torch.device(device_name(cfg))
         if device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError(f"device {cfg.device!r} was asked for, but torch sees no CUDA device here")
         if device.type == "cuda" and device.index is None:
