@@ -6,7 +6,8 @@ Two inputs give the same table:
   `sweep.record` (the record's fields are documented in docs/results.md). ``metrics.pretrain``,
   ``metrics.pretrain_full_length`` and ``metrics.finetune`` become one row each; a stage that is absent, null or
   empty gives no row. A run with no metrics at all (typically ``status: failed``) keeps one row with an empty
-  stage so it can still be listed.
+  stage so it can still be listed. Runs of `sweep tune` trials (their record names its ``trial``) are left out:
+  they tune settings, they do not measure the study.
 * a flat CSV or Parquet table with at least the columns of `REQUIRED_TABLE_COLUMNS` (results produced elsewhere).
 
 A results directory is written by many processes at once and lives on shared file systems, so some files may be
@@ -91,20 +92,27 @@ def load_result_dir(root: str | Path, *, progress: bool | None = None) -> pd.Dat
     files = find_result_files(root)
     if not files:
         raise AnalysisInputError(root, f"no {RESULT_FILE} files found below this directory")
-    return _records_to_frame(root, files, progress=progress)
+    return _records_to_frame(root, files, progress=progress, skip_trials=True)
 
 
-def _records_to_frame(source: Path, files: list[Path], *, progress: bool | None) -> pd.DataFrame:
+def _records_to_frame(source: Path, files: list[Path], *, progress: bool | None, skip_trials: bool = False
+                      ) -> pd.DataFrame:
     rows: list[dict[str, Any]] = []
     skipped: list[tuple[str, str]] = []
+    trials = 0
     for file in _progress(files, progress):
         try:
-            rows.extend(parse_result_record(read_record(file), file))
+            record = read_record(file)
+            if record.trial and skip_trials:  # a `sweep tune` trial: tuning, not a result of the study
+                trials += 1
+                continue
+            rows.extend(parse_result_record(record, file))
         except RecordError as exc:
             skipped.append((str(file), str(exc)))
             warnings.warn(f"skipping {file}: {exc}", AnalysisWarning, stacklevel=2)
     if not rows:
-        raise AnalysisInputError(source, f"none of the {len(files)} result files could be read")
+        why = f" ({trials} are tuning trials, which are not analysed)" if trials else ""
+        raise AnalysisInputError(source, f"none of the {len(files)} result files could be read{why}")
     df = _normalise(pd.DataFrame.from_records(rows))
     df.attrs["skipped"] = skipped
     return df

@@ -77,12 +77,11 @@ def _slurm_options(args: argparse.Namespace, grid):
     return SlurmOptions.from_mapping({**grid.slurm.to_dict(), **given}, "command line")
 
 
-def _launch(args: argparse.Namespace) -> int:
+def _executor(args: argparse.Namespace, grid):
+    """The run resources and the executor a launch or search uses, checked: (SlurmOptions, executor name)."""
     from sweep.config import ConfigError
-    from sweep.grid import load_grid
-    from sweep.launch import choose_executor, launch, slurm_available, threads_per_run, to_do
+    from sweep.launch import choose_executor, local_gpus, local_workers, slurm_available
 
-    grid = load_grid(args.grid)
     slurm = _slurm_options(args, grid)
     if args.max_parallel < 1:
         raise ConfigError("--max-parallel", "must be at least 1", "command line")
@@ -90,14 +89,82 @@ def _launch(args: argparse.Namespace) -> int:
     if executor == "slurm" and not slurm_available():
         raise ConfigError("--executor", "slurm was asked for, but sbatch/sinfo do not work here", "command line")
     if executor == "local":
-        from sweep.launch import local_gpus, local_workers
-
         if slurm.nodes > 1:
             raise ConfigError("slurm.nodes", f"{slurm.nodes} nodes per run need the Slurm executor", args.grid)
         try:
             local_workers(args.max_parallel, slurm, 1, local_gpus())
         except ValueError as err:
             raise ConfigError("slurm.gpus_per_node", str(err), args.grid) from None
+    return slurm, executor
+
+
+def _search(args: argparse.Namespace) -> int:
+    from collections import Counter
+
+    from sweep.config import ConfigError
+    from sweep.grid import Grid, load_grid
+    from sweep.launch import launch, to_do
+    from sweep.search import plan, report
+
+    grid = load_grid(args.grid)
+    if grid.search is None:
+        raise ConfigError("search", "the grid has no search: section (tolerance, confidence, seeds, budget; see "
+                          "sweep search --help)", args.grid)
+    where = f"{args.results}/{grid.sweep}"
+    if args.show:
+        print(report(grid, args.results, plan(grid, args.results)))
+        return 0
+    slurm, executor = _executor(args, grid)
+    from sweep.launch import sweep_manifest
+
+    # rounds count on over calls (on Slurm each call is one round)
+    rounds = sum("search_round" in launch for launch in sweep_manifest(args.results, grid.sweep)["launches"])
+    previous = None
+    while True:
+        found = plan(grid, args.results)
+        if not found.runs:
+            break
+        ids = sorted(r.run_id for r in found.runs)
+        if ids == previous:  # the last round's runs ended without results: do not loop on them
+            print(f"sweep search: the runs of the last round wrote no result; see sweep status {where}",
+                  file=sys.stderr)
+            print(report(grid, args.results, found))
+            return 1
+        previous, rounds = ids, rounds + 1
+        what = Counter("_".join(r.run_id.split("_")[:3]) for r in found.runs)  # model, strategies, tokens
+        print(f"round {rounds}: {len(found.runs)} runs ({found.spent} trained before, budget {found.budget}): "
+              + ", ".join(f"{k} x{n}" if n > 1 else k for k, n in sorted(what.items())))
+        if args.dry_run:
+            print("dry run: nothing written, nothing submitted (later rounds depend on these runs' results)")
+            return 0
+        sub = Grid(grid.path, grid.sweep, found.runs, grid.slurm, grid.raw)
+        todo, skipped = to_do(sub, args.results, rerun_failed=False)
+        if not todo:
+            print(f"waiting for {len(skipped['live'])} runs still queued or running (sweep status {where}); run "
+                  f"sweep search {args.grid} again once they have ended")
+            return 0
+        record = launch(sub, args.results, executor, todo, skipped, max_parallel=args.max_parallel,
+                        fail_fast=False, slurm=slurm, progress=not args.quiet, note={"search_round": rounds})
+        if executor == "slurm":
+            print(f"submitted round {rounds} as job array(s) {', '.join(record['arrays'])}; once it has ended "
+                  f"(sweep status {where}), run sweep search {args.grid} again for the next round")
+            return 0
+    print(report(grid, args.results, found))
+    return 0
+
+
+def _launch(args: argparse.Namespace) -> int:
+    from sweep.grid import load_grid
+    from sweep.launch import launch, threads_per_run, to_do
+
+    grid = load_grid(args.grid)
+    if args.from_tune:
+        from sweep.tune import apply_best
+
+        grid, used = apply_best(grid, args.from_tune)
+        for line in used:
+            print(f"tuned settings from {line}")
+    slurm, executor = _executor(args, grid)
     todo, skipped = to_do(grid, args.results, args.rerun_failed)
     where = f"{args.results}/{grid.sweep}"
     live = f"{len(skipped['live'])} queued or running; " if skipped["live"] else ""
@@ -134,6 +201,68 @@ def _launch(args: argparse.Namespace) -> int:
     for r in failed:
         print(f"  failed {r['run_id']}: {r['reason']}")
     return 1 if failed else 0
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from sweep.config import ConfigError
+    from sweep.grid import Run, load_grid
+    from sweep.launch import (choose_executor, local_gpus, local_workers, prepare_text, slurm_available,
+                              threads_per_run)
+    from sweep.tune import JOURNAL, launch_tune, progress, remaining, show, studies_of
+
+    grid = load_grid(args.grid)
+    if grid.tune is None:
+        raise ConfigError("tune", "the grid has no tune: section (what to search; see sweep tune --help)", args.grid)
+    folder = Path(args.results) / grid.sweep
+    if args.show:
+        if not (folder / JOURNAL).exists():
+            raise ConfigError("--show", f"nothing tuned yet in {folder} (run: sweep tune {args.grid})",
+                              "command line")
+        print(show(grid, args.results, figures=not args.no_figures))
+        return 0
+    slurm = _slurm_options(args, grid)
+    if args.max_parallel < 1:
+        raise ConfigError("--max-parallel", "must be at least 1", "command line")
+    if slurm.world_size > 1:
+        raise ConfigError("slurm.tasks_per_node", f"a trial trains on one process (one GPU); this grid asks for "
+                          f"{slurm.world_size} per run, which sweep tune does not do yet", args.grid)
+    executor = choose_executor(args.executor)
+    if executor == "slurm" and not slurm_available():
+        raise ConfigError("--executor", "slurm was asked for, but sbatch/sinfo do not work here", "command line")
+    studies = studies_of(grid)
+    todo = remaining(grid, folder) if (folder / JOURNAL).exists() else grid.tune.trials * len(studies)
+    print(f"{grid.sweep}: {len(studies)} studies (scope {grid.tune.scope}) x {grid.tune.trials} trials; "
+          f"{todo} trials to run with the {executor} executor -> {folder}")
+    if args.dry_run:
+        from sweep.plan import estimate, format_plan, group_rows
+
+        configs = [s.base for s in studies for _ in range(grid.tune.trials)]
+        costs = estimate(configs, threads_per_run(executor, args.max_parallel, slurm, todo or 1), args.tflops, 1)
+        print(format_plan(group_rows(configs, costs), args.max_parallel))
+        print("dry run: nothing written, nothing submitted (costs assume every trial runs to its end)")
+        return 0
+    if not todo:
+        print(f"every study has its trials; see them with: sweep tune {args.grid} --show")
+        return 0
+    if executor == "slurm":
+        workers = [{}] * min(args.max_parallel, todo)
+    else:
+        try:
+            workers = local_workers(args.max_parallel, slurm, todo, local_gpus())
+        except ValueError as err:
+            raise ConfigError("slurm.gpus_per_node", str(err), args.grid) from None
+    prepare_text([Run(s.name, s.base, False) for s in studies], not args.quiet)
+    threads = threads_per_run(executor, args.max_parallel, slurm, todo)
+    record = launch_tune(grid, args.results, executor, workers, threads, slurm, not args.quiet)
+    if executor == "slurm":
+        print(f"submitted {len(workers)} tuning workers as job array(s) {', '.join(record['arrays'])}; follow with: "
+              f"sweep status {folder}, sweep tune {args.grid} --show")
+        return 0
+    counts = progress(grid, folder)
+    print(show(grid, args.results, figures=not args.no_figures))
+    return 0 if remaining(grid, folder) == 0 and not counts.get("running") else 1
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -204,6 +333,13 @@ def _mask_text(args: argparse.Namespace) -> int:
                           spacy_model=cfg.spacy_model):
         print(line)
     return 0
+
+
+def _add_worker_options(p: argparse.ArgumentParser, parallel_help: str) -> None:
+    p.add_argument("--results", default="results", help="results directory (default: results)")
+    p.add_argument("--executor", default="auto", choices=["auto", "local", "slurm"],
+                   help="auto (default) = slurm where a Slurm cluster answers, else local")
+    p.add_argument("--max-parallel", type=int, default=os.cpu_count() or 1, help=parallel_help)
 
 
 def _add_cost_options(p: argparse.ArgumentParser) -> None:
@@ -282,10 +418,58 @@ def build_parser() -> argparse.ArgumentParser:
                    help="local runs at once; the cores are split between them (default: number of cores)")
     p.add_argument("--rerun-failed", action="store_true", help="also rerun runs whose result is failed")
     p.add_argument("--fail-fast", action="store_true", help="local: stop at the first failed run")
+    p.add_argument("--from-tune", metavar="TUNE_DIR",
+                   help="use the best settings found by `sweep tune` in TUNE_DIR (<results>/<tuning sweep>): each "
+                        "run takes those of the study covering its model size (or its cell)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_cost_options(p)
     _add_slurm_options(p)
     p.set_defaults(func=_launch)
+
+    p = sub.add_parser(
+        "search", help="find each curve's minimum token length adaptively (a grid's search: section)",
+        description="Train, per model and strategy of the grid, only the lengths that decide its minimum token "
+                    "length: each model's full-length baseline, then bisection over the grid's lengths guided by "
+                    "the analysis' drop curve, adding seeds where a drop is within noise of the tolerance, until "
+                    "the minimum is bracketed by two adjacent lengths with the requested confidence or the run "
+                    "budget is spent (the grid's search: section; format at the top of sweep/search.py). Every run "
+                    "is the grid's own (same id), so sweep analyze reads the directory and sweep launch completes "
+                    "it into the full grid without retraining. Locally the rounds follow each other; on Slurm "
+                    "each call submits one round and returns: call again once it has ended.")
+    p.add_argument("grid", help="grid YAML file with a search: section (e.g. grids/image_strategies.yaml)")
+    _add_worker_options(p, "local runs at once (default: number of cores)")
+    p.add_argument("--show", action="store_true",
+                   help="print per curve the bracket, the measured and fitted minimum with its interval, the runs "
+                        "spent and the grid's; run nothing")
+    p.add_argument("--dry-run", action="store_true", help="print the next round's runs; do nothing")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_slurm_options(p)
+    p.set_defaults(func=_search)
+
+    p = sub.add_parser(
+        "tune", help="Optuna studies over run settings (a grid's tune: section), each trial an ordinary run",
+        description="Search the settings named in the grid's tune: section (e.g. the learning rate per model size) "
+                    "with Optuna: one study per model size (on its full-length run) or per grid cell, each trial an "
+                    "ordinary run under RESULTS/<sweep>/<run_id>/ that reports its evaluations every eval_every "
+                    "steps to the pruner. The studies live in RESULTS/<sweep>/optuna.journal (a file; safe for "
+                    "many workers and Slurm jobs on a shared filesystem). Workers are local processes "
+                    "(--max-parallel, waiting with a progress bar) or a Slurm job array (returning once "
+                    "submitted). Relaunching continues the studies: a trial whose worker was killed is marked "
+                    "failed and retried, resuming its run from the checkpoint. Then: sweep tune GRID --show, and "
+                    "sweep launch STUDY_GRID --from-tune RESULTS/<sweep>.",
+        epilog="The tune: section is documented at the top of sweep/tune.py; grids/tune_lr.yaml is an example.")
+    p.add_argument("grid", help="grid YAML file with a tune: section (e.g. grids/tune_lr.yaml)")
+    _add_worker_options(p, "workers: local processes, or Slurm array tasks (default: number of cores; at most "
+                           "the trials left)")
+    p.add_argument("--show", action="store_true",
+                   help="print each study's best settings and value and its trials by state, write its "
+                        "optimisation history and parameter importances to RESULTS/<sweep>/figures/; run nothing")
+    p.add_argument("--no-figures", action="store_true", help="with --show (or after a local run): no figures")
+    p.add_argument("--dry-run", action="store_true", help="print the studies and what their trials cost; do nothing")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_cost_options(p)
+    _add_slurm_options(p)
+    p.set_defaults(func=_tune)
 
     p = sub.add_parser("status", help="what every run of a sweep is doing: pending, running, done, failed and why",
                        description="Show every run's state (pending, running, completed, failed with its reason, "

@@ -106,6 +106,9 @@ class RunConfig(Settings):
                                        "grids/files_demo.yaml has one of each kind.")
     eval_full_length: bool = setting(False, "Also evaluate the pre-trained model at full length (reported as "
                                      "stage pretrain_full_length), so drops can be measured without a fine-tune.")
+    eval_every: int = setting(0, "Also evaluate every this many steps of a stage (the record's `evals`, and what "
+                              "`sweep tune` reports to its pruner); 0: only at the end of each stage.",
+                              operational=True, ge=0)
     checkpoint_every: int = setting(100, "Write a resumable checkpoint every this many steps (and on "
                                     "SIGTERM/SIGUSR2); 0 only on signals.", operational=True, ge=0)
     threads: int = setting(0, "CPU threads for torch; 0 leaves torch's default (all cores).", operational=True,

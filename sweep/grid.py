@@ -13,6 +13,8 @@ A grid file is YAML with these keys (only `sweep` and `axes` are required):
     exclude: [{model: cpu-l, image_tokens: 5}]   # drop expanded cells that match every key of an entry
     baselines: true                  # add each model's full-length run once (default true)
     slurm: {partition: gpu, gpus_per_node: 8, nodes: 2, cpus: 8, mem_gb: 400, time_min: 600}   # SlurmOptions
+    tune: {params: {lr: {low: 3.0e-4, high: 1.0e-2, log: true}}, trials: 8}   # for `sweep tune` (sweep/tune.py)
+    search: {max_drop: 5.0, max_seeds: 2}   # for `sweep search` (sweep/search.py)
 
 Every problem is reported as one line naming the file and the field, before anything runs.
 """
@@ -29,7 +31,7 @@ from typing import Any
 from sweep.config import ConfigError, RunConfig, SlurmOptions, config_from_dict, identity, read_yaml_mapping
 from sweep.settings import check_keys
 
-GRID_KEYS = ("sweep", "settings", "axes", "include", "exclude", "baselines", "slurm")
+GRID_KEYS = ("sweep", "settings", "axes", "include", "exclude", "baselines", "slurm", "tune", "search")
 FIELDS = set(RunConfig.model_fields)
 # settings whose one value is itself a list or mapping (e.g. eval_sets): whole in `settings`, never an axis
 STRUCTURED = {name for name, f in RunConfig.model_fields.items()
@@ -51,6 +53,8 @@ class Grid:
     runs: list[Run]
     slurm: SlurmOptions
     raw: dict[str, Any]
+    tune: Any = None  # the validated `tune:` section (sweep.tune.TuneSpec), if the grid has one
+    search: Any = None  # the validated `search:` section (sweep.search.SearchSpec), if the grid has one
 
 
 def run_id(cfg: RunConfig) -> str:
@@ -183,4 +187,17 @@ def load_grid(path: str | Path) -> Grid:
     raw = read_yaml_mapping(path, "grid keys")
     sweep, runs = expand(raw, path)
     slurm = SlurmOptions.from_mapping(raw.get("slurm") or {}, path)
-    return Grid(path, sweep, runs, slurm, raw)
+    tune = None
+    if raw.get("tune") is not None:
+        from sweep.tune import check_tune
+
+        swept = {key for cell in [raw["axes"], *(raw.get("include") or [])] for key in cell if key in FIELDS}
+        swept |= {key for name, groups in raw["axes"].items() if name not in FIELDS
+                  for group in groups for key in group}
+        tune = check_tune(raw["tune"], runs, swept, path)
+    search = None
+    if raw.get("search") is not None:
+        from sweep.search import check_search
+
+        search = check_search(raw["search"], runs, path)
+    return Grid(path, sweep, runs, slurm, raw, tune, search)

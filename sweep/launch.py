@@ -28,7 +28,7 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import submitit
 import yaml
@@ -58,7 +58,7 @@ def sweep_manifest(results: str | Path, sweep: str) -> dict[str, Any]:
 def to_do(grid: Grid, results: str | Path, rerun_failed: bool) -> tuple[list[Run], dict[str, list]]:
     """The runs a launch starts, and the ones it skips grouped by why: `completed`, `failed` (unless
     rerun_failed) and `live`: (run, reason) pairs for runs whose Slurm job is still queued or running (the
-    scheduler is asked once) or that a process on this machine is training now."""
+    scheduler is asked once) or that a process on this machine is training now. A pruned run counts as failed."""
     todo: list[Run] = []
     skipped: dict[str, list] = {"completed": [], "failed": [], "live": []}
     entries = sweep_manifest(results, grid.sweep)["runs"]
@@ -66,7 +66,7 @@ def to_do(grid: Grid, results: str | Path, rerun_failed: bool) -> tuple[list[Run
     for run in grid.runs:
         status = read_status(sweep_dir(results, grid.sweep) / run.run_id)
         if status and (status[0] == "completed" or not rerun_failed):
-            skipped[status[0]].append(run)
+            skipped["completed" if status[0] == "completed" else "failed"].append(run)  # pruned: not completed
         else:
             undone.append(run)
     jobs = {run.run_id: job for run in undone if (job := latest_slurm_job(entries.get(run.run_id, {})))}
@@ -238,36 +238,27 @@ def local_workers(max_parallel: int, opts: SlurmOptions, runs: int, gpus: int) -
             for i in range(count)]
 
 
-def launch_local(run_dirs: list[Path], folder: Path, workers: list[dict[str, Any]], fail_fast: bool,
-                 progress: bool) -> dict[str, Any]:
+def run_local_workers(folder: Path, workers: list[dict[str, Any]], fn, args: tuple, total: int, unit: str,
+                      tick: Callable[[Any], bool], progress: bool, command: str) -> None:
+    """One submitit LocalExecutor job per worker (its parameters) running `fn(*args)`; waits for them with a bar
+    of `total` `unit`s that `tick(bar)` updates every second (True: cancel the jobs), cancels them on Ctrl-C, and
+    reports a worker that itself crashed (not a run failure, which the run's record says)."""
     from tqdm import tqdm
 
-    queue = [str(d) for d in run_dirs]
     jobs = []
     for params in workers:
         executor = submitit.LocalExecutor(folder=folder)
         executor.update_parameters(timeout_min=7 * 24 * 60, **params)
-        jobs.append(executor.submit(work_queue, queue, fail_fast))
-    started = time.time()
-    bar = tqdm(total=len(queue), desc="runs", unit="run", disable=None if progress else True,
+        jobs.append(executor.submit(fn, *args))
+    bar = tqdm(total=total, desc=unit + "s", unit=unit, disable=None if progress else True,
                dynamic_ncols=True)  # None: only on a terminal
-
-    def finished() -> list[str]:  # statuses of the results written by this launch
-        out = []
-        for d in run_dirs:
-            if (result_mtime(d) or 0) >= started:
-                out.append(status_of(d) or "unreadable")
-        return out
-
     try:
         while True:
-            states = finished()
-            bar.n = len(states)
-            bar.set_postfix(failed=states.count("failed"))
+            cancel = tick(bar)
             bar.refresh()
             if all(job.done() for job in jobs):
                 break
-            if fail_fast and "failed" in states:
+            if cancel:
                 for job in jobs:
                     job.cancel()
             time.sleep(1.0)
@@ -277,11 +268,26 @@ def launch_local(run_dirs: list[Path], folder: Path, workers: list[dict[str, Any
         raise
     finally:
         bar.close()
-    for job in jobs:  # a worker that itself crashed (not a run failure) must not pass unnoticed
+    for job in jobs:
         try:
             job.results()  # one per task
-        except Exception as err:  # noqa: BLE001 - reported, the runs' own records say the rest
-            print(f"sweep launch: a local worker ended with an error: {str(err).splitlines()[-1]}", file=sys.stderr)
+        except Exception as err:  # noqa: BLE001 - reported; the runs' own records say the rest
+            print(f"sweep {command}: a local worker ended with an error: {str(err).splitlines()[-1]}",
+                  file=sys.stderr)
+
+
+def launch_local(run_dirs: list[Path], folder: Path, workers: list[dict[str, Any]], fail_fast: bool,
+                 progress: bool) -> dict[str, Any]:
+    started = time.time()
+
+    def tick(bar) -> bool:  # the statuses of the results written by this launch
+        states = [status_of(d) or "unreadable" for d in run_dirs if (result_mtime(d) or 0) >= started]
+        bar.n = len(states)
+        bar.set_postfix(failed=states.count("failed"))
+        return fail_fast and "failed" in states
+
+    run_local_workers(folder, workers, work_queue, ([str(d) for d in run_dirs], fail_fast), len(run_dirs), "run",
+                      tick, progress, "launch")
     return {"executor": "local", "workers": len(workers), "tasks_per_worker": workers[0]["tasks_per_node"],
             "jobs": {}}
 
@@ -298,10 +304,11 @@ def max_array_size() -> int:
     return 1001  # Slurm's default
 
 
-def launch_slurm(run_dirs: list[Path], folder: Path, opts: SlurmOptions, sweep: str) -> dict[str, Any]:
+def slurm_executor(folder: Path, opts: SlurmOptions, name: str) -> submitit.AutoExecutor:
+    """A submitit executor whose jobs have the resources of `opts` (one job per array task)."""
     executor = submitit.AutoExecutor(folder=folder / "%j", cluster="slurm")
     params: dict[str, Any] = {
-        "name": f"sweep-{sweep}", "timeout_min": opts.time_min, "nodes": opts.nodes,
+        "name": name, "timeout_min": opts.time_min, "nodes": opts.nodes,
         "tasks_per_node": opts.tasks, "cpus_per_task": opts.cpus, "mem_gb": opts.mem_gb,
         "slurm_array_parallelism": opts.array_parallelism, "slurm_additional_parameters": dict(opts.sbatch),
     }
@@ -313,6 +320,11 @@ def launch_slurm(run_dirs: list[Path], folder: Path, opts: SlurmOptions, sweep: 
         if getattr(opts, key):
             params[f"slurm_{key}"] = getattr(opts, key)
     executor.update_parameters(**params)
+    return executor
+
+
+def launch_slurm(run_dirs: list[Path], folder: Path, opts: SlurmOptions, sweep: str) -> dict[str, Any]:
+    executor = slurm_executor(folder, opts, f"sweep-{sweep}")
     chunk = max(1, max_array_size() - 1)
     jobs: dict[str, str] = {}
     arrays = []
@@ -342,9 +354,10 @@ def threads_per_run(executor: str, max_parallel: int, opts: SlurmOptions, runs: 
 
 
 def launch(grid: Grid, results: str | Path, executor: str, todo: list[Run], skipped: dict[str, list], *,
-           max_parallel: int, fail_fast: bool, slurm: SlurmOptions, progress: bool = True) -> dict[str, Any]:
-    """Start `todo` (from `to_do`); returns the launch record (also appended to the manifest)."""
-    launch_record: dict[str, Any] = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "executor": executor,
+           max_parallel: int, fail_fast: bool, slurm: SlurmOptions, progress: bool = True,
+           note: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Start `todo` (from `to_do`); returns the launch record (also appended to the manifest, with `note`)."""
+    launch_record: dict[str, Any] = {**(note or {}), "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "executor": executor,
                                      "runs": [r.run_id for r in todo],
                                      "skipped": {k: len(v) for k, v in skipped.items()},
                                      "live": {run.run_id: why for run, why in skipped["live"]}}

@@ -83,14 +83,24 @@ class Resume(_Part):
     step: int
 
 
+class Evaluation(_Part):
+    """One evaluation during a run: after `step` steps of `stage`, at that stage's token lengths."""
+
+    stage: str
+    step: int
+    metrics: StageMetrics
+
+
 class ResultRecord(_Part):
-    """One run's outcome. Written once, when the run has ended (completed or failed)."""
+    """One run's outcome. Written once, when the run has ended (completed, failed, or pruned by a tuning trial)."""
 
     schema_version: int = SCHEMA_VERSION
     run_id: str | None = None
     sweep: str | None = None
-    status: Literal["completed", "failed"]
+    status: Literal["completed", "failed", "pruned"]
     error: str | None = None
+    pruned_at: Resume | None = None
+    trial: dict[str, Any] | None = None
     model: str | None = None
     params: int | None = Field(None, gt=0)
     vision_params: int | None = Field(None, gt=0)
@@ -108,6 +118,7 @@ class ResultRecord(_Part):
     weights: str | None = None
     resumed: list[Resume] = Field(default_factory=list)
     final_loss: dict[str, float] = Field(default_factory=dict)
+    evals: list[Evaluation] | None = None  # null in records from before it existed
 
     @model_validator(mode="before")
     @classmethod
@@ -172,13 +183,14 @@ def read_record(path: str | Path) -> ResultRecord:
 
 class _Head(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    status: Literal["completed", "failed"]
+    status: Literal["completed", "failed", "pruned"]
     error: Any = None
+    pruned_at: Any = None
 
 
 def read_status(run_dir: str | Path) -> tuple[str, str] | None:
-    """(status, reason) of a run from its result.json: ('completed', ''), ('failed', why), or None when the run
-    has no result yet. An unreadable file is ('failed', 'result.json is unreadable: ...').
+    """(status, reason) of a run from its result.json: ('completed', ''), ('failed', why), ('pruned', where), or
+    None when the run has no result yet. An unreadable file is ('failed', 'result.json is unreadable: ...').
 
     Only `status` and `error` are validated, so `sweep status` reads 10,000 records in well under a second."""
     try:
@@ -193,11 +205,14 @@ def read_status(run_dir: str | Path) -> tuple[str, str] | None:
         return "failed", f"result.json is unreadable ({err.errors()[0]['msg']})"
     if head.status == "completed":
         return "completed", ""
+    if head.status == "pruned":
+        at = head.pruned_at if isinstance(head.pruned_at, dict) else {}
+        return "pruned", f"pruned by its tuning trial at {at.get('stage')} step {at.get('step')}"
     return "failed", one_line(head.error or "failed without a reason")
 
 
 def status_of(run_dir: str | Path) -> str | None:
-    """'completed', 'failed' or None (no result yet)."""
+    """'completed', 'failed', 'pruned' or None (no result yet)."""
     found = read_status(run_dir)
     return found[0] if found else None
 

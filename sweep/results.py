@@ -8,7 +8,7 @@ import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import IO, Callable
 
 LOCK_FILE = ".lock"
 
@@ -80,8 +80,34 @@ def drop_inherited_locks() -> None:
 
 def held_elsewhere(run_dir: Path) -> bool:
     """Whether a process (on this machine) is training the run now; creates nothing."""
+    return held(Path(run_dir) / LOCK_FILE)
+
+
+def hold(path: Path, note: str = "") -> IO | None:
+    """Take the lock file `path` without waiting (writing `note` into it): the open handle, to close when done
+    (the lock dies with the process, even by SIGKILL), or None when another process holds it."""
+    handle = open(path, "a+")
     try:
-        handle = open(Path(run_dir) / LOCK_FILE, "r")
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        return None
+    handle.truncate(0)
+    handle.write(note)
+    handle.flush()
+    _HELD.add(handle.fileno())  # loader workers forked later drop their copy
+    return handle
+
+
+def release(handle: IO) -> None:
+    _HELD.discard(handle.fileno())
+    handle.close()
+
+
+def held(path: Path) -> bool:
+    """Whether a process holds the lock file `path`; creates nothing."""
+    try:
+        handle = open(path, "r")
     except OSError:
         return False
     with handle:

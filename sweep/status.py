@@ -2,6 +2,7 @@
 
 States:
   completed  result.json says so
+  pruned     result.json says so: a `sweep tune` trial's pruner stopped the run early
   failed     result.json says so (with the trainer's reason), or the scheduler ended the run's job (cancelled,
              timed out, out of memory, node failure) before a result was written
   running    the scheduler runs the run's job, or (no scheduler job) the run's heartbeat is fresh
@@ -29,7 +30,7 @@ from sweep.record import one_line, read_status, result_mtime
 from sweep.settings import ConfigError
 
 STALE_AFTER_S = 60.0  # heartbeats come every 10 s; six missed ones mean the process is gone
-STATES = ("completed", "failed", "running", "requeued", "stale", "pending")
+STATES = ("completed", "failed", "pruned", "running", "requeued", "stale", "pending")
 SCHEDULER_FAILED = ("CANCELLED", "FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE",
                     "PREEMPTED", "REVOKED")
 SCHEDULER_ALIVE = ("PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
@@ -200,16 +201,23 @@ def collect(path: str | Path) -> list[dict[str, Any]]:
                          "model": cfg["model"], "image_strategy": cfg["image_strategy"],
                          "image_tokens": cfg["image_tokens"], "text_strategy": cfg["text_strategy"],
                          "text_tokens": cfg["text_tokens"], "seed": cfg["seed"],
-                         "job_id": jobs[-1]["job_id"] if jobs else None, "jobs": [j["job_id"] for j in jobs]})
+                         "job_id": jobs[-1]["job_id"] if jobs else None, "jobs": [j["job_id"] for j in jobs],
+                         "trials": entry.get("trials", [])})  # `sweep tune`: the trials (study#number) it served
     return rows
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
+    """One line per run, most urgent first; runs of a tuning sweep also name their trials."""
     width = max([len(r["run_id"]) for r in rows] + [6])
-    lines = [f"{'run_id':<{width}}  {'state':<9}  reason"]
-    order = {s: i for i, s in enumerate(("failed", "stale", "running", "requeued", "pending", "completed"))}
+    trials = {r["run_id"]: ",".join(r.get("trials") or []) for r in rows}
+    tw = max(len(t) for t in trials.values())
+    tw = max(tw, 5) if tw else 0
+    head = f"{'trial':<{tw}}  " if tw else ""
+    lines = [f"{'run_id':<{width}}  {'state':<9}  {head}reason"]
+    order = {s: i for i, s in enumerate(("failed", "stale", "running", "requeued", "pending", "pruned", "completed"))}
     for r in sorted(rows, key=lambda r: (order[r["state"]], r["run_id"])):
-        lines.append(f"{r['run_id']:<{width}}  {r['state']:<9}  {r['reason']}".rstrip())
+        trial = f"{trials[r['run_id']]:<{tw}}  " if tw else ""
+        lines.append(f"{r['run_id']:<{width}}  {r['state']:<9}  {trial}{r['reason']}".rstrip())
     return "\n".join(lines)
 
 

@@ -172,3 +172,63 @@ def test_a_run_on_two_tasks_writes_one_result_and_a_requeue_resumes_every_task(t
     # both tasks trained: each wrote its own log under the job's folder
     logs = list((run_dir.parent / ".submitit").rglob("*_1_log.out"))
     assert logs, "no log of the job's second task"
+
+
+def test_tune_with_the_slurm_executor_completes_a_small_study_through_a_job_array(tmp_path, capsys):
+    import yaml
+
+    from sweep.grid import load_grid
+    from sweep.tune import progress, remaining
+
+    path = tmp_path / "tune.yaml"
+    path.write_text(yaml.safe_dump({
+        "sweep": "slurm_tune",
+        "settings": {"model": "cpu-s", "pretrain_samples": 128, "finetune_samples": 64, "batch_size": 32,
+                     "eval_every": 2, "train_scenes": 500, "eval_zeroshot_samples": 40, "eval_retrieval_samples": 40},
+        "axes": {"seed": [0]},
+        "tune": {"params": {"lr": {"low": 1e-4, "high": 1e-2, "log": True}}, "trials": 4, "startup_trials": 1},
+        "slurm": {"cpus": 1, "mem_gb": 2, "time_min": 30},
+    }))
+    results = tmp_path / "results"
+    assert main(["tune", str(path), "--results", str(results), "--executor", "slurm", "--max-parallel", "2"]) == 0
+    assert "submitted 2 tuning workers as job array" in capsys.readouterr().out
+    folder = results / "slurm_tune"
+    (array,) = json.loads((folder / "manifest.json").read_text())["launches"][-1]["arrays"]
+    assert len(scheduler_tasks(array)) == 2  # two Optuna workers, one array
+    grid = load_grid(path)
+    wait_for(lambda: remaining(grid, folder) == 0 and not progress(grid, folder).get("running"), 300,
+             "the study's 4 trials")
+    counts = progress(grid, folder)
+    assert counts.get("complete", 0) + counts.get("pruned", 0) == 4 and counts.get("complete", 0) >= 1
+    assert main(["tune", str(path), "--results", str(results), "--show", "--no-figures"]) == 0
+    assert "4 of 4 trials" in capsys.readouterr().out
+
+
+def test_search_on_slurm_submits_one_round_per_call_and_each_call_continues_from_the_results(tmp_path, capsys):
+    import yaml
+
+    from sweep.grid import load_grid
+
+    path = tmp_path / "search.yaml"
+    path.write_text(yaml.safe_dump({
+        "sweep": "slurm_search",
+        "settings": {"model": "cpu-s", "pretrain_samples": 128, "finetune_samples": 64, "batch_size": 32,
+                     "train_scenes": 500, "eval_zeroshot_samples": 200, "eval_retrieval_samples": 40},
+        "axes": {"image_strategy": ["random"], "image_tokens": [37, 26, 17, 10, 5]},
+        "search": {"max_drop": 3.0, "max_seeds": 1, "noise": 1.0},
+        "slurm": {"cpus": 1, "mem_gb": 2, "time_min": 30},
+    }))
+    results = tmp_path / "results"
+    sweep = results / "slurm_search"
+    rounds = 0
+    while True:
+        assert main(["search", str(path), "--results", str(results), "--executor", "slurm"]) == 0
+        out = capsys.readouterr().out
+        if "submitted round" not in out:
+            break
+        rounds += 1
+        assert f"round {rounds}:" in out  # the round's number counts on from the results on disk
+        wait_for(lambda: all(r["state"] == "completed" for r in states(sweep).values()), 300, f"round {rounds}")
+    assert rounds >= 2 and "runs:" in out and "trained of the grid's 6" in out
+    trained = {p.parent.name for p in sweep.glob("*/result.json")}
+    assert trained < {r.run_id for r in load_grid(path).runs}

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from sweep.record import (Compute, RecordError, ResultRecord, StageCompute, StageMetrics, parse_record, read_record,
-                          read_status, write_record)
+from sweep.record import (Compute, Evaluation, RecordError, ResultRecord, StageCompute, StageMetrics, parse_record,
+                          read_record, read_status, write_record)
 
 DATA = Path(__file__).parent / "data"
 DOC = Path(__file__).parent.parent / "docs" / "results.md"
@@ -46,7 +46,7 @@ def test_the_old_completed_record_reads_as_rows_of_the_analysis():
 def test_every_field_of_the_record_is_documented():
     text = DOC.read_text()
     documented = set(re.findall(r"`([a-z_0-9]+)`", text))
-    for model in (ResultRecord, StageMetrics, Compute, StageCompute):
+    for model in (ResultRecord, StageMetrics, Compute, StageCompute, Evaluation):
         missing = set(model.model_fields) - documented
         assert not missing, f"{model.__name__} fields not in docs/results.md: {sorted(missing)}"
 

@@ -12,14 +12,14 @@ Files in the run directory:
                          SIGTERM / SIGUSR2
     model.pt             final weights, an open_clip state dict (see `load_trained_model`)
     result.json          the result record (sweep/record.py, docs/results.md), written atomically once the run
-                         has ended
+                         has ended (completed, failed, or pruned by an Optuna trial's pruner)
     heartbeat            touched every 10 s while the run is alive (read by `sweep status`)
     .lock                held (flock) by the one process training the run (rank 0 of a run on several)
 """
-from sweep.train.loop import Diverged, Pixels, check_run_dir, generator, load_trained_model, run
+from sweep.train.loop import Diverged, Pixels, Pruned, Report, check_run_dir, generator, load_trained_model, run
 from sweep.train.signals import Interrupted
 from sweep.train.state import TrainState
 from sweep.train.step import ContrastiveStep, Runtime, lr_at, make_optimizer
 
-__all__ = ["ContrastiveStep", "Diverged", "Interrupted", "Pixels", "Runtime", "TrainState", "check_run_dir",
-           "generator", "load_trained_model", "lr_at", "make_optimizer", "run"]
+__all__ = ["ContrastiveStep", "Diverged", "Interrupted", "Pixels", "Pruned", "Report", "Runtime", "TrainState",
+           "check_run_dir", "generator", "load_trained_model", "lr_at", "make_optimizer", "run"]

@@ -18,7 +18,7 @@ import platform
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import open_clip
@@ -51,6 +51,20 @@ EVALUATIONS = ("pretrain", "pretrain_full_length", "finetune")
 
 class Diverged(RuntimeError):
     """The loss stopped being finite; the run ends as failed with this message."""
+
+
+class Pruned(Exception):
+    """The run's `report` callback (an Optuna trial's pruner) stopped it; the run ends as `pruned`."""
+
+    def __init__(self, stage: str, step: int):
+        super().__init__(f"pruned at {stage} step {step}")
+        self.stage, self.step = stage, step
+
+
+# Called on rank 0 with (global step, metrics) at every evaluation of a run (every `eval_every` steps and at the
+# end of each stage); True prunes the run. Steps count on across stages: the fine-tune's step 0 follows the last
+# pre-training step.
+Report = Callable[[int, dict[str, Any]], bool]
 
 
 @functools.lru_cache(maxsize=8)
@@ -142,8 +156,9 @@ def training_batches(cfg: RunConfig, stage: str, data: Data | None, state: Train
 
 def train_stage(model, encoders, cfg: RunConfig, runtime: Runtime, here: Distributed, stage: str, data: Data | None,
                 eval_sets: dict, pixels: Pixels, state: TrainState, run_dir: Path, stop: StopSignals,
-                progress: bool, started: float) -> None:
-    """Run (or finish) one stage on this rank, updating `state` in place; checkpoints as it goes (rank 0)."""
+                progress: bool, started: float, report: Report | None = None) -> None:
+    """Run (or finish) one stage on this rank, updating `state` in place; checkpoints as it goes (rank 0).
+    Evaluates every `eval_every` steps and at the end, telling `report` (which may prune the run)."""
     samples = cfg.pretrain_samples if stage == "pretrain" else cfg.finetune_samples
     steps = samples // cfg.batch_size  # e.g. 6400 // 64 = 100; a tail that does not fill a batch is dropped
     image_strategy, image_tokens, text_strategy, text_tokens = cfg.stage_settings(stage)
@@ -201,6 +216,23 @@ def train_stage(model, encoders, cfg: RunConfig, runtime: Runtime, here: Distrib
         here.barrier()
         window = time.perf_counter()
 
+    # the fine-tune's steps count on from the pre-training's, so that a trial's reports are one increasing series
+    offset = cfg.pretrain_samples // cfg.batch_size if stage == "finetune" else 0
+
+    def evaluate_now(done: int, may_prune: bool = True) -> dict[str, Any]:
+        """Rank 0 evaluates after `done` steps of the stage and tells `report`; a prune stops every rank."""
+        nonlocal window
+        read_back()  # a diverged model is not evaluated
+        found, prune = {}, False
+        if here.main:
+            found = evaluate(model, cfg, runtime, cfg.stage_settings(stage), stage_id, data, eval_sets, pixels)
+            state.evals.append({"stage": stage, "step": done, "metrics": found})
+            prune = bool(report and report(offset + done, found)) and may_prune
+        if here.broadcast(prune):
+            raise Pruned(stage, done)
+        window = time.perf_counter()  # evaluation is not training time
+        return found
+
     model.train()
     bar = tqdm(range(state.step, steps), desc=stage, initial=state.step, total=steps, leave=False,
                dynamic_ncols=True, disable=None if progress and here.main else True)  # None: only on a terminal
@@ -221,6 +253,8 @@ def train_stage(model, encoders, cfg: RunConfig, runtime: Runtime, here: Distrib
         # contrastive loss over the B x B image-text similarities; the step's FLOPs scale ~ with the tokens kept
         pending.append(step_fn(images, keep, tokens.to(runtime.device, non_blocking=True)))
         state.step = step + 1
+        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < steps:
+            evaluate_now(step + 1)  # before a checkpoint of the same step, which then holds it
         signum = here.largest(stop.signum)  # a signal on any rank stops every rank, after one checkpoint
         if signum:
             save()
@@ -235,10 +269,9 @@ def train_stage(model, encoders, cfg: RunConfig, runtime: Runtime, here: Distrib
     stats["samples"] = steps * cfg.batch_size
     # pairs per forward/backward pass on one rank: what fitted, after any halving
     stats["micro_batch_size"] = step_fn.micro_batch_size or cfg.batch_size // here.world_size
-    found = {}
-    if here.main:  # the other ranks wait for rank 0's metrics
-        found[stage] = evaluate(model, cfg, runtime, cfg.stage_settings(stage), STAGE_IDS[stage], data, eval_sets,
-                                pixels)
+    # the other ranks wait for rank 0's metrics; a run whose training is over is not pruned
+    found = {stage: evaluate_now(steps, may_prune=stage == "pretrain" and cfg.finetune_samples > 0)}
+    if here.main:
         if stage == "pretrain" and cfg.eval_full_length:  # the pre-trained model at full length, as a fine-tune
             found["pretrain_full_length"] = evaluate(model, cfg, runtime, cfg.stage_settings("finetune"),
                                                      STAGE_IDS[stage], data, eval_sets, pixels)
@@ -309,13 +342,15 @@ def check_run_dir(cfg: RunConfig, run_dir: Path) -> None:
                               f"use another --out directory", saved)
 
 
-def run(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True, handle_signals: bool = True
-        ) -> ResultRecord:
+def run(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True, handle_signals: bool = True,
+        report: Report | None = None, trial: dict[str, Any] | None = None) -> ResultRecord:
     """Train one run to completion (resuming if `run_dir` holds a checkpoint) and write its result.json.
 
     Returns the result record. A run whose result.json is already `completed` is not trained again; a run that
     another process is training raises AlreadyRunning. On several processes (torchrun, a multi-task Slurm job)
     every rank calls this: rank 0 holds the directory (lock, heartbeat, every file written), the others follow.
+    `report` hears every evaluation and may prune the run (`Report`); `trial` (study, number) goes into the record
+    of a run trained as an Optuna trial.
     """
     run_dir = Path(run_dir)
     here = join(torch.device(device_name(cfg)).type)  # the backend: NCCL for cuda, gloo for cpu
@@ -342,10 +377,11 @@ def run(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True, handle_si
             raise RuntimeError(f"rank 0 could not start the run: {verdict[0]}: {verdict[1]}")
         if verdict[0] == "completed":
             return read_record(run_dir)
-        return _run(cfg, run_dir, here, progress, handle_signals)
+        return _run(cfg, run_dir, here, progress, handle_signals, report, trial)
 
 
-def _run(cfg: RunConfig, run_dir: Path, here: Distributed, progress: bool, handle_signals: bool) -> ResultRecord:
+def _run(cfg: RunConfig, run_dir: Path, here: Distributed, progress: bool, handle_signals: bool,
+         report: Report | None, trial: dict[str, Any] | None) -> ResultRecord:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     started = time.time()
@@ -353,7 +389,7 @@ def _run(cfg: RunConfig, run_dir: Path, here: Distributed, progress: bool, handl
         run_id=run_dir.name, sweep=run_dir.parent.name, status="completed", model=cfg.model,
         image_strategy=cfg.image_strategy, image_tokens=cfg.image_tokens, text_strategy=cfg.text_strategy,
         text_tokens=cfg.text_tokens, seed=cfg.seed, config=cfg.to_dict(), versions=versions(),
-        open_clip_model=cfg.spec.open_clip_name)
+        open_clip_model=cfg.spec.open_clip_name, trial=trial)
     state, runtime = TrainState(), None
     try:
         runtime = Runtime.of(cfg, here.local_rank)
@@ -379,12 +415,14 @@ def _run(cfg: RunConfig, run_dir: Path, here: Distributed, progress: bool, handl
                 samples = cfg.pretrain_samples if stage == "pretrain" else cfg.finetune_samples
                 if samples and stage not in state.metrics:
                     train_stage(model, encoders, cfg, runtime, here, stage, data, eval_sets, pixels, state, run_dir,
-                                stop, progress, started)
+                                stop, progress, started, report)
         if here.main:
             torch.save(model.state_dict(), run_dir / "model.pt")
         record["weights"] = "model.pt"
     except Diverged as err:  # every rank sees the same losses, so every rank ends here at the same step
         record.update(status="failed", error=str(err))
+    except Pruned as err:  # every rank heard rank 0's verdict; no final weights
+        record.update(status="pruned", pruned_at={"stage": err.stage, "step": err.step})
     except (Interrupted, SystemExit, KeyboardInterrupt):
         raise
     except Exception as err:  # any other failure is recorded so `sweep status` can say why, then re-raised
@@ -423,6 +461,7 @@ def _finish(fields: dict[str, Any], state: TrainState, runtime: Runtime | None, 
             **where),
         resumed=state.resumed,  # where each restart picked up (empty: never interrupted)
         final_loss={stage: float(np.mean(v[-20:])) for stage, v in state.losses.items() if v},
+        evals=state.evals,
     )
     write_record(run_dir, record)
     return record

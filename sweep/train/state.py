@@ -33,6 +33,8 @@ class TrainState:
     """Per stage, the loss of every step so far (read back from the device every `log_every` steps)."""
     compute: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Per stage: train_seconds, flops_per_step, then steps and samples once finished."""
+    evals: list[dict[str, Any]] = field(default_factory=list)
+    """Every evaluation so far, in order: {stage, step, metrics} (every `eval_every` steps and at each stage's end)."""
     resumed: list[dict[str, Any]] = field(default_factory=list)
     """Where each restart picked up: {stage, step}."""
     elapsed: float = 0.0

@@ -1,0 +1,273 @@
+"""`sweep tune`: the tune: section, studies run by local workers, pruning from inside the trainer, a worker killed
+mid-trial, and the best settings used by a launch."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+from sweep.cli import main
+from sweep.config import ConfigError
+from sweep.grid import load_grid
+from sweep.record import read_record
+from sweep.tune import JOURNAL, apply_best, storage, studies_of
+
+ROOT = Path(__file__).parent.parent
+
+TINY = {
+    "sweep": "tiny_tune",
+    "settings": {"pretrain_samples": 256, "finetune_samples": 64, "batch_size": 32, "eval_every": 2,
+                 "eval_zeroshot_samples": 80, "eval_retrieval_samples": 40, "train_scenes": 500},
+    "axes": {"model": ["cpu-s"]},
+    "tune": {"params": {"lr": {"low": 1.0e-4, "high": 1.0e-2, "log": True}}, "trials": 8, "startup_trials": 2},
+}
+
+
+def write(tmp_path: Path, grid: dict, name: str = "grid.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(grid, sort_keys=False))
+    return path
+
+
+def trials_of(folder: Path) -> list:
+    store = storage(folder)
+    return [t for s in store.get_all_studies() for t in optuna.load_study(study_name=s.study_name,
+                                                                            storage=store).trials]
+
+
+def tune(*args: str) -> int:
+    return main(["tune", *map(str, args), "--executor", "local", "--quiet", "--no-figures"])
+
+
+# ------------------------------------------------------------------------------------------------- validation
+
+def with_tune(**changes) -> dict:
+    grid = json.loads(json.dumps(TINY))
+    for key, value in changes.items():
+        where = grid
+        *parents, last = key.split(".")
+        for part in parents:
+            where = where[part]
+        where[last] = value
+    return grid
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"tune.scope": "size"}, "tune.scope"),
+    ({"tune.params.lr": {"low": 1.0e-2, "high": 1.0e-4}}, "tune.params.lr"),
+    ({"tune.params.lr": {"low": 0.0, "high": 1.0e-2, "log": True}}, "tune.params.lr.low"),
+    ({"tune.params.lr": {"low": -1.0, "high": 1.0e-2}}, "tune.params.lr.low"),
+    ({"tune.params.lr": {"choices": []}}, "tune.params.lr.choices"),
+    ({"tune.params": {"threads": {"low": 1, "high": 2}}}, "tune.params.threads"),
+    ({"tune.params": {"model": {"choices": ["cpu-s", "cpu-m"]}}}, "tune.params.model"),
+    ({"tune.params": {"batch_size": {"low": 16, "high": 32.5}}}, "tune.params.batch_size"),
+    ({"tune.params": {"learning_rate": {"low": 1, "high": 2}}}, "tune.params.learning_rate"),
+    ({"tune.trials": 0}, "tune.trials"),
+    ({"tune.pruner": "median", "settings.eval_every": 0}, "tune.pruner"),
+    ({"settings.finetune_samples": 0}, "tune.objective.stage"),
+    ({"tune.objective": {"metric": "imagenet_top1"}}, "tune.objective.metric"),
+    ({"tune.objective": {"direction": "up"}}, "tune.objective.direction"),
+    ({"tune.colour": "red"}, "tune.colour"),
+])
+def test_a_bad_tune_section_is_one_line_naming_its_field_and_nothing_is_written(tmp_path, capsys, change, field):
+    path = write(tmp_path, with_tune(**change))
+    with pytest.raises(ConfigError) as err:
+        load_grid(path)
+    assert err.value.field == field, str(err.value)
+    assert tune(path, "--results", tmp_path / "results") == 2
+    message = capsys.readouterr().err.strip()
+    assert len(message.splitlines()) == 1 and str(path) in message and field in message
+    assert not (tmp_path / "results").exists()
+
+
+def test_a_swept_setting_cannot_also_be_tuned(tmp_path):
+    grid = with_tune()
+    grid["axes"]["lr"] = [1e-3, 2e-3]
+    with pytest.raises(ConfigError, match="either swept or tuned"):
+        load_grid(write(tmp_path, grid))
+
+
+def test_studies_are_per_model_on_the_full_length_run_and_named_by_their_search(tmp_path):
+    grid = with_tune()
+    grid["axes"] = {"model": ["cpu-s", "cpu-m"], "image": [{"image_strategy": "random", "image_tokens": [17, 5]}]}
+    studies = studies_of(load_grid(write(tmp_path, grid)))
+    assert sorted(s.label for s in studies) == ["cpu-m", "cpu-s"]
+    assert all(s.base.image_strategy == "none" and s.base.image_tokens == 65 for s in studies)
+    more = with_tune(**{"tune.trials": 20})
+    more["axes"] = grid["axes"]
+    assert [s.name for s in studies_of(load_grid(write(tmp_path, more, "more.yaml")))] == [s.name for s in studies]
+    wider = with_tune(**{"tune.params.lr": {"low": 1.0e-5, "high": 1.0e-2, "log": True}})
+    wider["axes"] = grid["axes"]
+    assert not {s.name for s in studies_of(load_grid(write(tmp_path, wider, "wider.yaml")))} & {s.name for s in studies}
+    cells = with_tune(**{"tune.scope": "cell"})
+    cells["axes"] = grid["axes"]
+    assert len(studies_of(load_grid(write(tmp_path, cells, "cells.yaml")))) == 6  # 4 cells + 2 baselines
+
+
+def test_the_tuning_grids_validate_and_cover_the_default_study():
+    tune_grid = load_grid(ROOT / "grids" / "tune_lr.yaml")
+    study = load_grid(ROOT / "grids" / "image_strategies.yaml")
+    assert {s.base.model for s in studies_of(tune_grid)} == {r.config.model for r in study.runs}
+    for s in studies_of(tune_grid):  # tuned on the default study's full-length run, as its baselines are trained
+        baseline = next(r.config for r in study.runs if r.baseline and r.config.model == s.base.model)
+        same = {"pretrain_samples", "finetune_samples", "batch_size", "train_scenes", "eval_zeroshot_samples"}
+        assert {k: getattr(s.base, k) for k in same} == {k: getattr(baseline, k) for k in same}
+
+
+def test_launch_from_tune_gives_each_model_its_best_learning_rate(tmp_path, capsys):
+    """The journal of grids/tune_lr.yaml's studies, with trials told by hand, applied to the default study."""
+    tune_grid = load_grid(ROOT / "grids" / "tune_lr.yaml")
+    folder = tmp_path / "tune_lr"
+    store = storage(folder)
+    from sweep.tune import load_study
+
+    best = {}
+    for i, s in enumerate(studies_of(tune_grid)):
+        opened = load_study(s, tune_grid.tune, store)
+        for j, lr in enumerate([3e-4, 1e-3, 3e-3]):
+            value = 10.0 + j if i % 2 else 20.0 - j  # the best lr differs between models
+            opened.add_trial(optuna.trial.create_trial(params={"lr": lr}, value=value, distributions={
+                "lr": optuna.distributions.FloatDistribution(2e-4, 5e-3, log=True)}))
+        best[s.base.model] = opened.best_trial.params["lr"]
+    study = load_grid(ROOT / "grids" / "image_strategies.yaml")
+    tuned, used = apply_best(study, folder)
+    assert len(used) == 3 and len(tuned.runs) == len(study.runs)
+    assert all(r.config.lr == best[r.config.model] for r in tuned.runs)
+    assert {r.run_id for r in tuned.runs}.isdisjoint(r.run_id for r in study.runs)  # new settings, new ids
+    assert main(["launch", str(study.path), "--from-tune", str(folder), "--dry-run", "--results",
+                 str(tmp_path / "results")]) == 0
+    assert "tuned settings from" in capsys.readouterr().out
+    assert main(["launch", str(study.path), "--from-tune", str(tmp_path / "nothing"), "--dry-run"]) == 2
+
+
+# ---------------------------------------------------------------------------------------------- running studies
+
+@pytest.fixture(scope="module")
+def finished_study(tmp_path_factory):
+    """grid TINY tuned to the end by two local workers."""
+    tmp = tmp_path_factory.mktemp("tune")
+    path = write(tmp, TINY)
+    code = main(["tune", str(path), "--results", str(tmp / "results"), "--executor", "local", "--max-parallel", "2",
+                 "--quiet"])
+    return tmp, path, code
+
+
+@pytest.mark.slow
+def test_a_study_of_eight_trials_with_two_local_workers_completes(finished_study, capsys):
+    tmp, path, code = finished_study
+    folder = tmp / "results" / "tiny_tune"
+    assert code == 0
+    trials = trials_of(folder)
+    assert len(trials) == 8 and all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+    assert sum(t.state == TrialState.COMPLETE for t in trials) >= 2
+    for t in trials:  # each trial is an ordinary run whose record names it
+        record = read_record(folder / t.user_attrs["run_id"])
+        assert record.trial == {"study": studies_of(load_grid(path))[0].name, "number": t.number}
+        assert record.config["lr"] == pytest.approx(t.params["lr"])
+        if t.state == TrialState.PRUNED:  # pruned from inside the trainer, at a reported step
+            assert record.status == "pruned" and record.pruned_at.step in {e.step for e in record.evals}
+            assert record.weights is None
+        else:
+            assert record.status == "completed"
+            assert t.value == record.metrics["finetune"].zeroshot_top1
+            assert [e.step for e in record.evals if e.stage == "pretrain"] == [2, 4, 6, 8]
+            assert t.intermediate_values  # what the pruner saw
+    assert main(["status", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert "trial" in out.splitlines()[0] and "cpu-s#0" in out
+    assert main(["tune", str(path), "--results", str(tmp / "results"), "--show"]) == 0
+    out = capsys.readouterr().out
+    assert "8 of 8 trials" in out and "best:" in out
+    assert (folder / "figures" / f"{studies_of(load_grid(path))[0].name}_history.png").stat().st_size > 10_000
+    # a relaunch runs nothing
+    assert tune(path, "--results", tmp / "results") == 0
+    assert "every study has its trials" in capsys.readouterr().out
+    assert len(trials_of(folder)) == 8
+
+
+@pytest.mark.slow
+def test_the_best_learning_rate_found_is_used_by_a_launch(finished_study, tmp_path):
+    tmp, path, _ = finished_study
+    folder = tmp / "results" / "tiny_tune"
+    best = optuna.load_study(study_name=studies_of(load_grid(path))[0].name, storage=storage(folder)).best_params
+    grid = {**TINY, "sweep": "tiny_study", "axes": {"model": ["cpu-s"], "image_strategy": ["random"],
+                                                   "image_tokens": [17]}}
+    del grid["tune"]
+    assert main(["launch", str(write(tmp_path, grid)), "--from-tune", str(folder), "--results",
+                 str(tmp_path / "results"), "--executor", "local", "--max-parallel", "2", "--quiet"]) == 0
+    records = [read_record(p) for p in (tmp_path / "results" / "tiny_study").glob("*/result.json")]
+    assert len(records) == 2 and all(r.status == "completed" for r in records)  # the reduced run and its baseline
+    assert all(r.config["lr"] == best["lr"] for r in records)
+    from analysis.load import load_results  # the study's results are analysed; the trials' never are
+
+    assert set(load_results(tmp_path / "results")["run_id"]) == {r.run_id for r in records}
+    with pytest.raises(Exception, match="tuning trials"):
+        load_results(folder)
+
+
+@pytest.mark.slow
+def test_a_diverging_range_ends_in_failed_or_pruned_trials_not_a_crash(tmp_path):
+    grid = with_tune(**{"tune.params.lr": {"low": 50.0, "high": 5000.0, "log": True}, "tune.trials": 3,
+                        "tune.pruner": "none"})
+    grid["settings"]["grad_clip"] = 0.0
+    path = write(tmp_path, grid)
+    assert tune(path, "--results", tmp_path / "results", "--max-parallel", "2") == 0
+    trials = trials_of(tmp_path / "results" / "tiny_tune")
+    assert len(trials) == 3 and all(t.state in (TrialState.FAIL, TrialState.PRUNED) for t in trials)
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    assert all("loss became" in t.user_attrs["reason"] for t in failed), [t.user_attrs for t in failed]
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_trial_leaves_it_failed_and_a_relaunch_finishes_the_study(tmp_path):
+    grid = with_tune(**{"tune.trials": 3, "tune.pruner": "none"})
+    grid["settings"].update(pretrain_samples=1024, checkpoint_every=4, eval_every=0)
+    path = write(tmp_path, grid)
+    results, folder = tmp_path / "results", tmp_path / "results" / "tiny_tune"
+    command = [sys.executable, "-m", "sweep", "tune", str(path), "--results", str(results), "--executor", "local",
+               "--max-parallel", "1", "--quiet", "--no-figures"]
+    launcher = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 180
+    victim = None
+    while victim is None:  # the second trial, once its run has a checkpoint
+        assert launcher.poll() is None and time.time() < deadline, launcher.stderr.read()
+        for lock in (folder / ".trials").glob("*.1.lock"):
+            run_dirs = [d for d in folder.iterdir() if (d / "checkpoint.pt").exists() and not (d / "result.json")
+                        .exists()]
+            if run_dirs and lock.read_text().strip():
+                victim = int(lock.read_text().split()[0])
+        time.sleep(0.05)
+    os.kill(victim, signal.SIGKILL)
+    assert launcher.wait(timeout=60) == 1  # the study is not finished: the launcher says so
+    assert "worker ended with an error" in launcher.stderr.read()
+    running = [t for t in trials_of(folder) if t.state == TrialState.RUNNING]
+    assert [t.number for t in running] == [1]
+
+    assert subprocess.run(command, capture_output=True).returncode == 0  # the relaunch finishes the study
+    trials = {t.number: t for t in trials_of(folder)}
+    assert trials[1].state == TrialState.FAIL and trials[1].user_attrs["interrupted"]
+    retry = [t for t in trials.values() if t.user_attrs.get("retry_of") == 1]
+    assert len(retry) == 1 and retry[0].state == TrialState.COMPLETE
+    assert retry[0].params == trials[1].params and retry[0].user_attrs["run_id"] == trials[1].user_attrs["run_id"]
+    record = read_record(folder / retry[0].user_attrs["run_id"])
+    assert record.resumed and record.resumed[0].step >= 4  # the retry resumed the killed run from its checkpoint
+    counted = [t for t in trials.values() if not t.user_attrs.get("interrupted")]
+    assert len(counted) == 3 and all(t.state == TrialState.COMPLETE for t in counted)
+    assert len({t.user_attrs["run_id"] for t in counted}) == 3  # no trial counted twice
+    assert (folder / JOURNAL).exists()
+
+
+def test_tune_refuses_a_grid_without_a_tune_section_and_show_before_any_study(tmp_path, capsys):
+    plain = {k: v for k, v in TINY.items() if k != "tune"}
+    assert tune(write(tmp_path, plain, "plain.yaml"), "--results", tmp_path / "results") == 2
+    assert "no tune: section" in capsys.readouterr().err
+    assert main(["tune", str(write(tmp_path, TINY)), "--results", str(tmp_path / "results"), "--show"]) == 2
+    assert "nothing tuned yet" in capsys.readouterr().err
+    assert not (tmp_path / "results").exists()
