@@ -37,6 +37,8 @@ FIELDS = set(RunConfig.model_fields)
 STRUCTURED = {name for name, f in RunConfig.model_fields.items()
               if getattr(f.annotation, "__origin__", None) in (list, dict)}
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# the settings that make a run its model's full-length baseline
+FULL_LENGTH = {"image_strategy": "none", "image_tokens": None, "text_strategy": "none", "text_tokens": None}
 
 
 @dataclass(frozen=True)
@@ -169,8 +171,7 @@ def _expand(raw: dict[str, Any]) -> tuple[str, list[Run]]:
     if baselines:
         seen = set()
         for run in list(runs.values()):
-            full = {**run.config.to_dict(), "image_strategy": "none", "image_tokens": None,
-                    "text_strategy": "none", "text_tokens": None}
+            full = {**run.config.to_dict(), **FULL_LENGTH}
             key = json.dumps(full, sort_keys=True)
             if key in seen:  # most runs share their baseline: build each one once
                 continue
@@ -179,6 +180,11 @@ def _expand(raw: dict[str, Any]) -> tuple[str, list[Run]]:
             rid = run_id(cfg)
             runs.setdefault(rid, Run(rid, cfg, baseline=True))
     return sweep, sorted(runs.values(), key=lambda r: (not r.baseline, r.run_id))
+
+
+def full_length(cfg: RunConfig) -> RunConfig:
+    """The baseline of a run: the same settings at the model's full lengths."""
+    return config_from_dict({**cfg.to_dict(), **FULL_LENGTH})
 
 
 def load_grid(path: str | Path) -> Grid:

@@ -92,12 +92,20 @@ def manifest_lock(results: str | Path, sweep: str):
         yield
 
 
+def update_manifest(results: str | Path, sweep: str, change: Callable[[dict[str, Any]], None]) -> Path:
+    """Apply `change` to the sweep manifest in place and write it back, under the manifest lock."""
+    path = sweep_dir(results, sweep) / "manifest.json"
+    with manifest_lock(results, sweep):
+        manifest = sweep_manifest(results, sweep)
+        change(manifest)
+        write_json_atomic(path, manifest)
+    return path
+
+
 def write_manifest(grid: Grid, results: str | Path, launch: dict[str, Any] | None) -> Path:
     """Add the grid's runs (and this launch) to the sweep manifest, keeping what earlier launches recorded: every
     job ever submitted for a run stays in its `jobs` list, oldest first."""
-    path = sweep_dir(results, grid.sweep) / "manifest.json"
-    with manifest_lock(results, grid.sweep):
-        manifest = sweep_manifest(results, grid.sweep)
+    def change(manifest: dict[str, Any]) -> None:
         for run in grid.runs:
             entry = manifest["runs"].setdefault(run.run_id, {})
             jobs = jobs_of(entry)  # reads the older single-`job` form too
@@ -108,8 +116,8 @@ def write_manifest(grid: Grid, results: str | Path, launch: dict[str, Any] | Non
             for run_id, job_id in launch.get("jobs", {}).items():
                 manifest["runs"][run_id]["jobs"].append({"executor": launch["executor"], "job_id": job_id,
                                                          "submitted": launch["time"]})
-        write_json_atomic(path, manifest)
-    return path
+
+    return update_manifest(results, grid.sweep, change)
 
 
 def prepare_run_dirs(grid: Grid, results: str | Path, runs: list[Run], threads: int) -> list[Path]:

@@ -88,7 +88,7 @@ class Curve:
 
     def seed_list(self, count: int) -> list[int]:
         """The first `count` seeds: the grid's, then the next unused numbers."""
-        extra = [s for s in range(max(self.seeds) + 1, max(self.seeds) + 1 + count)]
+        extra = list(range(max(self.seeds) + 1, max(self.seeds) + 1 + count))
         return (self.seeds + extra)[:max(count, 1)]
 
 
@@ -128,6 +128,8 @@ def check_search(raw: Any, grid_runs: list, source: str | Path) -> SearchSpec:
 
 def curves_of(runs: list) -> list[Curve]:
     """The grid's curves: its reduced runs grouped by every setting but the token length and the seed."""
+    from sweep.grid import full_length
+
     groups: dict[tuple, list[RunConfig]] = {}
     for run in runs:
         cfg = run.config
@@ -140,8 +142,7 @@ def curves_of(runs: list) -> list[Curve]:
         first = configs[0]
         axis = "image" if first.image_strategy != "none" else "text"
         full = first.spec.image_tokens if axis == "image" else first.spec.text_tokens
-        baseline = config_from_dict({**first.to_dict(), "image_strategy": "none", "image_tokens": None,
-                                     "text_strategy": "none", "text_tokens": None})
+        baseline = full_length(first)
         curves.append(Curve(first.model, axis, getattr(first, f"{axis}_strategy"), full,
                             sorted({getattr(c, f"{axis}_tokens") for c in configs}), sorted({c.seed for c in configs}),
                             first, baseline))
@@ -240,17 +241,18 @@ def pooled_noise(curves: list[Curve], values: dict[str, dict[int, list[float]]],
 
 # ------------------------------------------------------------------------------------------------ on the disk
 
-def read_values(curve: Curve, folder: Path, spec: SearchSpec, max_seeds: int) -> tuple[dict[int, list[float]],
-                                                                                        dict[str, str]]:
-    """Per length, the metric of each completed run of the curve (the grid's seeds first), and the run id ->
-    status of every run that ended without a value (failed, pruned, or no metric)."""
+def read_values(curve: Curve, folder: Path, spec: SearchSpec) -> tuple[dict[int, list[float]], set[str],
+                                                                       dict[str, str]]:
+    """Per length, the metric of each completed run of the curve (the grid's seeds first); the ids of those runs;
+    and the run id -> status of every run that ended without a value (failed, pruned, or no metric)."""
     from sweep.grid import run_id
     from sweep.record import read_record, read_status
 
     values: dict[int, list[float]] = {}
+    completed: set[str] = set()
     ended: dict[str, str] = {}
     for length in [*curve.lengths, curve.full]:
-        for seed in curve.seed_list(max_seeds):
+        for seed in curve.seed_list(spec.max_seeds):
             rid = run_id(curve.config(length, seed))
             status = read_status(folder / rid)
             if status is None:
@@ -264,7 +266,8 @@ def read_values(curve: Curve, folder: Path, spec: SearchSpec, max_seeds: int) ->
                 ended[rid] = f"no {spec.metric} at stage {spec.stage}"
             else:
                 values.setdefault(length, []).append(float(value))
-    return values, ended
+                completed.add(rid)
+    return values, completed, ended
 
 
 @dataclass
@@ -288,12 +291,13 @@ def plan(grid, results: str | Path) -> Plan:
     folder = Path(results) / grid.sweep
     curves = curves_of(grid.runs)
     grid_ids = {r.run_id for r in grid.runs}
-    values, ended = {}, {}
+    values, done_ids, ended = {}, set(), {}
     for curve in curves:
-        values[curve.label], failed = read_values(curve, folder, spec, spec.max_seeds)
+        values[curve.label], completed, failed = read_values(curve, folder, spec)
+        done_ids |= completed
         ended.update(failed)
     sigma = pooled_noise(curves, values, spec.noise)
-    spent = len({rid for curve in curves for rid in _trained(curve, values[curve.label], spec)} | set(ended))
+    spent = len(done_ids | set(ended))
     budget = spec.budget or len(grid.runs)
     verdicts, wanted, blocked = {}, {}, {}
     for curve in curves:
@@ -308,19 +312,10 @@ def plan(grid, results: str | Path) -> Plan:
                 elif length not in values[curve.label] or len(values[curve.label][length]) < seeds:
                     wanted.setdefault(rid, Run(rid, cfg, baseline=length == curve.full and rid in grid_ids))
         verdicts[curve.label] = verdict
-    done_ids = {rid for curve in curves for rid in _trained(curve, values[curve.label], spec)}
     todo = [run for rid, run in wanted.items() if rid not in done_ids]
     todo.sort(key=lambda r: (not r.baseline, r.run_id))  # baselines first when the budget runs short
     room = max(0, budget - spent)
     return Plan(todo[:room], verdicts, curves, spent, budget, blocked, sigma)
-
-
-def _trained(curve: Curve, values: dict[int, list[float]], spec: SearchSpec) -> list[str]:
-    """Run ids of the curve's completed runs (the values read)."""
-    from sweep.grid import run_id
-
-    return [run_id(curve.config(length, seed)) for length, cell in values.items()
-            for seed in curve.seed_list(spec.max_seeds)[:len(cell)]]
 
 
 # --------------------------------------------------------------------------------------------------- reporting

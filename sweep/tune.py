@@ -50,7 +50,7 @@ from typing import Any, Iterator
 import submitit
 
 from sweep.config import OPERATIONAL, RunConfig, config_from_dict, identity
-from sweep.grid import STRUCTURED
+from sweep.grid import STRUCTURED, full_length
 from sweep.settings import ConfigError, Number, Settings, setting
 
 JOURNAL = "optuna.journal"
@@ -173,11 +173,6 @@ def _is_int_setting(name: str) -> bool:
 
 # ----------------------------------------------------------------------------------------------------- studies
 
-def full_length(cfg: RunConfig) -> RunConfig:
-    return config_from_dict({**cfg.to_dict(), "image_strategy": "none", "image_tokens": None,
-                             "text_strategy": "none", "text_tokens": None})
-
-
 def studies_of(grid) -> list[Study]:
     """The studies of a grid with a `tune:` section, in a stable order. A study's name holds a hash of its search
     (ranges, objective, sampler, pruner) and base run, so changing either starts a new study; changing only
@@ -284,15 +279,14 @@ def trial_lock_path(folder: Path, study: str, number: int) -> Path:
     return folder / ".trials" / f"{study}.{number}.lock"
 
 
-def fail_abandoned(opened, store, folder: Path) -> int:
+def fail_abandoned(opened, store, folder: Path) -> None:
     """Mark RUNNING trials whose worker is gone (their lock is free) failed, and enqueue their settings again:
-    the retry resumes the same run from its checkpoint. Returns how many. Call under `tune_lock`."""
+    the retry resumes the same run from its checkpoint. Call under `tune_lock`."""
     from optuna.trial import TrialState
 
     from sweep.results import held
 
     study_id = store.get_study_id_from_name(opened.study_name)
-    found = 0
     for trial in opened.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if held(trial_lock_path(folder, opened.study_name, trial.number)):
             continue
@@ -301,8 +295,6 @@ def fail_abandoned(opened, store, folder: Path) -> int:
                                   "before the trial ended; retried as a new trial")
         store.set_trial_state_values(trial_id, TrialState.FAIL)
         opened.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
-        found += 1
-    return found
 
 
 def next_trial(grid, folder: Path, store) -> tuple[Study, Any, Any, Any] | None:
@@ -332,15 +324,14 @@ def next_trial(grid, folder: Path, store) -> tuple[Study, Any, Any, Any] | None:
 
 def add_to_manifest(folder: Path, grid, run_id: str, cfg: RunConfig, trial_name: str) -> None:
     """The trial's run in the sweep manifest, with every trial it served (`sweep status` lists them)."""
-    from sweep.launch import manifest_lock, sweep_manifest
-    from sweep.results import write_json_atomic
+    from sweep.launch import update_manifest
 
-    with manifest_lock(folder.parent, folder.name):
-        manifest = sweep_manifest(folder.parent, folder.name)
+    def change(manifest: dict[str, Any]) -> None:
         entry = manifest["runs"].setdefault(run_id, {"config": cfg.to_dict(), "baseline": False,
                                                      "grid": str(grid.path), "jobs": [], "trials": []})
         entry.setdefault("trials", []).append(trial_name)
-        write_json_atomic(folder / "manifest.json", manifest)
+
+    update_manifest(folder.parent, folder.name, change)
 
 
 def run_trial(grid, folder: Path, study: Study, opened, trial, threads: int) -> str:
@@ -435,8 +426,8 @@ class SlurmTuneWorker(submitit.helpers.Checkpointable):
 def progress(grid, folder: Path) -> dict[str, int]:
     """Trials of the grid's studies by state (complete, pruned, fail, running, waiting), and `goal`."""
     store = storage(folder)
-    counts = {"goal": grid.tune.trials * len(studies_of(grid))}
     names = {s.name for s in studies_of(grid)}
+    counts = {"goal": grid.tune.trials * len(names)}
     for summary in store.get_all_studies():
         if summary.study_name not in names:
             continue
@@ -457,12 +448,11 @@ def launch_tune(grid, results: str | Path, executor: str, workers: list[dict[str
                 progress_bar: bool) -> dict[str, Any]:
     """Start the Optuna workers (local processes with these LocalExecutor parameters, waiting with a bar; or as
     many Slurm array tasks, returning once submitted)."""
-    from sweep.launch import manifest_lock, slurm_executor, sweep_manifest
-    from sweep.results import write_json_atomic
+    from sweep.launch import slurm_executor, update_manifest
 
     folder = Path(results) / grid.sweep
     store = storage(folder)
-    with tune_lock(folder):  # the studies exist (and the manifest) before any worker starts
+    with tune_lock(folder):  # the studies exist before any worker starts
         for study in studies_of(grid):
             load_study(study, grid.tune, store)
     record: dict[str, Any] = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "executor": executor, "tune": True,
@@ -475,10 +465,7 @@ def launch_tune(grid, results: str | Path, executor: str, workers: list[dict[str
         record["arrays"] = sorted({j.job_id.split("_")[0] for j in jobs})
     else:
         _run_local(grid, folder, jobs_folder, workers, threads, progress_bar, str(results))
-    with manifest_lock(results, grid.sweep):
-        manifest = sweep_manifest(results, grid.sweep)
-        manifest["launches"].append(record)
-        write_json_atomic(folder / "manifest.json", manifest)
+    update_manifest(results, grid.sweep, lambda manifest: manifest["launches"].append(record))
     return record
 
 
