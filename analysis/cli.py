@@ -8,8 +8,10 @@ matplotlib) is imported when the command runs.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import warnings
+from pathlib import Path
 
 DESCRIPTION = (
     "Analyse a token-length sweep: read every result.json under PATH (or a .csv/.parquet table), compute each run's "
@@ -25,17 +27,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "or a .csv/.parquet table with the columns listed in docs/results.md")
     parser.add_argument("--out", metavar="DIR", default=None,
                         help="output directory (default: PATH/analysis, or <parent>/analysis for a table file)")
-    parser.add_argument("--metric", default="zeroshot_top1",
-                        help="metric column to analyse, in percent (default: zeroshot_top1); an evaluation set on disk "
-                             "gives <name>_<metric> columns, e.g. imagenet_top1 or coco_i2t_r5")
+    parser.add_argument("--metric", default=None,
+                        help="metric column to analyse, in percent (default: the grid's analysis: section, recorded "
+                             "in PATH/manifest.json, else zeroshot_top1); an evaluation set on disk gives "
+                             "<name>_<metric> columns, e.g. imagenet_top1 or coco_i2t_r5")
     parser.add_argument("--stage", choices=("pretrain", "pretrain_full_length", "finetune"), default=None,
-                        help="which stage's metrics (default: finetune, the paper's protocol of pre-training "
+                        help="which stage's metrics (default: the grid's analysis: section, else finetune, the "
+                             "paper's protocol of pre-training "
                              "reduced and fine-tuning and evaluating at full length; pretrain where no run "
                              "fine-tuned); "
                              "pretrain_full_length: the pre-trained model evaluated at full length "
                              "(eval_full_length)")
-    parser.add_argument("--max-drop", type=float, default=1.0, metavar="X",
-                        help="tolerance in percentage points for the minimum token length (default: 1.0)")
+    parser.add_argument("--max-drop", type=float, default=None, metavar="X",
+                        help="tolerance in percentage points for the minimum token length (default: the grid's "
+                             "analysis: section, else 1.0)")
     parser.add_argument("--bootstrap", type=int, default=1000, metavar="N",
                         help="bootstrap replicates for the confidence intervals (default: 1000; 0 = none)")
     parser.add_argument("--confidence", type=float, default=0.95,
@@ -57,7 +62,13 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the analysis for parsed arguments: 0 on success, 2 on bad input (one line on stderr, nothing written)."""
+    from sweep.analysis_spec import DEFAULT_MAX_DROP
+
     prog = "sweep analyze"
+    grid = grid_defaults(args.path)
+    args.metric = args.metric or grid.get("metric") or "zeroshot_top1"
+    args.stage = args.stage or grid.get("stage")
+    args.max_drop = args.max_drop if args.max_drop is not None else grid.get("max_drop", DEFAULT_MAX_DROP)
     if args.max_drop < 0 or args.max_drop != args.max_drop:
         print(f"{prog}: error: --max-drop: must be a number >= 0, got {args.max_drop}", file=sys.stderr)
         return 2
@@ -90,10 +101,24 @@ def run(args: argparse.Namespace) -> int:
     report = next(p for p in written if p.name == "report.md")
     runs = analysis.runs
     n_failed = int((runs["status"] != "completed").sum())
+    if grid:
+        print(f"the grid's analysis: section (PATH/manifest.json), for what no option sets: metric "
+              f"{grid.get('metric')}, stage {grid.get('stage')}, max_drop {grid.get('max_drop'):g} pp")
     print(f"analysed {len(runs)} runs ({n_failed} failed, {len(analysis.skipped)} files skipped), "
           f"{len(analysis.min_tokens)} drop curves, metric {analysis.metric}, stage {analysis.stage}")
     print(f"wrote {report.parent}/ (report.md, min_tokens.csv, runs.csv{'' if args.no_figures else ', figures/'})")
     return 0
+
+
+def grid_defaults(path: str) -> dict:
+    """The `analysis:` section of the grid a results directory was launched from (recorded by `sweep launch` in
+    its manifest.json), or {} (a table, a directory of several sweeps, a grid without the section)."""
+    manifest = Path(path) / "manifest.json"
+    try:
+        section = json.loads(manifest.read_text()).get("analysis") if manifest.is_file() else None
+    except (OSError, ValueError):
+        return {}
+    return section if isinstance(section, dict) else {}
 
 
 def _print_warnings(caught, category) -> None:

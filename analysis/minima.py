@@ -17,9 +17,11 @@
     (with 3 seeds a 95% interval undercovers badly), so each cell's mean is drawn from the spread pooled over all
     cells of the curve and the baseline, Student-t style (one chi-square draw per replicate for the uncertainty of
     that spread);
-  - ``residuals`` otherwise: the fitted curve plus resampled, centred residuals (scaled to one run, inflated by
-    ``sqrt(K / (K - 2))`` for the two fitted parameters), plus one resampled residual per replicate shared by all
-    points for the baseline run's own error, which shifts the whole curve and is invisible in the residuals.
+  - ``residuals`` otherwise (one seed): the fitted curve plus normal noise at one run's spread estimated from the
+    fit residuals (scaled to one run, two degrees of freedom spent per curve), pooled over every curve of the axis
+    (one curve's 3-7 points leave 1-5 degrees of freedom: a curve that happens to fit its few points closely would
+    otherwise claim a falsely narrow interval), Student-t style; plus one draw per replicate shared by all points
+    for the baseline run's own error, which shifts the whole curve and is invisible in the residuals.
 
   The percentile interval of the fitted crossing assumes the functional form is right. To stay honest when it is
   not, the reported interval is the hull of (1) that interval, (2) the bootstrap percentile interval of a model-free
@@ -31,6 +33,8 @@
 
   A ``flat`` fit (no measurable drop) has no fitted crossing (NaN), but its interval is still reported: where the
   crossing may lie given the noise (0 as the lower end means "every length may be tolerated").
+* **resolved**: the interval lies within the two grid lengths around the fitted minimum (0 below the shortest
+  length, for a flat curve), so the grid has answered the question at this tolerance; `is_resolved`.
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ MIN_TOKENS_COLUMNS = [
     "ci_low", "ci_high", "max_drop", "axis_params",
     "stage", "metric", "fit_status", "fit_reason", "fit_a", "fit_b", "fit_r2", "fit_rmse", "n_points",
     "seeds_per_point", "ci_method", "confidence", "n_boot", "bracket_low", "bracket_high", "extrapolated",
+    "resolved",
 ]
 
 
@@ -106,6 +111,24 @@ def grid_crossing(sorted_tokens: np.ndarray, drops: np.ndarray, full_tokens: flo
     return grid[below_index], grid[first], interpolated
 
 
+def is_resolved(grid_tokens: np.ndarray, full_tokens: float, estimate: float, ci_low: float, ci_high: float) -> bool:
+    """Whether the interval ``[ci_low, ci_high]`` lies within the two grid lengths around the ``estimate``.
+
+    The grid runs from 0 (every length of the grid tolerated) over the reduced lengths to the full length; the
+    estimate is the fitted minimum, or 0 for a flat curve (nothing measurably lost). Where the estimate is a grid
+    length itself, either bracket next to it may hold the interval. Ends are compared with the fit's numerical
+    precision (``_MIN_HALF_WIDTH``), the slack the interval itself keeps around the estimate.
+    """
+    if not (np.isfinite(ci_low) and np.isfinite(ci_high) and np.isfinite(estimate)):
+        return False
+    grid = np.unique(np.concatenate([[0.0, full_tokens], np.asarray(grid_tokens, dtype=float)]))
+    slack = 1 + _MIN_HALF_WIDTH
+    for low, high in zip(grid[:-1], grid[1:]):
+        if low / slack <= estimate <= high * slack and low / slack <= ci_low and ci_high <= high * slack:
+            return True
+    return False
+
+
 def _resampled_means(values: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndarray:
     """Bootstrap means of ``values`` with the spread rescaled by sqrt(n / (n - 1)).
 
@@ -118,6 +141,15 @@ def _resampled_means(values: np.ndarray, n_boot: int, rng: np.random.Generator) 
     return mean + (means - mean) * np.sqrt(n / (n - 1))
 
 
+def residual_scale(curves: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> tuple[float, int]:
+    """One run's noise from fit residuals, pooled: ``curves`` holds (seed-mean drops, fitted drops, seeds per
+    point) per curve. Residuals of seed means are brought to one run's scale; each curve spends two degrees of
+    freedom on its fit. Returns (standard deviation, degrees of freedom)."""
+    squares = sum(float(np.sum(c * (d - f) ** 2)) for d, f, c in curves)
+    dof = sum(max(len(d) - 2, 1) for d, _, _ in curves)
+    return float(np.sqrt(squares / dof)), dof
+
+
 def bootstrap_crossing(
     tokens: np.ndarray,
     point_values: list[np.ndarray],
@@ -128,8 +160,12 @@ def bootstrap_crossing(
     n_boot: int,
     rng: np.random.Generator,
     confidence: float = 0.95,
+    residual_noise: tuple[float, int] | None = None,
 ) -> dict:
-    """Bootstrap interval of the fitted crossing, widened to the grid bracket (see the module docstring)."""
+    """Bootstrap interval of the fitted crossing, widened to the grid bracket (see the module docstring).
+
+    ``residual_noise`` (one run's standard deviation, degrees of freedom) is used where the points have a single
+    seed; by default it comes from this curve's own residuals."""
     tokens = np.asarray(tokens, dtype=float)
     order = np.argsort(tokens)
     tokens = tokens[order]
@@ -161,12 +197,13 @@ def bootstrap_crossing(
     else:
         method = "residuals"
         fitted = fit.predict(tokens)
-        # Residuals of seed means, brought to the scale of one run, centred and inflated for the two parameters.
-        per_run = (drops - fitted) * np.sqrt(counts)
-        per_run = (per_run - per_run.mean()) * np.sqrt(len(tokens) / max(len(tokens) - 2, 1))
-        noise = per_run[rng.integers(0, len(tokens), (n_boot, len(tokens)))] / np.sqrt(counts)
+        sigma, dof = residual_noise if residual_noise is not None else residual_scale([(drops, fitted, counts)])
+        # One run's noise from the residuals (pooled over the table's curves where given), Student-t style: one
+        # chi-square draw per replicate for the uncertainty of that spread itself.
+        scale = sigma * np.sqrt(dof / rng.chisquare(dof, n_boot))
+        noise = rng.standard_normal((n_boot, len(tokens))) * scale[:, None] / np.sqrt(counts)
         # The baseline's own error shifts every drop of the curve alike; residuals cannot show it, so add it.
-        shift = per_run[rng.integers(0, len(tokens), n_boot)] / np.sqrt(len(baseline_values))
+        shift = rng.standard_normal(n_boot) * scale / np.sqrt(len(baseline_values))
         replicates = fitted + noise + shift[:, None]
 
     weights = np.asarray(fit.weights)[order] if len(fit.weights) == len(tokens) else counts
@@ -212,7 +249,7 @@ def min_tokens_table(
         model: full_rows.index.to_numpy()[idx] for model, idx in full_rows.groupby("model").indices.items()
     }
     curves = cells[cells["axis"].isin(AXES)]
-    rows, fits = [], {}
+    rows, fits, measured = [], {}, []
     for (model, axis, strategy), curve in curves.groupby(["model", "axis", "strategy"], sort=True):
         curve = curve.sort_values("tokens")
         tokens = curve["tokens"].to_numpy(dtype=float)
@@ -224,7 +261,7 @@ def min_tokens_table(
             "axis": axis, "strategy": strategy,
             "full_tokens": full, "full_top1": curve["full_mean"].iloc[0], "max_drop": max_drop,
             "stage": stage, "metric": metric, "n_points": len(tokens), "seeds_per_point": int(weights.min()),
-            "confidence": confidence, "n_boot": n_boot,
+            "confidence": confidence, "n_boot": n_boot, "resolved": False,
         }
         if model not in base_positions:
             fit = DropCurveFit(full, status="no_baseline", reason=f"model {model!r} has no full-length baseline")
@@ -232,16 +269,28 @@ def min_tokens_table(
             fit = fit_drop_curve(tokens, drops, full, weights, focus=focus_scale(max_drop))
             row["min_tokens_measured"] = measured_min_tokens(tokens, drops, full, max_drop)
             row["min_tokens_fit"] = fit.crossing(max_drop)
-            if fit.usable and n_boot > 0:
-                point_values = [values[by_cell[(model, axis, strategy, t)]] for t in tokens]
-                row.update(bootstrap_crossing(tokens, point_values, values[base_positions[model]], full, fit,
-                                              max_drop, n_boot, rng, confidence))
             row["extrapolated"] = bool(row["min_tokens_fit"] < tokens.min()) if np.isfinite(
                 row["min_tokens_fit"]) else False
+            if fit.usable:
+                measured.append((row, fit, tokens, drops, weights))
         fits[(model, axis, strategy)] = fit
         row.update(fit_status=fit.status, fit_reason=fit.reason, fit_a=fit.a, fit_b=fit.b, fit_r2=fit.r2,
                    fit_rmse=fit.rmse)
         rows.append(row)
+    # Curves measured at one seed learn their noise from fit residuals: pooled over every curve of the axis, as
+    # one curve's three to seven points leave it one to five degrees of freedom.
+    noise = {axis: residual_scale([(d, f.predict(t), w) for r, f, t, d, w in measured if r["axis"] == axis])
+             for axis in {r["axis"] for r, *_ in measured}}
+    for row, fit, tokens, drops, weights in measured:
+        key = (row["model"], row["axis"], row["strategy"])
+        if n_boot > 0:
+            point_values = [values[by_cell[(*key, t)]] for t in tokens]
+            row.update(bootstrap_crossing(tokens, point_values, values[base_positions[row["model"]]],
+                                          row["full_tokens"], fit, max_drop, n_boot, rng, confidence,
+                                          residual_noise=noise[row["axis"]]))
+        estimate = 0.0 if fit.status == "flat" else row["min_tokens_fit"]
+        row["resolved"] = is_resolved(tokens, row["full_tokens"], estimate, row.get("ci_low", np.nan),
+                                      row.get("ci_high", np.nan))
     table = pd.DataFrame(rows, columns=MIN_TOKENS_COLUMNS)
     if len(table):
         table = table.sort_values(["axis", "strategy", "params", "model"], kind="stable").reset_index(drop=True)

@@ -143,8 +143,18 @@ def write_report(analysis, out: Path, figure_files: dict[str, list[Path] | None]
         "min_tokens_measured": ("measured", _tokens), "min_tokens_fit": ("fitted", _num(1)),
         "ci_low": ("CI low", _num(1)), "ci_high": ("CI high", _num(1)), "ci_method": "CI from",
         "fit_r2": ("fit R²", _num(3)), "fit_rmse": ("RMSE (pp)", _num(2)), "fit_status": "fit",
+        "resolved": ("resolved", lambda v: "yes" if v is True or v == 1 else "no"),
     }))
     lines.append("")
+    if len(mt):
+        unresolved = mt[~mt["resolved"].astype(bool)]
+        lines += [f"**Resolved: {len(mt) - len(unresolved)} of {len(mt)} curves** have a {a.confidence:.0%} interval "
+                  "within the two grid lengths around the fitted minimum (0 below the shortest length, where nothing "
+                  "is measurably lost).", ""]
+        if len(unresolved):
+            lines += ["Not resolved (more seeds, or grid lengths nearer the minimum, would narrow them):", ""]
+            _bullets(lines, (f"{r.model} / {r.axis} / {r.strategy}: interval {_tokens(r.ci_low)}–{_tokens(r.ci_high)} "
+                             f"tokens" for r in unresolved.itertuples()))
     bad = mt[~mt["fit_status"].isin(["ok"])]
     if len(bad):
         lines += ["Curves without a usable crossing:", ""]
@@ -198,7 +208,8 @@ def write_report(analysis, out: Path, figure_files: dict[str, list[Path] | None]
         "on a grid and refined with scipy. R² and RMSE are on the seed means. A curve needs at least "
         f"{MIN_POINTS} reduced token lengths.",
         "- **Interval**: bootstrap over seeds (resampled within each token length and within the baseline) when "
-        "every point has two or more seeds, over residuals otherwise (plus the baseline's own error). The interval "
+        "every point has two or more seeds; at one seed, from the fit residuals pooled over every curve of the "
+        "axis (plus the baseline's own error). The interval "
         "is the hull of the percentile interval of the fitted crossing, that of a model-free crossing (linear in "
         "log t between the measured grid point and the next shorter one), and that observed grid bracket: honest "
         "when the functional form is not exactly right.",

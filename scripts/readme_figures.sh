@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 results=${1:-results}
 sweep=${SWEEP:-.venv/bin/sweep}
 "$sweep" launch grids/image_strategies.yaml --results "$results" --executor local --quiet
-"$sweep" analyze "$results/image_strategies" --max-drop 5
+"$sweep" analyze "$results/image_strategies"   # as the grid's analysis: section says
 mkdir -p docs/figures
 for name in drop_vs_tokens min_tokens_vs_params; do
     cp "$results/image_strategies/analysis/figures/$name.png" docs/figures/

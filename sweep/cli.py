@@ -6,6 +6,7 @@ and nothing written.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import textwrap
@@ -102,7 +103,7 @@ def _search(args: argparse.Namespace) -> int:
     from collections import Counter
 
     from sweep.config import ConfigError
-    from sweep.grid import Grid, load_grid
+    from sweep.grid import load_grid
     from sweep.launch import launch, to_do
     from sweep.search import plan, report
 
@@ -137,7 +138,7 @@ def _search(args: argparse.Namespace) -> int:
         if args.dry_run:
             print("dry run: nothing written, nothing submitted (later rounds depend on these runs' results)")
             return 0
-        sub = Grid(grid.path, grid.sweep, found.runs, grid.slurm, grid.raw)
+        sub = dataclasses.replace(grid, runs=found.runs)
         todo, skipped = to_do(sub, args.results, rerun_failed=False)
         if not todo:
             print(f"waiting for {len(skipped['live'])} runs still queued or running (sweep status {where}); run "

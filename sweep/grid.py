@@ -14,7 +14,8 @@ A grid file is YAML with these keys (only `sweep` and `axes` are required):
     baselines: true                  # add each model's full-length run once (default true)
     slurm: {partition: gpu, gpus_per_node: 8, nodes: 2, cpus: 8, mem_gb: 400, time_min: 600}   # SlurmOptions
     tune: {params: {lr: {low: 3.0e-4, high: 1.0e-2, log: true}}, trials: 8}   # for `sweep tune` (sweep/tune.py)
-    search: {max_drop: 5.0, max_seeds: 2}   # for `sweep search` (sweep/search.py)
+    analysis: {metric: i2t_r1, max_drop: 5.0}   # how `sweep analyze` reads the sweep (sweep/analysis_spec.py)
+    search: {max_seeds: 2}           # for `sweep search` (sweep/search.py)
 
 Every problem is reported as one line naming the file and the field, before anything runs.
 """
@@ -28,10 +29,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sweep.analysis_spec import check_analysis
 from sweep.config import ConfigError, RunConfig, SlurmOptions, config_from_dict, identity, read_yaml_mapping
 from sweep.settings import check_keys
 
-GRID_KEYS = ("sweep", "settings", "axes", "include", "exclude", "baselines", "slurm", "tune", "search")
+GRID_KEYS = ("sweep", "settings", "axes", "include", "exclude", "baselines", "slurm", "tune", "analysis",
+             "search")
 FIELDS = set(RunConfig.model_fields)
 # settings whose one value is itself a list or mapping (e.g. eval_sets): whole in `settings`, never an axis
 STRUCTURED = {name for name, f in RunConfig.model_fields.items()
@@ -57,6 +60,7 @@ class Grid:
     raw: dict[str, Any]
     tune: Any = None  # the validated `tune:` section (sweep.tune.TuneSpec), if the grid has one
     search: Any = None  # the validated `search:` section (sweep.search.SearchSpec), if the grid has one
+    analysis: Any = None  # the validated `analysis:` section (sweep.analysis_spec.AnalysisSpec), if it has one
 
 
 def run_id(cfg: RunConfig) -> str:
@@ -201,9 +205,10 @@ def load_grid(path: str | Path) -> Grid:
         swept |= {key for name, groups in raw["axes"].items() if name not in FIELDS
                   for group in groups for key in group}
         tune = check_tune(raw["tune"], runs, swept, path)
+    analysis = check_analysis(raw["analysis"], runs, path) if "analysis" in raw else None
     search = None
     if raw.get("search") is not None:
         from sweep.search import check_search
 
-        search = check_search(raw["search"], runs, path)
-    return Grid(path, sweep, runs, slurm, raw, tune, search)
+        search = check_search(raw["search"], runs, path, analysis)
+    return Grid(path, sweep, runs, slurm, raw, tune, search, analysis)

@@ -111,6 +111,9 @@ def write_manifest(grid: Grid, results: str | Path, launch: dict[str, Any] | Non
             jobs = jobs_of(entry)  # reads the older single-`job` form too
             entry.pop("job", None)
             entry.update(config=run.config.to_dict(), baseline=run.baseline, grid=str(grid.path), jobs=jobs)
+        manifest.pop("analysis", None)  # the latest launch's grid says how the sweep is read
+        if grid.analysis is not None:
+            manifest["analysis"] = grid.analysis.to_dict()
         if launch:
             manifest["launches"].append(launch)
             for run_id, job_id in launch.get("jobs", {}).items():

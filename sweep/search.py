@@ -22,12 +22,12 @@ executors: locally the rounds follow each other in one command; on Slurm each `s
 and returns, and the next call (once it has finished) plans the next from the results on disk.
 
     search:
-      max_drop: 5.0        # tolerance, percentage points (sweep analyze --max-drop)
       confidence: 0.95
       max_seeds: 1         # seeds per length at most (the grid's seeds come first)
       noise: 2.5           # seed-to-seed standard deviation of one run's metric, pp (until measured)
       budget: 30           # runs in all, baselines included (default: the grid's run count)
-      metric: zeroshot_top1
+      max_drop: 5.0        # tolerance, metric and stage: by default the grid's analysis: section's
+      metric: i2t_r1
       stage: finetune
 """
 from __future__ import annotations
@@ -39,10 +39,9 @@ from typing import Any
 
 import numpy as np
 
+from sweep.analysis_spec import AnalysisSpec, check_readout
 from sweep.config import RunConfig, config_from_dict, identity
 from sweep.settings import ConfigError, Number, Settings, setting
-
-STAGES = ("pretrain", "pretrain_full_length", "finetune")
 
 
 class SearchSpec(Settings):
@@ -51,7 +50,7 @@ class SearchSpec(Settings):
     section = "search"
 
     max_drop: Number = setting(1.0, "Tolerance: the largest drop (percentage points of `metric`) a length may "
-                               "have and still count as tolerated.", gt=0)
+                               "have and still count as tolerated (default: the grid's analysis: section's).", gt=0)
     confidence: Number = setting(0.95, "Confidence of each judgement (a length passes or fails) and so of the "
                                  "bracket.", gt=0.5, lt=1)
     max_seeds: int = setting(3, "Seeds per length at most; a length within noise of the tolerance gets more, "
@@ -59,8 +58,9 @@ class SearchSpec(Settings):
     noise: Number = setting(1.0, "Seed-to-seed standard deviation of one run's metric (pp), used until the runs "
                             "measure it (pooled over cells with several seeds, 4+ degrees of freedom).", gt=0)
     budget: int | None = setting(None, "Runs in all, baselines included; empty: the grid's run count.", ge=1)
-    metric: str = setting("zeroshot_top1", "The metric whose drop is judged.")
-    stage: str = setting("finetune", "The stage it is read at: pretrain, pretrain_full_length or finetune.")
+    metric: str = setting("zeroshot_top1", "The metric whose drop is judged (default: the analysis: section's).")
+    stage: str = setting("finetune", "The stage it is read at: pretrain, pretrain_full_length or finetune "
+                         "(default: the analysis: section's).")
 
 
 @dataclass
@@ -104,16 +104,14 @@ class Verdict:
     why: str = ""  # when not resolved and nothing left to train
 
 
-def check_search(raw: Any, grid_runs: list, source: str | Path) -> SearchSpec:
+def check_search(raw: Any, grid_runs: list, source: str | Path, analysis: AnalysisSpec | None = None) -> SearchSpec:
+    """The grid's validated `search:` section; the tolerance, metric and stage it leaves out are the grid's
+    `analysis:` section's, where it has one."""
+    if analysis is not None and isinstance(raw, dict):
+        raw = {"max_drop": analysis.max_drop, "metric": analysis.metric, "stage": analysis.stage, **raw}
     spec = SearchSpec.from_mapping(raw, source)
-    if spec.stage not in STAGES:
-        raise ConfigError("search.stage", f"unknown value {spec.stage!r}; allowed: {', '.join(STAGES)}", source)
     base = grid_runs[0].config
-    if spec.stage == "finetune" and not base.finetune_samples:
-        raise ConfigError("search.stage", "is finetune, but settings.finetune_samples is 0 (no fine-tune)", source)
-    if spec.stage == "pretrain_full_length" and not base.eval_full_length:
-        raise ConfigError("search.stage", "is pretrain_full_length, which needs settings.eval_full_length: true",
-                          source)
+    check_readout(spec.stage, spec.metric, base, "search", source)
     for run in grid_runs:
         cfg = run.config
         if cfg.image_strategy != "none" and cfg.text_strategy != "none":

@@ -43,19 +43,19 @@ import os
 import time
 import warnings
 from contextlib import contextmanager
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 import submitit
 
+from sweep.analysis_spec import check_readout
 from sweep.config import OPERATIONAL, RunConfig, config_from_dict, identity
 from sweep.grid import STRUCTURED, full_length
 from sweep.settings import ConfigError, Number, Settings, setting
 
 JOURNAL = "optuna.journal"
-STAGES = ("pretrain", "pretrain_full_length", "finetune")
-EMBEDDED_METRICS = ("zeroshot_top1", "zeroshot_top5", "i2t_r1", "t2i_r1")
 
 
 class Param(Settings):
@@ -115,7 +115,6 @@ def check_tune(raw: Any, runs: list, axes_keys: set[str], source: str | Path) ->
 
     for name, value, allowed in (("scope", spec.scope, ("model", "cell")), ("sampler", spec.sampler, ("tpe", "random")),
                                  ("pruner", spec.pruner, ("median", "hyperband", "none")),
-                                 ("objective.stage", spec.objective.stage, STAGES),
                                  ("objective.direction", spec.objective.direction, ("maximize", "minimize"))):
         if value not in allowed:
             raise bad(name, f"unknown value {value!r}; allowed: {', '.join(allowed)}")
@@ -152,15 +151,7 @@ def check_tune(raw: Any, runs: list, axes_keys: set[str], source: str | Path) ->
                 config_from_dict({**base.to_dict(), name: value})
             except ConfigError as err:
                 raise bad(f"{where}.{end}", f"{value!r} is not a valid {name}: {err.message}") from None
-    stage, metric = spec.objective.stage, spec.objective.metric
-    if stage == "finetune" and not base.finetune_samples:
-        raise bad("objective.stage", "is finetune, but settings.finetune_samples is 0 (no fine-tune)")
-    if stage == "pretrain_full_length" and not base.eval_full_length:
-        raise bad("objective.stage", "is pretrain_full_length, which needs settings.eval_full_length: true")
-    known = [*(EMBEDDED_METRICS if base.eval_embedded else ()), *(f"{e.name}_" for e in base.eval_sets)]
-    if not any(metric == k or (k.endswith("_") and metric.startswith(k)) for k in known):
-        raise bad("objective.metric", f"{metric!r} is not measured by these runs; they measure: "
-                  f"{', '.join(k + '<metric>' if k.endswith('_') else k for k in known)}")
+    check_readout(spec.objective.stage, spec.objective.metric, base, "tune.objective", source)
     if spec.pruner != "none" and not base.eval_every:
         raise bad("pruner", f"{spec.pruner} prunes on the evaluations every settings.eval_every steps, and "
                   f"eval_every is 0: set it (e.g. to a quarter of a stage's steps) or use pruner: none")
@@ -592,7 +583,7 @@ def apply_best(grid, tune_dir: str | Path) -> tuple[Any, list[str]]:
     """The grid with each run's tuned settings replaced by the best of the study covering it (per model size, or
     per cell where a cell study matches all its other settings): new configs, new run ids. Returns the grid and
     one line per study used."""
-    from sweep.grid import Grid, Run, run_id
+    from sweep.grid import Run, run_id
 
     found = best_settings(tune_dir)
     runs, used = {}, {}
@@ -617,4 +608,4 @@ def apply_best(grid, tune_dir: str | Path) -> tuple[Any, list[str]]:
         settings = ", ".join(f"{k}={_fmt(v)}" for k, v in sorted(match["best"].items()))
         used[match["name"]] = f"{match['name']}: {settings} (trial {match['number']}, value {match['value']:.2f})"
     ordered = sorted(runs.values(), key=lambda r: (not r.baseline, r.run_id))
-    return Grid(grid.path, grid.sweep, ordered, grid.slurm, grid.raw, grid.tune, grid.search), list(used.values())
+    return dataclasses.replace(grid, runs=ordered), list(used.values())

@@ -12,7 +12,7 @@ from analysis import compute_drops, drop_curve, fit_drop_curve, measured_min_tok
 from analysis import fit_scaling_law, min_tokens_table
 from analysis import synthetic
 from analysis.fit import crossing_tokens, profile_fit
-from analysis.minima import MIN_TOKENS_COLUMNS, bootstrap_crossing
+from analysis.minima import MIN_TOKENS_COLUMNS, bootstrap_crossing, is_resolved, residual_scale
 
 IMAGE_GRID = np.array([5.0, 10, 17, 26, 37, 50])
 
@@ -93,7 +93,7 @@ def test_min_tokens_table_has_the_promised_columns_first():
     assert set(result.axis) == {"image", "text"} and len(result) == 3 * 8
 
 
-@pytest.mark.parametrize("seeds, noise", [(1, 0.0), (3, 0.0), (3, 0.3)])
+@pytest.mark.parametrize("seeds, noise", [(1, 0.0), (1, 0.3), (3, 0.0), (3, 0.3)])
 def test_true_minimum_lies_in_the_interval_and_measured_follows_the_definition(seeds, noise):
     table = synthetic.make_table(seeds=seeds, noise=noise, stages=("pretrain",), random_state=7)
     result, _, cells = analyse(table)
@@ -103,8 +103,9 @@ def test_true_minimum_lies_in_the_interval_and_measured_follows_the_definition(s
     assert (merged.ci_low <= merged.min_tokens_fit).all() and (merged.min_tokens_fit <= merged.ci_high).all()
     covered = (merged.ci_low <= merged.true_min_tokens) & (merged.true_min_tokens <= merged.ci_high)
     assert covered.all() if noise == 0 else covered.mean() >= 0.9
-    if noise == 0:  # the functional form is the generating one: the fit is exact
+    if noise == 0:  # the functional form is the generating one: the fit is exact, and so every curve resolved
         assert np.allclose(merged.min_tokens_fit, merged.true_min_tokens, rtol=1e-3)
+        assert merged.resolved.all()
     for row in merged.itertuples():  # measured = shortest grid length whose seed-mean drop <= max_drop
         curve = cells[(cells.model == row.model) & (cells.axis == row.axis) & (cells.strategy == row.strategy)]
         expected = min(list(curve.loc[curve["drop"] <= 1.0, "tokens"]) + [row.full_tokens])
@@ -127,6 +128,30 @@ def test_interval_is_honest_when_the_true_curve_has_another_shape():
     assert ci["ci_method"] == "residuals"
     assert ci["ci_low"] <= true_t <= ci["ci_high"]
     assert ci["ci_low"] <= fit.crossing(1.0) <= ci["ci_high"]
+
+
+@pytest.mark.parametrize("estimate, low, high, resolved", [
+    (12.0, 5.0, 17.0, True), (12.0, 4.0, 17.0, False), (12.0, 5.0, 20.0, False),
+    (17.0, 5.0, 17.0, True), (17.0, 17.0, 37.0, True), (17.0, 5.0, 37.0, False),  # a grid length: either side
+    (50.0, 37.0, 65.0, True), (0.0, 0.0, 5.0, True), (0.0, 0.0, 6.0, False),  # 0: a flat curve, below the grid
+    (12.0, np.nan, 17.0, False),
+])
+def test_resolved_means_the_interval_lies_within_the_grid_lengths_around_the_minimum(estimate, low, high, resolved):
+    assert is_resolved(np.array([5.0, 17.0, 37.0]), 65.0, estimate, low, high) is resolved
+
+
+def test_one_seed_curves_pool_their_residual_noise():
+    exact = (np.array([9.0, 3.0, 1.0]), np.array([9.0, 3.0, 1.0]), np.ones(3))  # fits perfectly by chance
+    noisy = (np.array([10.0, 2.0, 2.0, 0.0]), np.array([9.0, 3.0, 1.0, 1.0]), np.ones(4))
+    sigma, dof = residual_scale([exact, noisy])
+    assert dof == 3 and sigma == pytest.approx(np.sqrt(4 / 3))
+    fit = fit_drop_curve(IMAGE_GRID[:3], exact[0], 65.0)
+    rng = np.random.default_rng(0)
+    values = [np.array([50.0 - d]) for d in exact[0]]
+    own = bootstrap_crossing(IMAGE_GRID[:3], values, np.array([50.0]), 65.0, fit, 2.0, 400, rng)
+    pooled = bootstrap_crossing(IMAGE_GRID[:3], values, np.array([50.0]), 65.0, fit, 2.0, 400, rng,
+                                residual_noise=(sigma, dof))
+    assert pooled["ci_high"] - pooled["ci_low"] > own["ci_high"] - own["ci_low"]  # no false certainty
 
 
 def test_seed_bootstrap_is_used_with_several_seeds_and_gets_narrower_with_more_seeds():

@@ -110,13 +110,19 @@ def test_launch_of_a_malformed_grid_exits_2_and_creates_nothing(tmp_path, capsys
 
 
 def test_shipped_grids_load():
-    for name, expected in [("grids/smoke.yaml", 5), ("grids/image_strategies.yaml", 3 * 4 * 3 + 3)]:
+    for name, expected in [("grids/smoke.yaml", 5), ("grids/image_strategies.yaml", 3 * 4 * 3 + 3),
+                           ("grids/text_strategies.yaml", 3 * 4 * 4 + 3), ("grids/seed_noise.yaml", 2 * 5)]:
         grid = load_grid(name)
         assert len(grid.runs) == expected, name
+    noise, study = load_grid("grids/seed_noise.yaml"), load_grid("grids/image_strategies.yaml")
+    assert {r.run_id for r in noise.runs if r.config.seed == 0} <= {r.run_id for r in study.runs}  # same settings
     grid = load_grid("grids/image_strategies.yaml")
     assert {r.config.model for r in grid.runs} == {"cpu-s", "cpu-m", "cpu-l"}
     assert {r.config.image_tokens for r in grid.runs} == {65, 37, 17, 5}
-    assert all(r.config.finetune_samples > 0 for r in grid.runs)  # the paper's protocol: fine-tuned at full length
+    for name in ("grids/image_strategies.yaml", "grids/text_strategies.yaml"):  # the paper's protocol
+        grid = load_grid(name)
+        assert all(r.config.finetune_samples > 0 for r in grid.runs), name
+        assert grid.analysis.stage == "finetune", name
 
 
 def test_plan_prints_groups_with_flops_and_time(capsys):

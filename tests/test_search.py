@@ -5,6 +5,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 from hypothesis import assume, given, settings
@@ -100,7 +101,8 @@ TINY = {
     "settings": {"model": "cpu-s", "pretrain_samples": 256, "finetune_samples": 64, "batch_size": 32,
                  "eval_zeroshot_samples": 200, "eval_retrieval_samples": 40, "train_scenes": 500},
     "axes": {"image_strategy": ["random"], "image_tokens": [50, 37, 26, 17, 10, 5]},
-    "search": {"max_drop": 3.0, "max_seeds": 1, "noise": 1.0},
+    "analysis": {"max_drop": 3.0},  # the search judges at the analysis' tolerance
+    "search": {"max_seeds": 1, "noise": 1.0},
 }
 
 
@@ -110,20 +112,24 @@ def write(tmp_path: Path, grid: dict, name: str = "grid.yaml") -> Path:
     return path
 
 
-@pytest.mark.parametrize("search, field", [
-    ({"max_drop": 0}, "search.max_drop"),
-    ({"confidence": 1.0}, "search.confidence"),
-    ({"stage": "warmup"}, "search.stage"),
-    ({"max_seeds": 0}, "search.max_seeds"),
-    ({"budget": 0}, "search.budget"),
-    ({"tolerance": 1}, "search.tolerance"),
+@pytest.mark.parametrize("section, raw, field", [
+    ("search", {"max_drop": 0}, "search.max_drop"),
+    ("search", {"confidence": 1.0}, "search.confidence"),
+    ("search", {"stage": "warmup"}, "search.stage"),
+    ("search", {"max_seeds": 0}, "search.max_seeds"),
+    ("search", {"budget": 0}, "search.budget"),
+    ("search", {"tolerance": 1}, "search.tolerance"),
+    ("analysis", {"metric": "imagenet_top1"}, "analysis.metric"),  # no eval set named imagenet
+    ("analysis", {"stage": "pretrain_full_length"}, "analysis.stage"),  # needs eval_full_length
+    ("analysis", {"max_drop": -1}, "analysis.max_drop"),
+    ("analysis", {"tolerance": 5}, "analysis.tolerance"),
 ])
-def test_a_bad_search_section_is_one_line_naming_its_field(tmp_path, capsys, search, field):
-    path = write(tmp_path, {**TINY, "search": search})
+def test_a_bad_search_or_analysis_section_is_one_line_naming_its_field(tmp_path, capsys, section, raw, field):
+    path = write(tmp_path, {**TINY, section: raw})
     with pytest.raises(ConfigError) as err:
         load_grid(path)
     assert err.value.field == field, str(err.value)
-    assert main(["search", str(path), "--results", str(tmp_path / "results")]) == 2
+    assert main([section if section == "search" else "launch", str(path), "--results", str(tmp_path / "results")]) == 2
     assert field in capsys.readouterr().err
     assert not (tmp_path / "results").exists()
 
@@ -163,3 +169,17 @@ def test_a_local_search_trains_part_of_the_grid_and_launch_completes_it_without_
     assert f"{len(trained)} completed and 0 failed already" in capsys.readouterr().out
     assert all((folder / rid / "result.json").stat().st_mtime == t for rid, t in mtimes.items())
     assert len(list(folder.glob("*/result.json"))) == 7
+    # analyze reads the sweep as the grid's analysis: section says, from the manifest launch wrote
+    assert main(["analyze", str(folder), "--no-figures", "--bootstrap", "50", "--no-progress"]) == 0
+    assert "metric zeroshot_top1, stage finetune, max_drop 3 pp" in capsys.readouterr().out
+    table = pd.read_csv(folder / "analysis" / "min_tokens.csv")
+    assert (table["max_drop"] == 3.0).all() and (table["stage"] == "finetune").all()
+    resolved = int(table["resolved"].sum())
+    assert f"**Resolved: {resolved} of 1 curves**" in (folder / "analysis" / "report.md").read_text()
+
+
+def test_the_search_takes_the_analysis_sections_reading_unless_it_sets_its_own(tmp_path):
+    grid = load_grid(write(tmp_path, {**TINY, "analysis": {"metric": "i2t_r1", "max_drop": 4.0}}))
+    assert (grid.search.metric, grid.search.max_drop, grid.search.stage) == ("i2t_r1", 4.0, "finetune")
+    own = load_grid(write(tmp_path, {**TINY, "search": {"max_drop": 2.0}}))
+    assert own.search.max_drop == 2.0 and own.analysis.max_drop == 3.0

@@ -117,7 +117,8 @@ def test_the_tuning_grids_validate_and_cover_the_default_study():
     assert {s.base.model for s in studies_of(tune_grid)} == {r.config.model for r in study.runs}
     for s in studies_of(tune_grid):  # tuned on the default study's full-length run, as its baselines are trained
         baseline = next(r.config for r in study.runs if r.baseline and r.config.model == s.base.model)
-        same = {"pretrain_samples", "finetune_samples", "batch_size", "train_scenes", "eval_zeroshot_samples"}
+        same = {"pretrain_samples", "finetune_samples", "batch_size", "train_scenes", "eval_zeroshot_samples",
+                "eval_retrieval_samples"}
         assert {k: getattr(s.base, k) for k in same} == {k: getattr(baseline, k) for k in same}
 
 
