@@ -279,6 +279,7 @@ class Plan:
     budget: int
     failed: dict[str, str]  # run id -> why, for runs the search needs that ended without a value
     sigma: float
+    ended: dict[str, set[str]]  # per curve: its runs (baseline included) that have a result, with or without a value
 
 
 def plan(grid, results: str | Path) -> Plan:
@@ -289,9 +290,10 @@ def plan(grid, results: str | Path) -> Plan:
     folder = Path(results) / grid.sweep
     curves = curves_of(grid.runs)
     grid_ids = {r.run_id for r in grid.runs}
-    values, done_ids, ended = {}, set(), {}
+    values, done_ids, ended, per_curve = {}, set(), {}, {}
     for curve in curves:
         values[curve.label], completed, failed = read_values(curve, folder, spec)
+        per_curve[curve.label] = completed | set(failed)
         done_ids |= completed
         ended.update(failed)
     sigma = pooled_noise(curves, values, spec.noise)
@@ -313,7 +315,7 @@ def plan(grid, results: str | Path) -> Plan:
     todo = [run for rid, run in wanted.items() if rid not in done_ids]
     todo.sort(key=lambda r: (not r.baseline, r.run_id))  # baselines first when the budget runs short
     room = max(0, budget - spent)
-    return Plan(todo[:room], verdicts, curves, spent, budget, blocked, sigma)
+    return Plan(todo[:room], verdicts, curves, spent, budget, blocked, sigma, per_curve)
 
 
 # --------------------------------------------------------------------------------------------------- reporting
@@ -322,7 +324,6 @@ def report(grid, results: str | Path, found: Plan) -> str:
     """Per curve: bracket, measured minimum, fitted minimum with its interval (the analysis of the searched
     directory), the curve's runs trained and the runs the full grid has for it; then the totals."""
     from sweep.grid import run_id
-    from sweep.record import read_status
 
     spec: SearchSpec = grid.search
     folder = Path(results) / grid.sweep
@@ -333,9 +334,8 @@ def report(grid, results: str | Path, found: Plan) -> str:
     for curve in found.curves:
         v = found.verdicts[curve.label]
         ids = {run_id(curve.config(t, s)) for t in curve.lengths for s in curve.seed_list(spec.max_seeds)}
-        cells = {rid for rid in ids if read_status(folder / rid)}
-        trained |= cells | {run_id(curve.config(curve.full, s)) for s in curve.seed_list(spec.max_seeds)
-                            if read_status(folder / run_id(curve.config(curve.full, s)))}
+        cells = found.ended[curve.label] & ids  # the baseline's runs are the model's, not the curve's
+        trained |= found.ended[curve.label]
         if v.resolved:
             state = "resolved"
         elif v.why:
