@@ -127,10 +127,12 @@ class RunConfig(Settings):
     grad_checkpointing: bool = setting(False, "Recompute activations in the backward pass instead of keeping them "
                                        "(less memory, ~30% more compute): for full-length fine-tunes of large "
                                        "sizes.", operational=True)
-    workers: int = setting(2, "Loader processes that decode webdataset/csv images (and evaluation sets); 0 "
-                           "decodes in the training process. The data order does not depend on it; an epoch has "
-                           "at most 16 streams (and one per shard), so more workers than that stay idle.",
-                           operational=True, ge=0)
+    workers: int | None = setting(None, "Loader processes that decode webdataset/csv images (and evaluation "
+                                  "sets); 0 decodes in the training process, between steps. Empty: 2 on a GPU; 0 on "
+                                  "the CPU, whose cores the trainer's threads already use (a loader process beside "
+                                  "them is slower than decoding between steps: benchmarks/files_speed.py). The data "
+                                  "order does not depend on it; an epoch has at most 16 streams (and one per "
+                                  "shard), so more workers than that stay idle.", operational=True, ge=0)
     log_every: int = setting(10, "Read the loss back from the device every this many steps (progress bar, loss "
                              "history, divergence check); reading it every step stalls a GPU.", operational=True,
                              ge=1)

@@ -76,6 +76,7 @@ class Compute(_Part):
     device_name: str | None = None
     precision: str | None = None
     compiled: bool | None = None
+    workers: int | None = None
 
 
 class Resume(_Part):

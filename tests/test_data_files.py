@@ -18,7 +18,7 @@ from sweep.cli import main
 from sweep.config import ConfigError, config_from_dict
 from sweep.data.evalsets import read_retrieval, read_zeroshot, retrieval_metrics, zeroshot_metrics
 from sweep.data.generate import jpeg, make_data
-from sweep.data.images import BadImage, load_image
+from sweep.data.images import BadImage, crop_box, draft_need, draft_scale, load_image
 from sweep.data.sources import RawSample, ShardSource, expand_paths, open_source, read_shard
 from sweep.data.stream import CHUNK, StreamedBatches
 from sweep.record import read_record
@@ -76,13 +76,46 @@ def test_reduced_size_decoding_gives_the_same_picture_as_a_full_decode():
         for crop in (None, 3):
             full = load_image(data, size, None if crop is None else np.random.default_rng(crop), draft=False)
             small = load_image(data, size, None if crop is None else np.random.default_rng(crop), draft=True)
-            assert small.shape == full.shape == (3, size, size) and small.dtype == np.uint8
+            assert small.shape == full.shape == (size, size, 3) and small.dtype == np.uint8
             assert np.abs(small.astype(int) - full.astype(int)).mean() < 6  # the same picture, other rounding
     # a training crop is a function of its generator: same seed, same pixels; another seed, another crop
     a, b, c = (load_image(data, 64, np.random.default_rng(s)) for s in (1, 1, 2))
     assert np.array_equal(a, b) and not np.array_equal(a, c)
     with pytest.raises(BadImage):
         load_image(data[: len(data) // 3], 64)
+
+
+def pil_reference(data: bytes, size: int, rng, draft: bool) -> np.ndarray:
+    """What load_image computed before it decoded JPEGs with simplejpeg: PIL open, draft, convert, resize."""
+    img = Image.open(io.BytesIO(data))
+    box = crop_box(rng, *img.size)
+    need = draft_need(box, size)
+    if draft and draft_scale(*img.size, need) > 1:
+        img.draft("RGB", need)
+    img = img.convert("RGB")
+    sx, sy = img.size
+    return np.asarray(img.resize((size, size), Image.Resampling.BICUBIC,
+                                 box=(box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)))
+
+
+@pytest.mark.parametrize("mode, side, subsampling, progressive", [
+    ("RGB", 256, 2, False), ("RGB", 250, 0, True), ("RGB", 97, 1, False), ("L", 256, 0, False),
+    ("CMYK", 128, 0, False)])
+def test_jpeg_decoding_gives_pil_pixels_bit_for_bit(mode, side, subsampling, progressive):
+    """simplejpeg (with its own DCT scaling) and PIL (with draft) give identical pixels, for every resize length,
+    both transforms, colour or grey, 4:2:0/4:2:2/4:4:4, baseline or progressive, sides not divisible by 8; CMYK,
+    which simplejpeg refuses, is decoded by PIL."""
+    rng = np.random.default_rng(side)
+    picture = Image.fromarray((rng.random((6, 6, 3)) * 255).astype(np.uint8)).resize((side, side + 13))
+    buf = io.BytesIO()
+    picture.convert(mode).save(buf, "JPEG", quality=90, subsampling=subsampling, progressive=progressive)
+    data = buf.getvalue()
+    for size in (224, 112, 96, 64, 32):
+        for crop in (None, 5):
+            for draft in (True, False):
+                ours = load_image(data, size, None if crop is None else np.random.default_rng(crop), draft=draft)
+                ref = pil_reference(data, size, None if crop is None else np.random.default_rng(crop), draft)
+                assert np.array_equal(ours, ref), (size, crop, draft)
 
 
 def test_resumed_stream_trains_on_exactly_the_batches_of_an_uninterrupted_one(demo):

@@ -17,6 +17,7 @@ from sweep.strategies.text import (
     CaptionWords,
     TextReducer,
     allowed_text_tokens,
+    basic_clean,
     block,
     check_text_settings,
     describe,
@@ -124,6 +125,20 @@ def test_none_is_open_clip_tokenization() -> None:
     ]
     reducer = TextReducer("none", 32, cache_dir=CACHE_DIR)
     assert torch.equal(reducer(captions), open_clip.tokenize(captions, context_length=32))
+
+
+# pieces of text that ftfy or html.unescape change, and plain ones around them
+PIECES = ["a", "dog", "X", " ", "  ", ".", "'", '"', "<b>", "&", "&amp;", "&lt;", "&#39;", "&amp;amp;", "\t", "\n",
+          "\r\n", "\x0c", "\x1b[31m", "\x7f", "\xa0", "\u00e9", "\u00c3\u00a9", "\u2019", "\u201c", "\ufb01",
+          "\uff21", "e\u0301", "\u2028"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(PIECES), max_size=12).map("".join) | st.text(max_size=30))
+def test_caption_cleaning_is_open_clip_basic_clean_for_every_text(text: str) -> None:
+    """The printable-ASCII fast path (no ftfy) changes nothing: HTML entities, control characters, line breaks,
+    mojibake, ligatures and wide letters still go through ftfy as in open_clip."""
+    assert basic_clean(text) == open_clip.tokenizer.basic_clean(text)
 
 
 def test_literal_special_tokens_in_a_caption_are_plain_text() -> None:

@@ -52,9 +52,10 @@ def test_a_micro_batch_as_large_as_the_batch_is_the_one_shot_step():
 
 def test_runtime_resolves_auto_by_the_device():
     cpu = Runtime.of(config_from_dict({"device": "cpu"}))
-    assert (cpu.device.type, cpu.precision, cpu.compile) == ("cpu", "fp32", False)
-    forced = Runtime.of(config_from_dict({"device": "cpu", "precision": "bf16", "compile": True}))
-    assert (forced.precision, forced.compile) == ("bf16", True)
+    # a CPU run decodes its files between steps: its threads already use the cores
+    assert (cpu.device.type, cpu.precision, cpu.compile, cpu.workers) == ("cpu", "fp32", False, 0)
+    forced = Runtime.of(config_from_dict({"device": "cpu", "precision": "bf16", "compile": True, "workers": 3}))
+    assert (forced.precision, forced.compile, forced.workers) == ("bf16", True, 3)
     auto = Runtime.of(config_from_dict({}))
     assert auto.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
 

@@ -133,7 +133,7 @@ class _Decoded(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, bool]:
         try:
-            return torch.from_numpy(load_image(self.files[i], self.size)), True
+            return torch.from_numpy(load_image(self.files[i], self.size)).permute(2, 0, 1), True
         except (BadImage, OSError):
             return torch.zeros(3, self.size, self.size, dtype=torch.uint8), False
 

@@ -131,7 +131,7 @@ class InMemoryBatches:
 
 
 def training_batches(cfg: RunConfig, stage: str, data: Data | None, state: TrainState,
-                     text: TextReducer | None = None, here: Distributed = Distributed()
+                     text: TextReducer | None = None, here: Distributed = Distributed(), workers: int = 0
                      ) -> InMemoryBatches | StreamedBatches:
     """Where this rank's batches of a stage come from: its rows of the embedded pool's batches, or its streams of
     the files, streamed from `state.data` on (their captions tokenised by the loader workers where `text`
@@ -149,7 +149,7 @@ def training_batches(cfg: RunConfig, stage: str, data: Data | None, state: Train
         size = side_of(image_tokens) * cfg.spec.patch_size
     source = open_source(cfg.dataset, cfg.train_data, cfg.csv_img_key, cfg.csv_caption_key, cfg.csv_separator)
     return StreamedBatches(source, seed=cfg.seed, stage=STAGE_IDS[stage],
-                           batch_size=cfg.batch_size // here.world_size, image_size=size, workers=cfg.workers,
+                           batch_size=cfg.batch_size // here.world_size, image_size=size, workers=workers,
                            epoch_samples=cfg.train_num_samples, position=positions[here.rank], text=text,
                            rank=here.rank, ranks=here.world_size)
 
@@ -176,7 +176,7 @@ def train_stage(model, encoders, cfg: RunConfig, runtime: Runtime, here: Distrib
     else:
         state.stage, state.step, state.data = stage, 0, None
     step_fn = ContrastiveStep(model, optimizer, runtime, cfg.micro_batch_size, cfg.grad_clip, here, encoders)
-    batches = training_batches(cfg, stage, data, state, text, here)
+    batches = training_batches(cfg, stage, data, state, text, here, runtime.workers)
     rows = here.rows(cfg.batch_size)  # this rank's rows of every batch
     if isinstance(batches, StreamedBatches):
         batches.start()  # the loader workers start decoding before the clock starts
@@ -305,7 +305,7 @@ def evaluate(model, cfg: RunConfig, runtime: Runtime, settings: tuple[str, int, 
             metrics.update(retrieval(image_features, text_features, data.retrieval_images,
                                      data.retrieval_captions))
         for name, eval_set in eval_sets.items():
-            found = evaluate_on_disk(image_features, text_features, eval_set, cfg.spec.image_size, cfg.workers)
+            found = evaluate_on_disk(image_features, text_features, eval_set, cfg.spec.image_size, runtime.workers)
             metrics.update({f"{name}_{key}": value for key, value in found.items()})
     model.train()
     metrics.update(image_strategy=image_strategy, image_tokens=image_tokens, text_strategy=text_strategy,
@@ -442,7 +442,8 @@ def _finish(fields: dict[str, Any], state: TrainState, runtime: Runtime | None, 
     train_seconds = sum(c.get("train_seconds", 0.0) for c in compute.values())
     where = {}
     if runtime is not None:
-        where = {"device": str(runtime.device), "precision": runtime.precision, "compiled": runtime.compile}
+        where = {"device": str(runtime.device), "precision": runtime.precision, "compiled": runtime.compile,
+                 "workers": runtime.workers}
         if runtime.device.type == "cuda":
             where["device_name"] = torch.cuda.get_device_name(runtime.device)
     record = ResultRecord(

@@ -57,11 +57,13 @@ def device_name(cfg: RunConfig) -> str:
 
 @dataclass(frozen=True)
 class Runtime:
-    """Where and how a run computes: device, autocast dtype (None = fp32) and whether the encoders are compiled."""
+    """Where and how a run computes: device, autocast dtype (None = fp32), whether the encoders are compiled, and
+    how many loader processes decode its files."""
 
     device: torch.device
     dtype: torch.dtype | None
     compile: bool
+    workers: int = 0  # loader processes
 
     @classmethod
     def of(cls, cfg: RunConfig, local_rank: int = 0) -> "Runtime":
@@ -74,7 +76,8 @@ class Runtime:
             device = local_device(local_rank)
         precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
         compiled = cfg.compile if cfg.compile is not None else device.type == "cuda"
-        return cls(device, torch.bfloat16 if precision == "bf16" else None, compiled)
+        workers = cfg.workers if cfg.workers is not None else 2 if device.type == "cuda" else 0
+        return cls(device, torch.bfloat16 if precision == "bf16" else None, compiled, workers)
 
     @property
     def precision(self) -> str:
