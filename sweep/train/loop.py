@@ -12,6 +12,7 @@ checkpoint in `state.py`; signals and the heartbeat in `signals.py`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
 import platform
@@ -400,6 +401,8 @@ def _run(cfg: RunConfig, run_dir: Path, here: Distributed, progress: bool, handl
         if cfg.dataset == "synthetic" or cfg.eval_embedded:
             data = load_data(cfg.dataset, cfg.data_seed, cfg.train_scenes, cfg.spec.image_size,
                              cfg.eval_zeroshot_samples, cfg.eval_retrieval_samples)
+            if data.train_images is not None:  # the pool on the device: a batch is a gather there, no host copy
+                data = dataclasses.replace(data, train_images=data.train_images.to(runtime.device))
         eval_sets = load_eval_sets(cfg) if here.main else {}  # rank 0 evaluates
         torch.manual_seed(cfg.seed)
         model = build_model(cfg.model)  # initialised on the CPU: the same weights whatever the device
