@@ -20,7 +20,7 @@ from sweep.data.evalsets import read_retrieval, read_zeroshot, retrieval_metrics
 from sweep.data.generate import jpeg, make_data
 from sweep.data.images import BadImage, crop_box, draft_need, draft_scale, load_image
 from sweep.data.sources import RawSample, ShardSource, expand_paths, open_source, read_shard
-from sweep.data.stream import CHUNK, StreamedBatches
+from sweep.data.stream import CHUNK, SHARE_ABOVE, StreamedBatches
 from sweep.record import read_record
 from sweep.results import held_elsewhere
 from sweep.strategies.text import TextReducer
@@ -264,6 +264,17 @@ def test_loader_workers_tokenise_captions_as_the_trainer_would(demo, strategy, t
         assert torch.equal(batch.tokens, text(batch.captions))
     else:  # a random strategy draws from the step's generator, in the training process
         assert batch.tokens is None
+
+
+@pytest.mark.parametrize("size", [32, 112])  # chunks of 32 images: 96 KiB by value, 1.2 MiB as shared memory
+def test_batches_are_the_same_whether_the_loader_works_in_process_or_in_workers(demo, size):
+    assert 32 * 3 * 32 * 32 <= SHARE_ABOVE < 32 * 3 * 112 * 112
+    source = open_source("webdataset", shards(demo), "filepath", "title", "\t")
+    here, there = (StreamedBatches(source, seed=1, stage=0, batch_size=48, image_size=size, workers=workers)
+                   for workers in (0, 2))
+    for _ in range(3):  # batches straddle chunks
+        a, b = here.next_batch(), there.next_batch()
+        assert a.keys == b.keys and a.images.shape == (48, 3, size, size) and torch.equal(a.images, b.images)
 
 
 def test_retrieval_recall_counts_an_image_hit_when_any_of_its_captions_is_found():
