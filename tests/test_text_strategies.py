@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import atexit
+import shutil
 import tempfile
 
 import open_clip
@@ -28,6 +30,7 @@ from sweep.strategies.text import (
 )
 
 CACHE_DIR = tempfile.mkdtemp(prefix="text-strategies-cache-")
+atexit.register(shutil.rmtree, CACHE_DIR, ignore_errors=True)  # not left in /tmp, a disk CI shares
 DOG = "a small red dog runs quickly across the green field"
 
 
