@@ -62,11 +62,11 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the analysis for parsed arguments: 0 on success, 2 on bad input (one line on stderr, nothing written)."""
-    from sweep.analysis_spec import DEFAULT_MAX_DROP
+    from sweep.analysis_spec import DEFAULT_MAX_DROP, DEFAULT_METRIC
 
     prog = "sweep analyze"
     grid = grid_defaults(args.path)
-    args.metric = args.metric or grid.get("metric") or "zeroshot_top1"
+    args.metric = args.metric or grid.get("metric") or DEFAULT_METRIC
     args.stage = args.stage or grid.get("stage")
     args.max_drop = args.max_drop if args.max_drop is not None else grid.get("max_drop", DEFAULT_MAX_DROP)
     if args.max_drop < 0 or args.max_drop != args.max_drop:

@@ -20,6 +20,7 @@ from sweep.settings import ConfigError, Number, Settings, setting
 
 STAGES = ("pretrain", "pretrain_full_length", "finetune")
 EMBEDDED_METRICS = ("zeroshot_top1", "zeroshot_top5", "i2t_r1", "t2i_r1")
+DEFAULT_METRIC = "zeroshot_top1"
 DEFAULT_MAX_DROP = 1.0
 
 
@@ -28,7 +29,7 @@ class AnalysisSpec(Settings):
 
     section = "analysis"
 
-    metric: str = setting("zeroshot_top1", "The metric whose drop is measured: zeroshot_top1, zeroshot_top5, "
+    metric: str = setting(DEFAULT_METRIC, "The metric whose drop is measured: zeroshot_top1, zeroshot_top5, "
                           "i2t_r1, t2i_r1, or <eval set>_<metric> of an eval set on disk (e.g. imagenet_top1).")
     stage: str | None = setting(None, "The stage it is read at: pretrain, pretrain_full_length or finetune; empty: "
                                 "finetune where the runs fine-tune, else pretrain.")

@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from sweep.analysis_spec import AnalysisSpec, check_readout
+from sweep.analysis_spec import DEFAULT_MAX_DROP, DEFAULT_METRIC, AnalysisSpec, check_readout
 from sweep.config import RunConfig, config_from_dict, identity
 from sweep.settings import ConfigError, Number, Settings, setting
 
@@ -49,8 +49,9 @@ class SearchSpec(Settings):
 
     section = "search"
 
-    max_drop: Number = setting(1.0, "Tolerance: the largest drop (percentage points of `metric`) a length may "
-                               "have and still count as tolerated (default: the grid's analysis: section's).", gt=0)
+    max_drop: Number = setting(DEFAULT_MAX_DROP, "Tolerance: the largest drop (percentage points of `metric`) a "
+                               "length may have and still count as tolerated (default: the grid's analysis: "
+                               "section's).", gt=0)
     confidence: Number = setting(0.95, "Confidence of each judgement (a length passes or fails) and so of the "
                                  "bracket.", gt=0.5, lt=1)
     max_seeds: int = setting(3, "Seeds per length at most; a length within noise of the tolerance gets more, "
@@ -58,7 +59,7 @@ class SearchSpec(Settings):
     noise: Number = setting(1.0, "Seed-to-seed standard deviation of one run's metric (pp), used until the runs "
                             "measure it (pooled over cells with several seeds, 4+ degrees of freedom).", gt=0)
     budget: int | None = setting(None, "Runs in all, baselines included; empty: the grid's run count.", ge=1)
-    metric: str = setting("zeroshot_top1", "The metric whose drop is judged (default: the analysis: section's).")
+    metric: str = setting(DEFAULT_METRIC, "The metric whose drop is judged (default: the analysis: section's).")
     stage: str = setting("finetune", "The stage it is read at: pretrain, pretrain_full_length or finetune "
                          "(default: the analysis: section's).")
 

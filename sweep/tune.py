@@ -43,14 +43,13 @@ import os
 import time
 import warnings
 from contextlib import contextmanager
-import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator
 
 import submitit
 
-from sweep.analysis_spec import check_readout
+from sweep.analysis_spec import DEFAULT_METRIC, check_readout
 from sweep.config import OPERATIONAL, RunConfig, config_from_dict, identity
 from sweep.grid import STRUCTURED, full_length
 from sweep.settings import ConfigError, Number, Settings, setting
@@ -71,7 +70,7 @@ class Objective(Settings):
     """What a study optimises: one metric of the result record at one stage."""
 
     stage: str = setting("finetune", "The record's stage: pretrain, pretrain_full_length or finetune.")
-    metric: str = setting("zeroshot_top1", "A metric of that stage: zeroshot_top1, zeroshot_top5, i2t_r1, t2i_r1, "
+    metric: str = setting(DEFAULT_METRIC, "A metric of that stage: zeroshot_top1, zeroshot_top5, i2t_r1, t2i_r1, "
                           "or <eval set>_<metric> of an eval set on disk (e.g. imagenet_top1).")
     direction: str = setting("maximize", "maximize or minimize.")
 
@@ -608,4 +607,4 @@ def apply_best(grid, tune_dir: str | Path) -> tuple[Any, list[str]]:
         settings = ", ".join(f"{k}={_fmt(v)}" for k, v in sorted(match["best"].items()))
         used[match["name"]] = f"{match['name']}: {settings} (trial {match['number']}, value {match['value']:.2f})"
     ordered = sorted(runs.values(), key=lambda r: (not r.baseline, r.run_id))
-    return dataclasses.replace(grid, runs=ordered), list(used.values())
+    return replace(grid, runs=ordered), list(used.values())
