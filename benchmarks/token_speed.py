@@ -28,7 +28,7 @@ Columns:
 On `--device cuda` the model, batches and the kept-patch indices live on the GPU (the strategies draw their random
 choices there, as the trainer does), steps run under bf16 autocast unless `--precision fp32`, each step's clock
 stops after `torch.cuda.synchronize()`, and there is no open_clip comparison. Steps are not compiled here (the
-trainer compiles on a GPU by default): the compiled GPU benchmark of issue 10 is still to be written.
+trainer compiles on a GPU by default): `gpu_speed.py` is the compiled GPU benchmark, with the batch rule.
 
 Then the same model, batch and full length under open_clip's own training loop (`open_clip_train.main` with its
 synthetic dataset, in a subprocess, between two blocks of our `none` steps), and the acceptance check: every masking
@@ -290,8 +290,10 @@ _WRAPPER = ("import sys, torch, open_clip; torch.set_num_threads(int(sys.argv[1]
 _LINE = re.compile(r"Train Epoch: \d+ \[\s*(\d+)/\d+.*?Data \(t\): ([\d.]+) Batch \(t\): ([\d.]+), ([\d.e+]+)/s,")
 
 
-def open_clip_speed(name: str, batch: int, threads: int, dropped: int, kept: int, tmp: Path) -> dict:
-    """Samples/s of `python -m open_clip_train.main --dataset-type synthetic` on this size, full length, CPU fp32.
+def open_clip_speed(name: str, batch: int, threads: int, dropped: int, kept: int, tmp: Path, device: str = "cpu",
+                    precision: str = "fp32", workers: int = 0) -> dict:
+    """Samples/s of `python -m open_clip_train.main --dataset-type synthetic` on this size, full length (on the
+    CPU in fp32 by default; `precision` is open_clip_train's, e.g. amp_bf16).
 
     Our sizes are not open_clip built-ins: the config is written as JSON and registered with
     `open_clip.add_model_config` by a two-line wrapper that then calls `open_clip_train.main.main(argv)`.
@@ -305,7 +307,8 @@ def open_clip_speed(name: str, batch: int, threads: int, dropped: int, kept: int
     cfg = RunConfig(model=name)
     steps = dropped + kept
     argv = ["--dataset-type", "synthetic", "--model", spec.open_clip_name, "--train-num-samples", str(steps * batch),
-            "--batch-size", str(batch), "--epochs", "1", "--workers", "0", "--device", "cpu", "--precision", "fp32",
+            "--batch-size", str(batch), "--epochs", "1", "--workers", str(workers), "--device", device,
+            "--precision", precision,
             "--log-every-n-steps", "1", "--save-frequency", "0", "--logs", str(tmp / "logs"), "--report-to", "",
             "--name", f"{name}-{time.time_ns()}", "--lr", str(LR), "--beta1", str(cfg.beta1), "--beta2",
             str(cfg.beta2), "--eps", "1e-6", "--wd", str(cfg.weight_decay), "--grad-clip-norm", str(cfg.grad_clip),

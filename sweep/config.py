@@ -118,8 +118,9 @@ class RunConfig(Settings):
     precision: str = setting("auto", "Arithmetic of the forward and backward passes: fp32, bf16 (autocast; "
                              "weights and optimizer stay fp32) or auto (bf16 on cuda, fp32 on cpu).",
                              operational=True)
-    compile: bool | None = setting(None, "torch.compile the encoders (one compilation per stage's shapes); empty "
-                                   "means on for cuda, off for cpu.", operational=True)
+    compile: bool | None = setting(None, "torch.compile the transformer blocks for training steps (one "
+                                   "block compilation per new token length; evaluation stays eager); empty means "
+                                   "on for cuda, off for cpu.", operational=True)
     micro_batch_size: int = setting(0, "Pairs per forward/backward pass; a batch_size step accumulates "
                                     "gradients over ceil(batch_size / micro_batch_size) passes with the "
                                     "contrastive loss still over the whole batch (exact). 0: the whole batch, "
@@ -128,9 +129,10 @@ class RunConfig(Settings):
                                        "(less memory, ~30% more compute): for full-length fine-tunes of large "
                                        "sizes.", operational=True)
     workers: int | None = setting(None, "Loader processes that decode webdataset/csv images (and evaluation "
-                                  "sets); 0 decodes in the training process, between steps. Empty: 2 on a GPU; 0 on "
-                                  "the CPU, whose cores the trainer's threads already use (a loader process beside "
-                                  "them is slower than decoding between steps: benchmarks/files_speed.py). The data "
+                                  "sets); 0 decodes in the training process, between steps. Empty: on a GPU one per "
+                                  "core the process may use, less one (at most 16); 0 on the CPU, whose cores the "
+                                  "trainer's threads already use (a loader process beside them is slower than "
+                                  "decoding between steps: benchmarks/files_speed.py). The data "
                                   "order does not depend on it; an epoch has at most 16 streams (and one per "
                                   "shard), so more workers than that stay idle.", operational=True, ge=0)
     log_every: int = setting(10, "Read the loss back from the device every this many steps (progress bar, loss "

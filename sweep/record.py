@@ -56,6 +56,7 @@ class StageMetrics(_Part):
 
 class StageCompute(_Part):
     train_seconds: float | None = None
+    first_step_seconds: float | None = None
     flops_per_step: int | None = None
     steps: int | None = None
     samples: int | None = None

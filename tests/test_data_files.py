@@ -1,9 +1,11 @@
 """Training and evaluation data on files: shards, tables, folders, and the exact resume of a streamed epoch."""
 import io
 import json
+import multiprocessing
 import subprocess
 import sys
 import tarfile
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -20,7 +22,7 @@ from sweep.data.evalsets import read_retrieval, read_zeroshot, retrieval_metrics
 from sweep.data.generate import jpeg, make_data
 from sweep.data.images import BadImage, crop_box, draft_need, draft_scale, load_image
 from sweep.data.sources import RawSample, ShardSource, expand_paths, open_source, read_shard
-from sweep.data.stream import CHUNK, SHARE_ABOVE, StreamedBatches
+from sweep.data.stream import CHUNK, SHARE_ABOVE, Prefetched, StreamedBatches
 from sweep.record import read_record
 from sweep.results import held_elsewhere
 from sweep.strategies.text import TextReducer
@@ -275,6 +277,38 @@ def test_batches_are_the_same_whether_the_loader_works_in_process_or_in_workers(
     for _ in range(3):  # batches straddle chunks
         a, b = here.next_batch(), there.next_batch()
         assert a.keys == b.keys and a.images.shape == (48, 3, size, size) and torch.equal(a.images, b.images)
+
+
+def test_a_thread_ahead_of_training_hands_out_the_same_batches_and_resumes_where_training_stopped(demo):
+    """A GPU run receives batches in a thread that runs ahead: the batches are the loader's, the position is where
+    the trainer is (not the thread), and closing it stops the thread and the loader workers."""
+    source = open_source("webdataset", shards(demo), "filepath", "title", "\t")
+
+    def batches(workers, position=None):
+        return StreamedBatches(source, seed=5, stage=0, batch_size=40, image_size=32, workers=workers,
+                               position=position)
+
+    children = set(multiprocessing.active_children())
+    plain, ahead = batches(0), Prefetched(batches(2), pin=False, depth=3)
+    for _ in range(4):
+        a, b = plain.next_batch(), ahead.next_batch()
+        assert a.keys == b.keys and torch.equal(a.images, b.images)
+    assert ahead.position() == plain.position() and ahead.skipped == plain.skipped
+    for _ in range(500):  # the thread fills its queue: batches that training has not taken yet
+        if ahead._queue.full():
+            break
+        time.sleep(0.01)
+    assert ahead.batches.taken >= plain.taken + 3 * 40
+    ahead.close()
+    assert not ahead._thread.is_alive() and set(multiprocessing.active_children()) <= children
+    resumed = Prefetched(batches(2, ahead.position()), pin=False)
+    assert keys_of(resumed, 3) == keys_of(plain, 3)
+    resumed.close()
+    empty = Prefetched(StreamedBatches(Rows(3, frozenset({0, 1, 2})), seed=0, stage=0, batch_size=2, image_size=8,
+                                       workers=0), pin=False)
+    with pytest.raises(RuntimeError, match="no usable sample"):  # the thread's error reaches the training thread
+        empty.next_batch()
+    empty.close()
 
 
 def test_retrieval_recall_counts_an_image_hit_when_any_of_its_captions_is_found():

@@ -134,3 +134,5 @@ def test_text_reduced_run_pretrains_at_its_context_and_finetunes_at_full(tmp_pat
     assert (record.metrics["finetune"].text_strategy, record.metrics["finetune"].text_tokens) == ("none", 32)
     stages = record.compute.stages
     assert stages["pretrain"].flops_per_step < stages["finetune"].flops_per_step  # shorter text, fewer FLOPs
+    for stage in stages.values():  # the first step's time is part of the stage's, and of each stage once
+        assert 0 < stage.first_step_seconds < stage.train_seconds

@@ -1,6 +1,7 @@
 """One optimizer step: micro-batches with the loss over the whole batch give the one-shot gradient; the runtime
 settings resolve as documented; a run asked to use a GPU that is not there fails with the reason."""
 import copy
+import os
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ from sweep.config import config_from_dict
 from sweep.models import build_model
 from sweep.strategies.image import reduce_images
 from sweep.train import ContrastiveStep, Runtime, make_optimizer, run
+from sweep.train.step import gpu_workers
 
 
 def batch(n=16, seed=0):
@@ -50,6 +52,19 @@ def test_a_micro_batch_as_large_as_the_batch_is_the_one_shot_step():
     assert torch.equal(one[0], same[0]) and all(torch.equal(one[1][k], same[1][k]) for k in one[1])
 
 
+def test_a_gpu_run_leaves_one_of_its_cores_to_training_and_the_rest_to_loader_workers(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(12)))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert gpu_workers() == 11  # a Slurm task with 12 cores, or a node of 12 with one rank
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun: 4 ranks share the node's cores
+    assert gpu_workers() == 2
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(96)))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert gpu_workers() == 16  # an epoch keeps at most 16 busy
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    assert gpu_workers() == 1
+
+
 def test_runtime_resolves_auto_by_the_device():
     cpu = Runtime.of(config_from_dict({"device": "cpu"}))
     # a CPU run decodes its files between steps: its threads already use the cores
@@ -86,9 +101,13 @@ def test_a_compiled_run_on_the_cpu_matches_the_eager_run(tmp_path):
              "batch_size": 64, "train_scenes": 300, "eval_zeroshot_samples": 40, "eval_retrieval_samples": 40,
              "device": "cpu", "threads": 2}
     eager = run(config_from_dict(small), tmp_path / "eager", progress=False)
+    torch._dynamo.reset()
     compiled = run(config_from_dict({**small, "compile": True, "micro_batch_size": 32}), tmp_path / "compiled",
                    progress=False)
     assert compiled.status == "completed" and compiled.compute.model_dump()["compiled"] is True
+    # the blocks really ran compiled: one graph per tower and grad mode (the accumulation's no-grad pass), the
+    # image tower's graph shared by its blocks (recompiling per block would make more, or fall back to eager)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 4
     assert compiled.final_loss["pretrain"] == pytest.approx(eager.final_loss["pretrain"], rel=1e-3)
 
 

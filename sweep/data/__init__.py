@@ -4,7 +4,7 @@
   and retrieval sets as tensors in memory. Rendered pools are cached on disk (``$SWEEP_CACHE_DIR`` or
   ``~/.cache/inverse-scaling-sweep``) so that the runs of a sweep render each scene once, not once per run.
 - Files (`sources.py`, `stream.py`): webdataset shards or a CSV table, streamed through loader workers
-  (`StreamedBatches`), with an exact resume.
+  (`StreamedBatches`), with an exact resume; a GPU run receives them in a thread of its own (`Prefetched`).
 - Evaluation sets on disk (`evalsets.py`): ImageNet-style folders for zero-shot, caption tables or shards for
   retrieval.
 - `generate.py` writes the synthetic data as such files (`sweep make-data`), for tests and demos.

@@ -31,7 +31,7 @@ from sweep.config import ConfigError, RunConfig, identity
 from sweep.data import Data, load_data
 from sweep.data.evalsets import RetrievalSet, ZeroshotSet, read_retrieval, read_zeroshot
 from sweep.data.sources import open_source
-from sweep.data.stream import Batch, StreamedBatches
+from sweep.data.stream import Batch, Prefetched, StreamedBatches
 from sweep.evaluate import evaluate_on_disk, feature_fns, retrieval, zeroshot
 from sweep.flops import step_flops
 from sweep.models import build_model, count_params, register_open_clip_configs, tower_params
@@ -42,7 +42,8 @@ from sweep.strategies.text import TextReducer
 from sweep.train.distributed import Distributed, join, wrap
 from sweep.train.signals import Interrupted, StopSignals, heartbeat
 from sweep.train.state import TrainState
-from sweep.train.step import ContrastiveStep, Encoders, Runtime, device_name, lr_at, make_optimizer
+from sweep.train.step import (ContrastiveStep, Encoders, Runtime, compile_blocks, device_name, eager, lr_at,
+                              make_optimizer)
 
 STAGES = ("pretrain", "finetune")
 STAGE_IDS = {"pretrain": 0, "finetune": 1}
@@ -130,13 +131,19 @@ class InMemoryBatches:
     def position(self) -> None:
         return None  # the step is the position
 
+    def start(self) -> None:
+        pass  # no loader: the pool is in memory
+
+    def close(self) -> None:
+        pass
+
 
 def training_batches(cfg: RunConfig, stage: str, data: Data | None, state: TrainState,
-                     text: TextReducer | None = None, here: Distributed = Distributed(), workers: int = 0
-                     ) -> InMemoryBatches | StreamedBatches:
+                     text: TextReducer | None = None, here: Distributed = Distributed(), workers: int = 0,
+                     gpu: bool = False) -> InMemoryBatches | StreamedBatches | Prefetched:
     """Where this rank's batches of a stage come from: its rows of the embedded pool's batches, or its streams of
     the files, streamed from `state.data` on (their captions tokenised by the loader workers where `text`
-    allows)."""
+    allows; for a `gpu` run received by a thread of their own, into pinned memory)."""
     if cfg.dataset == "synthetic":
         return InMemoryBatches(data, cfg.seed, stage, cfg.batch_size, state.step, here.rows(cfg.batch_size))
     positions = state.data or [None] * here.world_size
@@ -149,10 +156,11 @@ def training_batches(cfg: RunConfig, stage: str, data: Data | None, state: Train
     if image_strategy == "resize":  # decode straight to the reduced resolution: small images cost less to load
         size = side_of(image_tokens) * cfg.spec.patch_size
     source = open_source(cfg.dataset, cfg.train_data, cfg.csv_img_key, cfg.csv_caption_key, cfg.csv_separator)
-    return StreamedBatches(source, seed=cfg.seed, stage=STAGE_IDS[stage],
-                           batch_size=cfg.batch_size // here.world_size, image_size=size, workers=workers,
-                           epoch_samples=cfg.train_num_samples, position=positions[here.rank], text=text,
-                           rank=here.rank, ranks=here.world_size)
+    batches = StreamedBatches(source, seed=cfg.seed, stage=STAGE_IDS[stage],
+                              batch_size=cfg.batch_size // here.world_size, image_size=size, workers=workers,
+                              epoch_samples=cfg.train_num_samples, position=positions[here.rank], text=text,
+                              rank=here.rank, ranks=here.world_size)
+    return Prefetched(batches, pin=True) if gpu else batches
 
 
 def train_stage(model, encoders, cfg: RunConfig, runtime: Runtime, here: Distributed, stage: str, data: Data | None,
@@ -177,10 +185,9 @@ def train_stage(model, encoders, cfg: RunConfig, runtime: Runtime, here: Distrib
     else:
         state.stage, state.step, state.data = stage, 0, None
     step_fn = ContrastiveStep(model, optimizer, runtime, cfg.micro_batch_size, cfg.grad_clip, here, encoders)
-    batches = training_batches(cfg, stage, data, state, text, here, runtime.workers)
+    batches = training_batches(cfg, stage, data, state, text, here, runtime.workers, runtime.device.type == "cuda")
     rows = here.rows(cfg.batch_size)  # this rank's rows of every batch
-    if isinstance(batches, StreamedBatches):
-        batches.start()  # the loader workers start decoding before the clock starts
+    batches.start()  # the loader workers start decoding before the clock starts
     stats = state.compute.setdefault(stage, {"train_seconds": 0.0})
     # every step of a stage has the same shapes, hence the same FLOPs
     stats["flops_per_step"] = step_flops(cfg.model, image_strategy, image_tokens, text_tokens, cfg.batch_size)
@@ -235,35 +242,43 @@ def train_stage(model, encoders, cfg: RunConfig, runtime: Runtime, here: Distrib
         return found
 
     model.train()
+    first = state.step
     bar = tqdm(range(state.step, steps), desc=stage, initial=state.step, total=steps, leave=False,
                dynamic_ncols=True, disable=None if progress and here.main else True)  # None: only on a terminal
-    for step in bar:
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, steps, peak, cfg.warmup_fraction)
-        batch = batches.next_batch()  # uint8 images [B, 3, H, W] and their B captions (B / ranks on each rank)
-        gen = generator(cfg.seed, stage_id, step, 1, device=runtime.device)  # this step's masks, on the device
-        # word choices are made on the host: on the CPU from the same generator as the masks (after them), on a
-        # GPU from a host generator of their own
-        text_gen = gen if runtime.device.type == "cpu" else generator(cfg.seed, stage_id, step, 2)
-        # images [B, 3, 64, 64] = 8 x 8 patches + class token = 65 tokens; a masking strategy at 17 keeps 16
-        # patches per sample (keep [B, 16]), `resize` shrinks the image to 32 px = 4 x 4 patches instead; masks and
-        # words are drawn for the whole batch, each rank keeping its rows
-        images, keep = reduce_images(pixels(batch.images), image_strategy, image_tokens, patch, gen, rows,
-                                     cfg.batch_size)
-        tokens = batch.tokens if batch.tokens is not None else text(batch.captions, text_gen, rows.start)
-        # contrastive loss over the B x B image-text similarities; the step's FLOPs scale ~ with the tokens kept
-        pending.append(step_fn(images, keep, tokens.to(runtime.device, non_blocking=True)))
-        state.step = step + 1
-        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < steps:
-            evaluate_now(step + 1)  # before a checkpoint of the same step, which then holds it
-        signum = here.largest(stop.signum)  # a signal on any rank stops every rank, after one checkpoint
-        if signum:
-            save()
-            stop.honour(step + 1, signum)
-        if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < steps:
-            save()
-        elif (step + 1) % cfg.log_every == 0:
-            read_back()
+    try:
+        for step in bar:
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, steps, peak, cfg.warmup_fraction)
+            batch = batches.next_batch()  # uint8 images [B, 3, H, W] and their B captions (B / ranks on each rank)
+            gen = generator(cfg.seed, stage_id, step, 1, device=runtime.device)  # this step's masks, on the device
+            # word choices are made on the host: on the CPU from the same generator as the masks (after them), on a
+            # GPU from a host generator of their own
+            text_gen = gen if runtime.device.type == "cpu" else generator(cfg.seed, stage_id, step, 2)
+            # images [B, 3, 64, 64] = 8 x 8 patches + class token = 65 tokens; a masking strategy at 17 keeps 16
+            # patches per sample (keep [B, 16]), `resize` shrinks the image to 32 px = 4 x 4 patches instead; masks and
+            # words are drawn for the whole batch, each rank keeping its rows
+            images, keep = reduce_images(pixels(batch.images), image_strategy, image_tokens, patch, gen, rows,
+                                         cfg.batch_size)
+            tokens = batch.tokens if batch.tokens is not None else text(batch.captions, text_gen, rows.start)
+            # contrastive loss over the B x B image-text similarities; the step's FLOPs scale ~ with the tokens kept
+            pending.append(step_fn(images, keep, tokens.to(runtime.device, non_blocking=True)))
+            state.step = step + 1
+            if step == first:  # compiles and warms up: timed apart too, so that a steady rate can leave it out
+                before = stats["train_seconds"]
+                read_back()
+                stats["first_step_seconds"] = stats.get("first_step_seconds", 0.0) + stats["train_seconds"] - before
+            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < steps:
+                evaluate_now(step + 1)  # before a checkpoint of the same step, which then holds it
+            signum = here.largest(stop.signum)  # a signal on any rank stops every rank, after one checkpoint
+            if signum:
+                save()
+                stop.honour(step + 1, signum)
+            if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < steps:
+                save()
+            elif (step + 1) % cfg.log_every == 0:
+                read_back()
+    finally:
+        batches.close()  # its loader workers and thread stop with the stage
     read_back()
     bar.close()
     stats["steps"] = steps
@@ -299,7 +314,7 @@ def evaluate(model, cfg: RunConfig, runtime: Runtime, settings: tuple[str, int, 
         text, seed=cfg.seed + 1000 * stage_id, device=runtime.device)
     model.eval()
     metrics: dict[str, Any] = {}
-    with runtime.autocast():
+    with runtime.autocast(), eager():
         if cfg.eval_embedded:
             metrics.update(zeroshot(image_features, text_features, data.zeroshot_images, data.zeroshot_labels,
                                     data.classnames, data.templates))
@@ -411,6 +426,8 @@ def _run(cfg: RunConfig, run_dir: Path, here: Distributed, progress: bool, handl
         state = TrainState.load(run_dir, model)  # every rank resumes from the same checkpoint
         model.to(runtime.device)
         model.set_grad_checkpointing(cfg.grad_checkpointing)
+        if runtime.compile:
+            compile_blocks(model)
         encoders = wrap(Encoders(model), here, runtime.device)  # DDP on several ranks
         pixels = Pixels(runtime.device)
         with StopSignals(handle_signals) as stop:

@@ -3,7 +3,7 @@
 The science of a step is fixed by the run's settings (the batch, its masks, the loss over the whole batch); how the
 step is executed is not, and does not change the result beyond floating-point noise:
 - `Runtime` resolves `device`, `precision` and `compile` (all `auto` by default: cuda + bf16 autocast + compiled
-  where a GPU is present, cpu + fp32 + eager elsewhere);
+  where a GPU is present, cpu + fp32 + eager elsewhere); `compile_blocks` compiles the transformer blocks;
 - `ContrastiveStep` splits a batch into micro-batches when asked to (or when a GPU runs out of memory) and still
   computes the loss over the whole batch: the features of every micro-batch are first computed without gradients,
   then each micro-batch is recomputed with gradients against the cached features of the others, so the summed
@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from dataclasses import dataclass
 
 import torch
 from open_clip.loss import ClipLoss
 
 from sweep.config import RunConfig
+from sweep.data.stream import STREAMS
 from sweep.models import encode_image, encode_text
 from sweep.train.distributed import Distributed, local_device
 
@@ -55,6 +57,15 @@ def device_name(cfg: RunConfig) -> str:
     return cfg.device
 
 
+def gpu_workers() -> int:
+    """Loader processes of a GPU run that leaves `workers` empty: the cores this process may use (its Slurm
+    task's, or the node's shared by torchrun's LOCAL_WORLD_SIZE ranks) less one for the training process, at most
+    STREAMS (the most an epoch keeps busy). A 224-px training image costs a worker ~1.4 ms (data_speed.py), so one
+    H100 at 3,000-11,000 samples/s wants 5-16 of them."""
+    cores = len(os.sched_getaffinity(0)) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, min(STREAMS, cores - 1))
+
+
 @dataclass(frozen=True)
 class Runtime:
     """Where and how a run computes: device, autocast dtype (None = fp32), whether the encoders are compiled, and
@@ -76,7 +87,7 @@ class Runtime:
             device = local_device(local_rank)
         precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
         compiled = cfg.compile if cfg.compile is not None else device.type == "cuda"
-        workers = cfg.workers if cfg.workers is not None else 2 if device.type == "cuda" else 0
+        workers = cfg.workers if cfg.workers is not None else gpu_workers() if device.type == "cuda" else 0
         return cls(device, torch.bfloat16 if precision == "bf16" else None, compiled, workers)
 
     @property
@@ -92,6 +103,28 @@ class Runtime:
         """Wait for the device's queued work (to time it); a no-op on the CPU."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+def compile_blocks(model: torch.nn.Module) -> None:
+    """torch.compile every transformer block of both towers, in place, for training steps (regional compilation).
+
+    All blocks of a tower share one compiled graph per input shape, so a new token length costs one block's
+    compilation, not the whole model's, and a masking strategy and `resize` at the same length share it (cpu-l on
+    2 cores: 20 s for the first shapes, then ~9 s per new length and 0.1 s for `resize` at a compiled length,
+    against 17-35 s per shape for the whole model). What stays eager between the blocks (patch embedding, the
+    kept-patch gather, pooling, the token embedding) is a few kernels per step. Evaluation runs eager
+    (`eager()`): its shapes would only add compilations."""
+    # one cache entry per (tower, shape, grad mode): a run's two stages, micro-batch remainders and a no-grad pass
+    # for accumulation exceed the default of 8, after which dynamo would silently fall back to eager
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    for tower in (model.visual.transformer, model.transformer):
+        for block in tower.resblocks:
+            block.compile(dynamic=False)  # fixed shapes: each stage's shape is fixed, and static kernels are faster
+
+
+def eager():
+    """A context in which compiled blocks run eagerly (evaluation)."""
+    return torch.compiler.set_stance("force_eager")
 
 
 class Encoders(torch.nn.Module):
@@ -122,7 +155,6 @@ class ContrastiveStep:
         self.loss_fn = ClipLoss(local_loss=True, gather_with_grad=True, cache_labels=True, rank=here.rank,
                                 world_size=here.world_size)
         self.encoders = encoders if encoders is not None else Encoders(model)
-        self.features = torch.compile(self.encoders, dynamic=False) if runtime.compile else self.encoders
 
     def __call__(self, images: torch.Tensor, keep: torch.Tensor | None, tokens: torch.Tensor) -> torch.Tensor:
         while True:
@@ -146,14 +178,14 @@ class ContrastiveStep:
         self.optimizer.zero_grad(set_to_none=True)
         if size >= batch:  # the whole batch in one pass
             with self.runtime.autocast():
-                image_f, text_f = self.features(images, keep, tokens)
+                image_f, text_f = self.encoders(images, keep, tokens)
                 loss = self.loss_fn(image_f, text_f, model.logit_scale.exp())
             loss.backward()  # under DDP: the gradients are averaged over ranks as they are computed
         else:
             parts = [slice(i, min(i + size, batch)) for i in range(0, batch, size)]
             cut = lambda part: (images[part], None if keep is None else keep[part], tokens[part])  # noqa: E731
             with torch.no_grad(), self.runtime.autocast():  # every micro-batch's features, to stand in for it
-                cached = [self.features(*cut(part)) for part in parts]
+                cached = [self.encoders(*cut(part)) for part in parts]
             last = len(parts) - 1
             for i, part in enumerate(parts):
                 # under DDP the gradients add up locally and are averaged over ranks in the last backward only
@@ -161,7 +193,7 @@ class ContrastiveStep:
                     else contextlib.nullcontext()
                 with sync:
                     with self.runtime.autocast():
-                        image_f, text_f = self.features(*cut(part))
+                        image_f, text_f = self.encoders(*cut(part))
                         all_image = torch.cat([image_f if j == i else c[0] for j, c in enumerate(cached)])
                         all_text = torch.cat([text_f if j == i else c[1] for j, c in enumerate(cached)])
                         scale = model.logit_scale.exp()

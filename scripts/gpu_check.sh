@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# The device check of the GPU issues, prepared for a lent GPU machine (two calls: `bench`, at most 6.5 minutes, then
+# `train`, at most 5, on the still-warm machine; `all` does both in one call where the time allows):
+#   1. benchmarks/gpu_speed.py: the compiled trainer step of ViT-B-16 and ViT-L-16 at every strategy and length with
+#      the batch rule, open_clip_train beside it (the issue's targets);
+#   2. `sweep train grids/gpu_check.yaml` on the embedded data in memory (ViT-B-16, 224 px, random 17 tokens);
+#   3. the same run on webdataset shards of 256-px JPEGs (`sweep make-data`): the loader's rate against 2.
+# Outputs go to $OUT (or ./gpu_check_out): gpu_speed.txt, gpu_speed.jsonl, train_memory.json, train_files.json,
+# log.txt.
+#
+# The machine has torch but not this project's other dependencies, and nothing can be fetched there: carry them
+# as wheels. Once, here (where pip reaches PyPI), in the repo root:
+#     echo /.whl/ >> .git/info/exclude; bash scripts/gpu_check.sh wheels
+# then run with the device tool: command `bash scripts/gpu_check.sh bench`, carry [".whl"], timeout_s 420; then the
+# same with `train` and timeout_s 330. Every part has its own time limit and leaves what it measured in $OUT.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "${1:-}" = wheels ]; then
+  mkdir -p .whl
+  exec python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+    --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d .whl \
+    open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4 webdataset==1.0.2 braceexpand==0.1.7 simplejpeg==1.9.0 \
+    pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5
+fi
+
+part=${1:-all}
+out=${OUT:-gpu_check_out}
+mkdir -p "$out"
+exec > >(tee -a "$out/log.txt") 2>&1
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site || exit 1
+fi
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
+tick() { echo "[$(date +%T)] $*"; }
+
+if [ "$part" = all ] || [ "$part" = bench ]; then
+  # one model per process and time limit, so that an overrun of one leaves the other's rows
+  tick "gpu_speed: ViT-B-16, with open_clip_train beside it"
+  timeout 220 python3 benchmarks/gpu_speed.py --models ViT-B-16 --json > "$out/gpu_speed.jsonl"
+  tick "gpu_speed: ViT-L-16"
+  timeout 160 python3 benchmarks/gpu_speed.py --models ViT-L-16 --no-open-clip --json >> "$out/gpu_speed.jsonl"
+  python3 - "$out/gpu_speed.jsonl" > "$out/gpu_speed.txt" <<'PY'
+import json, sys
+sys.path.insert(0, "benchmarks")
+from gpu_speed import checks, print_table
+rows = [json.loads(line) for line in open(sys.argv[1])]
+cells, comparisons = [r for r in rows if "strategy" in r], [r for r in rows if "ours_over_open_clip" in r]
+print_table(cells, comparisons)
+for ok, detail in checks(cells, comparisons):
+    print("PASS" if ok else "FAIL", detail)
+PY
+  cat "$out/gpu_speed.txt"
+fi
+
+if [ "$part" = all ] || [ "$part" = train ]; then
+  runs=$(mktemp -d)
+  tick "sweep train on the embedded data in memory"
+  timeout 120 python3 -m sweep train grids/gpu_check.yaml --out "$runs/memory" --quiet
+  cp "$runs/memory/result.json" "$out/train_memory.json"
+  tick "sweep make-data: 16,384 training pairs as 256-px JPEG shards"
+  timeout 60 python3 -m sweep make-data "$runs/data" --image-size 256 --train-samples 16384 --shard-size 1024 \
+    --zeroshot-samples 40 --retrieval-images 10
+  tick "sweep train on the shards"
+  timeout 120 python3 -m sweep train grids/gpu_check.yaml --out "$runs/files" --quiet --set dataset=webdataset \
+    --set "train_data=$runs/data/shards/train-{00000..00015}.tar"
+  cp "$runs/files/result.json" "$out/train_files.json"
+  python3 - "$out" <<'PY'
+import json, sys
+for name in ("memory", "files"):
+    r = json.load(open(f"{sys.argv[1]}/train_{name}.json"))
+    c, batch = r["compute"], r["config"]["batch_size"]
+    pre = c["stages"]["pretrain"]  # random 17 tokens: set its steady rate against gpu_speed's random 17 row
+    steady = (pre["samples"] - batch) / (pre["train_seconds"] - pre["first_step_seconds"])
+    print(f"{name}: {r['status']}; pre-training {steady:.0f} samples/s after its first step "
+          f"({pre['first_step_seconds']:.1f} s), {c['samples_per_second']} over both stages with every first step; "
+          f"workers {c.get('workers')}, {c['device']} {c['precision']} compiled {c['compiled']}, "
+          f"micro-batches {pre['micro_batch_size']} / {c['stages']['finetune']['micro_batch_size']}; "
+          f"fine-tuned i2t_r1 {r['metrics']['finetune']['i2t_r1']:.1f}")
+PY
+fi
+tick done

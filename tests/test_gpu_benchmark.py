@@ -1,0 +1,35 @@
+"""benchmarks/gpu_speed.py, on the CPU: a GPU session has minutes for it, so its every path but CUDA's runs here."""
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.gpu_speed import checks, main  # noqa: E402
+from sweep.config import load_run_config  # noqa: E402
+
+
+def test_the_gpu_benchmark_measures_every_strategy_against_full_length_and_checks_the_targets(capsys):
+    assert main(["--device", "cpu", "--models", "cpu-s", "--batch", "32", "--steps", "1", "--tokens", "17",
+                 "--compile", "off", "--no-open-clip", "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["strategy"], r["image_tokens"]) for r in rows] == [
+        ("none", 65), ("random", 17), ("grid", 17), ("block", 17), ("resize", 17)]
+    full = rows[0]
+    assert full["speedup"] == full["ideal_speedup"] == 1.0
+    for r in rows:
+        assert r["samples_per_second"] > 0 and r["micro"] == 32 and r["batch"] == 32
+        assert r["ideal_speedup"] >= 1 and r["efficiency"] == round(r["speedup"] / r["ideal_speedup"], 3)
+    # the targets apply to paper sizes: a ViT-B-16 row below 0.85 at 17 tokens fails, one above passes
+    paper = [{**r, "model": "ViT-B-16"} for r in rows]
+    paper[1]["efficiency"], paper[2]["efficiency"] = 0.5, 0.9
+    found = checks(paper, [{"model": "ViT-B-16", "batch": 32, "ours_over_open_clip": 1.4}])
+    assert [ok for ok, _ in found] == [True, False]
+    assert checks(rows, []) == []  # nothing to check for a CPU size
+
+
+def test_the_gpu_check_recipe_is_a_valid_run_of_vit_b16_at_17_tokens():
+    cfg = load_run_config("grids/gpu_check.yaml")
+    assert (cfg.model, cfg.image_strategy, cfg.image_tokens, cfg.batch_size) == ("ViT-B-16", "random", 17, 1024)
+    assert cfg.pretrain_samples // cfg.batch_size == 48 and cfg.device == "auto"
