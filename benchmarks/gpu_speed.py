@@ -56,7 +56,7 @@ from benchmarks.token_speed import open_clip_speed  # noqa: E402
 from sweep.config import RunConfig  # noqa: E402
 from sweep.data.synthetic import image_caption_pairs  # noqa: E402
 from sweep.flops import step_flops  # noqa: E402
-from sweep.models import MODELS  # noqa: E402
+from sweep.models import MODELS, build_model  # noqa: E402
 from sweep.strategies.image import IMAGE_STRATEGIES, reduce_images  # noqa: E402
 from sweep.train.loop import Pixels  # noqa: E402
 from sweep.train.step import ContrastiveStep, Runtime, compile_blocks, make_optimizer  # noqa: E402
@@ -77,7 +77,7 @@ class Bench:
     def __init__(self, name: str, batch: int, device: torch.device, precision: str, compile: str):
         self.spec, self.name, self.batch, self.device = MODELS[name], name, batch, device
         torch.manual_seed(0)
-        self.model = open_clip.CLIP(**MODELS[name].config).to(device)
+        self.model = build_model(name).to(device)
         self.model.train()
         cfg = RunConfig(model=name)
         runtime = Runtime(device, torch.bfloat16 if precision == "bf16" else None, compile != "off")
@@ -165,6 +165,7 @@ def measure(bench: Bench, cells: list[tuple[str, int]], steps: int, emit=lambda 
 
 def compare_open_clip(bench: Bench, batch: int, steps: int, workers: int, precision: str, tmp: Path) -> dict:
     full = bench.spec.image_tokens
+    bench.step_fn.micro_batch_size = 0  # the batch rule at this batch
     bench.steps("none", full, 2, batch)  # compile and warm our step at this batch
     before = bench.steps("none", full, steps, batch)
     tic = time.perf_counter()
