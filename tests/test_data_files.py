@@ -289,7 +289,7 @@ def test_a_thread_ahead_of_training_hands_out_the_same_batches_and_resumes_where
                                position=position)
 
     children = set(multiprocessing.active_children())
-    plain, ahead = batches(0), Prefetched(batches(2), pin=False, depth=3)
+    plain, ahead = batches(0), Prefetched(batches(2), depth=3)
     for _ in range(4):
         a, b = plain.next_batch(), ahead.next_batch()
         assert a.keys == b.keys and torch.equal(a.images, b.images)
@@ -301,11 +301,11 @@ def test_a_thread_ahead_of_training_hands_out_the_same_batches_and_resumes_where
     assert ahead.batches.taken >= plain.taken + 3 * 40
     ahead.close()
     assert not ahead._thread.is_alive() and set(multiprocessing.active_children()) <= children
-    resumed = Prefetched(batches(2, ahead.position()), pin=False)
+    resumed = Prefetched(batches(2, ahead.position()))
     assert keys_of(resumed, 3) == keys_of(plain, 3)
     resumed.close()
     empty = Prefetched(StreamedBatches(Rows(3, frozenset({0, 1, 2})), seed=0, stage=0, batch_size=2, image_size=8,
-                                       workers=0), pin=False)
+                                       workers=0))
     with pytest.raises(RuntimeError, match="no usable sample"):  # the thread's error reaches the training thread
         empty.next_batch()
     empty.close()

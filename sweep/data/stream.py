@@ -160,7 +160,7 @@ class StreamedBatches:
     def __init__(self, source: ShardSource | TableSource, *, seed: int, stage: int, batch_size: int,
                  image_size: int, workers: int, epoch_samples: int | None = None,
                  position: dict[str, Any] | None = None, text: "TextReducer | None" = None, rank: int = 0,
-                 ranks: int = 1):
+                 ranks: int = 1, pin: bool = False):
         self.source, self.seed, self.stage, self.batch_size = source, seed, stage, batch_size
         self.text = text if text is not None and text.deterministic and not text.needs_pos else None
         self.image_size, self.workers = image_size, workers
@@ -182,7 +182,7 @@ class StreamedBatches:
         self._prefetched: EpochReader | None = None  # the next epoch's, started once the current one is read
         self._chunk: Chunk | None = None  # the chunk being taken from, and how many of its samples are taken
         self._used = 0
-        self.pin = False  # gather batch images into pinned memory (for an asynchronous copy to a GPU)
+        self.pin = pin  # gather batch images into pinned memory (for an asynchronous copy to a GPU)
 
     def position(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "consumed": list(self.consumed), "taken": self.taken, "skipped": self.skipped}
@@ -270,13 +270,13 @@ class Prefetched:
     Receiving a batch from the loader workers costs the receiving thread CPU time: ~130 us per 224-px sample (the
     chunks' shared memory mapped and first touched, gathered into one batch), which at 10,000 samples/s is more than
     a whole core. Here that happens beside the training thread, whose CPU launches the GPU's kernels; torch's copy
-    and gather release the GIL. Batch images come in pinned memory (`pin`), so the copy to the GPU is asynchronous.
+    and gather release the GIL. With the loader's `pin`, batch images come in pinned memory, so that the copy to
+    the GPU is asynchronous.
     The batches and their order are the wrapped loader's; `position()` and `skipped` are those after the last batch
     handed out, so a checkpoint resumes exactly there. `close()` stops the thread and the workers."""
 
-    def __init__(self, batches: StreamedBatches, *, pin: bool, depth: int = 2):
+    def __init__(self, batches: StreamedBatches, *, depth: int = 2):
         self.batches = batches
-        batches.pin = pin
         self._position, self.skipped = batches.position(), batches.skipped
         self._queue: queue.Queue = queue.Queue(depth)
         self._stop = threading.Event()

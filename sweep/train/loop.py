@@ -159,8 +159,8 @@ def training_batches(cfg: RunConfig, stage: str, data: Data | None, state: Train
     batches = StreamedBatches(source, seed=cfg.seed, stage=STAGE_IDS[stage],
                               batch_size=cfg.batch_size // here.world_size, image_size=size, workers=workers,
                               epoch_samples=cfg.train_num_samples, position=positions[here.rank], text=text,
-                              rank=here.rank, ranks=here.world_size)
-    return Prefetched(batches, pin=True) if gpu else batches
+                              rank=here.rank, ranks=here.world_size, pin=gpu)
+    return Prefetched(batches) if gpu else batches
 
 
 def train_stage(model, encoders, cfg: RunConfig, runtime: Runtime, here: Distributed, stage: str, data: Data | None,
