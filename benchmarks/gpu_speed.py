@@ -168,6 +168,8 @@ def compare_open_clip(bench: Bench, batch: int, steps: int, workers: int, precis
     bench.step_fn.micro_batch_size = 0  # the batch rule at this batch
     bench.steps("none", full, 2, batch)  # compile and warm our step at this batch
     before = bench.steps("none", full, steps, batch)
+    if bench.device.type == "cuda":
+        torch.cuda.empty_cache()  # the cells' cached blocks would leave open_clip_train's process no room
     tic = time.perf_counter()
     oc = open_clip_speed(bench.name, batch, torch.get_num_threads(), 3, steps, tmp, device=str(bench.device),
                          precision="amp_bf16" if precision == "bf16" else "fp32", workers=workers)

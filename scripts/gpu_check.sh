@@ -5,8 +5,8 @@
 #      the batch rule, open_clip_train beside it (the issue's targets);
 #   2. `sweep train grids/gpu_check.yaml` on the embedded data in memory (ViT-B-16, 224 px, random 17 tokens);
 #   3. the same run on webdataset shards of 256-px JPEGs (`sweep make-data`): the loader's rate against 2.
-# Outputs go to $OUT (or ./gpu_check_out): gpu_speed.txt, gpu_speed.jsonl, train_memory.json, train_files.json,
-# log.txt.
+# (`files`: part 3 alone.) Outputs go to $OUT (or ./gpu_check_out): gpu_speed.txt, gpu_speed.jsonl,
+# train_memory.json, train_files.json, log.txt. First run on one H100: benchmarks/README.md (bench 313 s, train 135 s).
 #
 # The machine has torch but not this project's other dependencies, and nothing can be fetched there: carry them
 # as wheels. Once, here (where pip reaches PyPI), in the repo root:
@@ -57,22 +57,49 @@ PY
   cat "$out/gpu_speed.txt"
 fi
 
+runs=$(mktemp -d)
 if [ "$part" = all ] || [ "$part" = train ]; then
-  runs=$(mktemp -d)
   tick "sweep train on the embedded data in memory"
   timeout 120 python3 -m sweep train grids/gpu_check.yaml --out "$runs/memory" --quiet
   cp "$runs/memory/result.json" "$out/train_memory.json"
+fi
+
+if [ "$part" = all ] || [ "$part" = train ] || [ "$part" = files ]; then
+  # 256 shards of 64: enough for the loader's 240 streams (sweep/data/stream.py), as a real dataset's shards are
   tick "sweep make-data: 16,384 training pairs as 256-px JPEG shards"
-  timeout 60 python3 -m sweep make-data "$runs/data" --image-size 256 --train-samples 16384 --shard-size 1024 \
+  timeout 90 python3 -m sweep make-data "$runs/data" --image-size 256 --train-samples 16384 --shard-size 64 \
     --zeroshot-samples 40 --retrieval-images 10
+  shards="$runs/data/shards/train-{00000..00255}.tar"
+  tick "the loader alone: 224-px batches of 1024 into pinned memory, 8 workers, then as many as a run starts"
+  timeout 90 python3 - "$shards" <<'PY'
+import sys, time
+from sweep.data.sources import open_source
+from sweep.data.stream import Prefetched, StreamedBatches
+from sweep.train.step import gpu_workers
+for workers in (8, gpu_workers()):
+    loader = StreamedBatches(open_source("webdataset", sys.argv[1], "", "", ""), seed=0, stage=0, batch_size=1024,
+                             image_size=224, workers=workers, pin=True)
+    batches = Prefetched(loader)
+    batches.next_batch()  # the workers' start and first batch are left out
+    tic = time.perf_counter()
+    for _ in range(24):
+        batches.next_batch()
+    print(f"loader alone, workers {workers} ({loader.workers} started): "
+          f"{24 * 1024 / (time.perf_counter() - tic):.0f} samples/s")
+    batches.close()
+PY
+  timeout 40 python3 benchmarks/data_speed.py --sizes 224 --seconds 2
   tick "sweep train on the shards"
   timeout 120 python3 -m sweep train grids/gpu_check.yaml --out "$runs/files" --quiet --set dataset=webdataset \
-    --set "train_data=$runs/data/shards/train-{00000..00015}.tar"
+    --set "train_data=$shards"
   cp "$runs/files/result.json" "$out/train_files.json"
   python3 - "$out" <<'PY'
 import json, sys
 for name in ("memory", "files"):
-    r = json.load(open(f"{sys.argv[1]}/train_{name}.json"))
+    try:
+        r = json.load(open(f"{sys.argv[1]}/train_{name}.json"))
+    except FileNotFoundError:
+        continue
     c, batch = r["compute"], r["config"]["batch_size"]
     pre = c["stages"]["pretrain"]  # random 17 tokens: set its steady rate against gpu_speed's random 17 row
     steady = (pre["samples"] - batch) / (pre["train_seconds"] - pre["first_step_seconds"])

@@ -60,7 +60,7 @@ def test_a_gpu_run_leaves_one_of_its_cores_to_training_and_the_rest_to_loader_wo
     assert gpu_workers() == 2
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(96)))
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
-    assert gpu_workers() == 16  # an epoch keeps at most 16 busy
+    assert gpu_workers() == 16  # at most 16
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
     assert gpu_workers() == 1
 

@@ -4,8 +4,8 @@ A raw sample is (key, image file bytes or path, caption); nothing is decoded her
 `sweep.data.stream`; a source only answers "the samples of stream s of n in epoch e, in order":
 
 - shards: the epoch's shard order is a permutation drawn from (seed, stage, epoch); stream s reads shards
-  s, s+n, s+2n, ... of it, one after the other, and shuffles their samples through a buffer of SHUFFLE_BUFFER
-  (webdataset's recipe, so a shard is read sequentially, never seeked in);
+  s, s+n, s+2n, ... of it, one after the other, and shuffles their samples through a buffer of its share of
+  SHUFFLE_SAMPLES (webdataset's recipe, so a shard is read sequentially, never seeked in);
 - a table: the epoch is a permutation of all rows; stream s takes rows s, s+n, ...
 
 Both are pure functions of their arguments, so a stream can be restarted at any position and reproduce it.
@@ -27,7 +27,9 @@ from typing import BinaryIO, Iterator
 import numpy as np
 from braceexpand import braceexpand
 
-SHUFFLE_BUFFER = 1000  # samples per stream; with 16 streams of ~30 KB JPEGs, ~0.5 GB of loader memory
+# samples held by the shuffle buffers of all streams together, each stream's buffer an equal share (1,000 samples
+# each for 16 streams): ~0.5 GB of ~30 KB JPEGs in all, however many streams an epoch is split into
+SHUFFLE_SAMPLES = 16_000
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
 
@@ -163,10 +165,11 @@ class ShardSource:
     def stream(self, seed: int, stage: int, epoch: int, stream: int, streams: int) -> Iterator[RawSample]:
         order = epoch_order(len(self.shards), seed, stage, epoch)
         shuffle = rng_for(seed, stage, epoch, stream, 1)
+        size = max(1, SHUFFLE_SAMPLES // streams)
         buffer: list[RawSample] = []
         for index in order[stream::streams]:
             for sample in _with_error(self.shards[index]):
-                if len(buffer) < SHUFFLE_BUFFER:
+                if len(buffer) < size:
                     buffer.append(sample)
                     continue
                 # the draws depend only on how many samples came before, so a restart reproduces them

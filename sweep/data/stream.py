@@ -11,7 +11,10 @@ workers or the machine:
   two epochs, so no sample is ever dropped.
 
 Loader workers decode whole chunks (a worker owns the streams w, w+W, ...; its own order is the same (k, stream)
-rule, so chunks arrive almost in order) and the main process puts them back in order. The position of an epoch is
+rule, so chunks arrive almost in order) and the main process puts them back in order. Every stream advances at the
+same pace, so the loader is as fast as its busiest worker: a rank's streams are many (STREAMS in all, where the
+data has as many shards) so that they share out evenly among its workers, and the loader starts only as many workers
+as that pace needs (`loader_workers`). The position of an epoch is
 how many raw samples of each stream have gone into batches (`consumed`); a checkpoint holds it, and a restarted
 stream skips that many raw samples without decoding them and goes on. So a resumed run trains on exactly the
 batches an uninterrupted run trains on: no sample seen twice, none skipped.
@@ -46,10 +49,22 @@ from sweep.results import drop_inherited_locks
 if TYPE_CHECKING:
     from sweep.strategies.text import TextReducer
 
-STREAMS = 16  # logical streams per epoch (shards are shared among them; enough to keep 16 workers busy)
+# logical streams per epoch where the data allows (a shard is one stream's): 240 share out evenly among 1-6, 8, 10,
+# 12, 15 or 16 workers, and among 15 workers on each of 8 ranks (30 streams a rank)
+STREAMS = 240
 CHUNK = 32  # raw samples per chunk: the unit a loader worker decodes and hands over
 WARN_SKIPPED = 10  # the first this many skipped samples of a run are named on stderr
 SHARE_ABOVE = 1 << 20  # bytes of a chunk's images above which a worker hands them over as shared memory
+
+
+def loader_workers(workers: int, streams: int) -> int:
+    """The fewest loader processes that read `streams` streams as fast as `workers` would. The busiest worker owns
+    ceil(streams / workers) streams and sets the pace of all of them (16 streams on 15 workers: one owns two, so the
+    loader runs at the speed of 8 workers, and 8 are started)."""
+    if workers <= 0 or streams <= 0:
+        return 0
+    busiest = -(-streams // min(workers, streams))
+    return -(-streams // busiest)
 
 
 class Batch(NamedTuple):
@@ -163,13 +178,14 @@ class StreamedBatches:
                  ranks: int = 1, pin: bool = False):
         self.source, self.seed, self.stage, self.batch_size = source, seed, stage, batch_size
         self.text = text if text is not None and text.deterministic and not text.needs_pos else None
-        self.image_size, self.workers = image_size, workers
+        self.image_size = image_size
         self.epoch_samples = None if epoch_samples is None else epoch_samples // ranks  # this rank's share
         self.streams = min(max(STREAMS, ranks), source.max_streams)
         if self.streams < ranks:
             raise ValueError(f"the training data can be split into {source.max_streams} streams (one per shard), "
                              f"fewer than the run's {ranks} processes: use more, smaller shards")
         self.read = range(rank, self.streams, ranks)  # the streams of this rank
+        self.workers = loader_workers(workers, len(self.read))
         position = position or {}
         self.epoch: int = position.get("epoch", 0)
         self.consumed: list[int] = list(position.get("consumed") or [0] * self.streams)

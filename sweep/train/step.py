@@ -25,7 +25,6 @@ import torch
 from open_clip.loss import ClipLoss
 
 from sweep.config import RunConfig
-from sweep.data.stream import STREAMS
 from sweep.models import encode_image, encode_text
 from sweep.train.distributed import Distributed, local_device
 
@@ -60,10 +59,10 @@ def device_name(cfg: RunConfig) -> str:
 def gpu_workers() -> int:
     """Loader processes of a GPU run that leaves `workers` empty: the cores this process may use (its Slurm
     task's, or the node's shared by torchrun's LOCAL_WORLD_SIZE ranks) less one for the training process, at most
-    STREAMS (the most an epoch keeps busy). A 224-px training image costs a worker ~1.4 ms (data_speed.py), so one
-    H100 at 3,000-11,000 samples/s wants 5-16 of them."""
+    16. A 224-px training image costs a worker ~1.4 ms (data_speed.py), so one H100 at 3,000-11,000 samples/s
+    wants 5-16 of them. (The loader may start fewer: `sweep.data.stream.loader_workers`.)"""
     cores = len(os.sched_getaffinity(0)) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    return max(1, min(STREAMS, cores - 1))
+    return max(1, min(16, cores - 1))
 
 
 @dataclass(frozen=True)
