@@ -3,6 +3,7 @@
     python benchmarks/gpu_speed.py                       # ViT-B-16 and ViT-L-16 on cuda (planned to fit 8 min)
     python benchmarks/gpu_speed.py --models ViT-B-16 --tokens 17 --no-open-clip          # one length
     python benchmarks/gpu_speed.py --compile whole       # torch.compile of the whole encoders instead of blocks
+    python benchmarks/gpu_speed.py --profile             # also: where a step's time goes (GPU busy share, kernels)
     python benchmarks/gpu_speed.py --device cpu --models cpu-s --batch 64 --compile off  # a CPU smoke run
     python benchmarks/gpu_speed.py --json > gpu_speed.jsonl
 
@@ -163,6 +164,26 @@ def measure(bench: Bench, cells: list[tuple[str, int]], steps: int, emit=lambda 
     return rows
 
 
+def profile_cell(bench: Bench, strategy: str, tokens: int, steps: int = 3) -> dict:
+    """Where a compiled cell's step time goes: torch.profiler over `steps` steps (after one more warm step). On
+    CUDA, `gpu_busy` is the kernels' time over the wall time (below 1: the GPU waits for the host, i.e. per-step
+    overhead); the table (stderr) lists the operators and kernels that take the most."""
+    from torch.profiler import ProfilerActivity, profile
+    cuda = bench.device.type == "cuda"
+    bench.steps(strategy, tokens, 1)
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        seconds = bench.steps(strategy, tokens, steps)
+    averages = prof.key_averages()
+    sort = "self_device_time_total" if cuda else "self_cpu_time_total"
+    log(f"  profile {bench.name} {strategy} {tokens}: {1e3 * seconds / steps:.1f} ms per step (profiled)\n"
+        + averages.table(sort_by=sort, row_limit=12, max_name_column_width=60))
+    row = {"model": bench.name, "profiled": f"{strategy} {tokens}", "ms_per_step": round(1e3 * seconds / steps, 2)}
+    if cuda:
+        kernels_us = sum(getattr(e, "self_device_time_total", 0) for e in averages)
+        row["gpu_busy"] = round(kernels_us / 1e6 / seconds, 3)
+    return row
+
+
 def compare_open_clip(bench: Bench, batch: int, steps: int, workers: int, precision: str, tmp: Path) -> dict:
     full = bench.spec.image_tokens
     bench.step_fn.micro_batch_size = 0  # the batch rule at this batch
@@ -240,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-open-clip", action="store_true", help="skip the open_clip_train comparison")
     parser.add_argument("--open-clip-batch", type=int, default=256, help="batch of the comparison (default 256)")
     parser.add_argument("--workers", type=int, default=8, help="open_clip_train's loader processes (default 8)")
+    parser.add_argument("--profile", action="store_true", help="after the cells, profile the full length and "
+                        "`random` at the shortest length (GPU busy share of the step, top kernels on stderr)")
     parser.add_argument("--strict", action="store_true", help="exit 1 if a check fails")
     parser.add_argument("--json", action="store_true", help="one JSON object per row instead of a table")
     args = parser.parse_args(argv)
@@ -260,6 +283,14 @@ def main(argv: list[str] | None = None) -> int:
             emit = (lambda row: print(json.dumps(row), flush=True)) if args.json else (lambda row: None)
             rows += measure(bench, cells_for(spec, args.tokens or TOKENS[spec.scale]), args.steps, emit)
             cells_s = time.perf_counter() - tic
+            if args.profile:
+                shortest = min(args.tokens or TOKENS[spec.scale])
+                for strategy, tokens in (("none", spec.image_tokens), ("random", shortest)):
+                    bench.step_fn.micro_batch_size = 0
+                    row = profile_cell(bench, strategy, tokens)
+                    emit(row)
+                    if "gpu_busy" in row:
+                        log(f"  {name} {strategy} {tokens}: GPU busy {row['gpu_busy']:.0%} of the step")
             if not args.no_open_clip:
                 comparisons.append(compare_open_clip(bench, min(args.open_clip_batch, args.batch), args.steps,
                                                      args.workers, precision, Path(tmp)))

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The device check of the GPU issues, prepared for a lent GPU machine (two calls: `bench`, at most 6.5 minutes, then
+# The device check of the GPU issues, prepared for a lent GPU machine (two calls: `bench`, at most 7.5 minutes, then
 # `train`, at most 5, on the still-warm machine; `all` does both in one call where the time allows):
 #   1. benchmarks/gpu_speed.py: the compiled trainer step of ViT-B-16 and ViT-L-16 at every strategy and length with
 #      the batch rule, open_clip_train beside it (the issue's targets);
@@ -11,7 +11,7 @@
 # The machine has torch but not this project's other dependencies, and nothing can be fetched there: carry them
 # as wheels. Once, here (where pip reaches PyPI), in the repo root:
 #     echo /.whl/ >> .git/info/exclude; bash scripts/gpu_check.sh wheels
-# then run with the device tool: command `bash scripts/gpu_check.sh bench`, carry [".whl"], timeout_s 420; then the
+# then run with the device tool: command `bash scripts/gpu_check.sh bench`, carry [".whl"], timeout_s 450; then the
 # same with `train` and timeout_s 330. Every part has its own time limit and leaves what it measured in $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -41,9 +41,10 @@ tick() { echo "[$(date +%T)] $*"; }
 if [ "$part" = all ] || [ "$part" = bench ]; then
   # one model per process and time limit, so that an overrun of one leaves the other's rows
   tick "gpu_speed: ViT-B-16, with open_clip_train beside it"
-  timeout 220 python3 benchmarks/gpu_speed.py --models ViT-B-16 --json > "$out/gpu_speed.jsonl"
+  timeout 220 python3 benchmarks/gpu_speed.py --models ViT-B-16 --profile --json > "$out/gpu_speed.jsonl"
   tick "gpu_speed: ViT-L-16"
-  timeout 160 python3 benchmarks/gpu_speed.py --models ViT-L-16 --no-open-clip --json >> "$out/gpu_speed.jsonl"
+  timeout 200 python3 benchmarks/gpu_speed.py --models ViT-L-16 --no-open-clip --profile --json \
+    >> "$out/gpu_speed.jsonl"
   python3 - "$out/gpu_speed.jsonl" > "$out/gpu_speed.txt" <<'PY'
 import json, sys
 sys.path.insert(0, "benchmarks")
@@ -51,6 +52,9 @@ from gpu_speed import checks, print_table
 rows = [json.loads(line) for line in open(sys.argv[1])]
 cells, comparisons = [r for r in rows if "strategy" in r], [r for r in rows if "ours_over_open_clip" in r]
 print_table(cells, comparisons)
+for r in rows:
+    if "profiled" in r:
+        print(f"profile {r['model']} {r['profiled']}: {r['ms_per_step']} ms per step, GPU busy {r.get('gpu_busy')}")
 for ok, detail in checks(cells, comparisons):
     print("PASS" if ok else "FAIL", detail)
 PY
@@ -72,7 +76,7 @@ if [ "$part" = all ] || [ "$part" = train ] || [ "$part" = files ]; then
   shards="$runs/data/shards/train-{00000..00255}.tar"
   tick "the loader alone: 224-px batches of 1024 into pinned memory, 8 workers, then as many as a run starts"
   timeout 90 python3 - "$shards" <<'PY'
-import sys, time
+import resource, sys, time
 from sweep.data.sources import open_source
 from sweep.data.stream import Prefetched, StreamedBatches
 from sweep.train.step import gpu_workers
@@ -81,11 +85,14 @@ for workers in (8, gpu_workers()):
                              image_size=224, workers=workers, pin=True)
     batches = Prefetched(loader)
     batches.next_batch()  # the workers' start and first batch are left out
-    tic = time.perf_counter()
+    tic, cpu = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
     for _ in range(24):
         batches.next_batch()
-    print(f"loader alone, workers {workers} ({loader.workers} started): "
-          f"{24 * 1024 / (time.perf_counter() - tic):.0f} samples/s")
+    seconds, end = time.perf_counter() - tic, resource.getrusage(resource.RUSAGE_SELF)
+    # this process's CPU (its workers are children, not counted): the receiving thread, the main one only waits
+    receiving = end.ru_utime + end.ru_stime - cpu.ru_utime - cpu.ru_stime
+    print(f"loader alone, workers {workers} ({loader.workers} started): {24 * 1024 / seconds:.0f} samples/s; "
+          f"receiving {1e6 * receiving / (24 * 1024):.0f} us of CPU per sample")
     batches.close()
 PY
   timeout 40 python3 benchmarks/data_speed.py --sizes 224 --seconds 2

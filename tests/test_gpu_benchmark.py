@@ -12,8 +12,11 @@ from sweep.config import load_run_config  # noqa: E402
 
 def test_the_gpu_benchmark_measures_every_strategy_against_full_length_and_checks_the_targets(capsys):
     assert main(["--device", "cpu", "--models", "cpu-s", "--batch", "32", "--steps", "1", "--tokens", "17",
-                 "--compile", "off", "--no-open-clip", "--json"]) == 0
+                 "--compile", "off", "--no-open-clip", "--json", "--profile"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    profiles = [r for r in rows if "profiled" in r]  # where a step's time goes, at full length and the shortest
+    assert [p["profiled"] for p in profiles] == ["none 65", "random 17"] and all(p["ms_per_step"] > 0 for p in profiles)
+    rows = [r for r in rows if "profiled" not in r]
     assert [(r["strategy"], r["image_tokens"]) for r in rows] == [
         ("none", 65), ("random", 17), ("grid", 17), ("block", 17), ("resize", 17)]
     full = rows[0]

@@ -132,7 +132,8 @@ def read_shard(path: str) -> Iterator[RawSample]:
 
     key, files = None, {}
     try:
-        with open(path, "rb", buffering=1 << 20) as raw:
+        # a process may hold up to 240 shards open (one per stream it reads): 256 KiB of read buffer each
+        with open(path, "rb", buffering=1 << 18) as raw:
             f = gzip.open(raw) if raw.peek(2)[:2] == b"\x1f\x8b" else raw
             for name, data in tar_members(f):
                 directory, _, base = name.rpartition("/")

@@ -124,13 +124,16 @@ class EpochChunks(IterableDataset):
         info = get_worker_info()
         mine = self.read[info.id::info.num_workers] if info else self.read
         going = {s: self._chunks(s) for s in mine}
-        upcoming = {s: next(going[s]) for s in mine}
+        # the index of each stream's next chunk: a chunk is decoded only when its turn comes, not one per stream ahead
+        upcoming = {s: self.start[s] // CHUNK for s in mine}
         while upcoming:  # the epoch's own order: lowest chunk index first, then stream
-            s = min(upcoming, key=lambda s: (upcoming[s].index, s))
-            chunk = upcoming.pop(s)
+            s = min(upcoming, key=lambda s: (upcoming[s], s))
+            chunk = next(going[s])
             yield chunk
-            if not chunk.last:
-                upcoming[s] = next(going[s])
+            if chunk.last:
+                del upcoming[s]
+            else:
+                upcoming[s] = chunk.index + 1
 
     def _chunks(self, s: int) -> Iterator[Chunk]:
         raw = self.source.stream(self.seed, self.stage, self.epoch, s, self.streams)
