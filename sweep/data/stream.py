@@ -196,7 +196,8 @@ class StreamedBatches:
         self.skipped: int = position.get("skipped", 0)  # unusable samples passed over, all epochs
         if len(self.consumed) != self.streams:
             raise ValueError(f"the checkpoint's data position has {len(self.consumed)} streams, the data now gives "
-                             f"{self.streams}: the training set changed since the checkpoint")
+                             f"{self.streams}: the training set, or how this version splits an epoch into "
+                             "streams, changed since the checkpoint")
         self._chunks: EpochReader | None = None  # the current epoch's chunks, in order
         self._prefetched: EpochReader | None = None  # the next epoch's, started once the current one is read
         self._chunk: Chunk | None = None  # the chunk being taken from, and how many of its samples are taken
