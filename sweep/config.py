@@ -133,8 +133,9 @@ class RunConfig(Settings):
                                   "core the process may use, less one (at most 16); 0 on the CPU, whose cores the "
                                   "trainer's threads already use (a loader process beside them is slower than "
                                   "decoding between steps: benchmarks/files_speed.py). The data "
-                                  "order does not depend on it; an epoch has at most 16 streams (and one per "
-                                  "shard), so more workers than that stay idle.", operational=True, ge=0)
+                                  "order does not depend on it; an epoch has at most 240 streams (and one per "
+                                  "shard), and training starts only the workers its streams keep busy (16 "
+                                  "shards: at most 8).", operational=True, ge=0)
     log_every: int = setting(10, "Read the loss back from the device every this many steps (progress bar, loss "
                              "history, divergence check); reading it every step stalls a GPU.", operational=True,
                              ge=1)

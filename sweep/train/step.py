@@ -113,12 +113,17 @@ def compile_blocks(model: torch.nn.Module) -> None:
     against 17-35 s per shape for the whole model). What stays eager between the blocks (patch embedding, the
     kept-patch gather, pooling, the token embedding) is a few kernels per step. Evaluation runs eager
     (`eager()`): its shapes would only add compilations."""
-    # one cache entry per (tower, shape, grad mode): a run's two stages, micro-batch remainders and a no-grad pass
-    # for accumulation exceed the default of 8, after which dynamo would silently fall back to eager
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    allow_recompiles()
     for tower in (model.visual.transformer, model.transformer):
         for block in tower.resblocks:
             block.compile(dynamic=False)  # fixed shapes: each stage's shape is fixed, and static kernels are faster
+
+
+def allow_recompiles() -> None:
+    """Let a compiled module keep up to 64 graphs: one per (shape, grad mode), and a run's two stages, micro-batch
+    remainders and a no-grad pass for accumulation exceed the default of 8, after which dynamo would silently fall
+    back to eager."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
 
 
 def eager():
