@@ -4,9 +4,10 @@
 #   1. benchmarks/gpu_speed.py: the compiled trainer step of ViT-B-16 and ViT-L-16 at every strategy and length with
 #      the batch rule, open_clip_train beside it (the issue's targets);
 #   2. `sweep train grids/gpu_check.yaml` on the embedded data in memory (ViT-B-16, 224 px, random 17 tokens);
-#   3. the same run on webdataset shards of 256-px JPEGs (`sweep make-data`): the loader's rate against 2.
+#   3. the same run on webdataset shards of 256-px JPEGs (`sweep make-data`): the loader's rate against 2, with the
+#      JPEGs decoded by the loader workers and on the GPU (`decode: device`; benchmarks/decode_speed.py beside it).
 # (`files`: part 3 alone.) Outputs go to $OUT (or ./gpu_check_out): gpu_speed.txt, gpu_speed.jsonl,
-# train_memory.json, train_files.json, log.txt. First run on one H100: benchmarks/README.md (bench 313 s, train 135 s).
+# train_memory.json, train_files.json, train_files_device.json, log.txt. First run on one H100: benchmarks/README.md (bench 313 s, train 135 s).
 #
 # The machine has torch but not this project's other dependencies, and nothing can be fetched there: carry them
 # as wheels. Once, here (where pip reaches PyPI), in the repo root:
@@ -74,35 +75,20 @@ if [ "$part" = all ] || [ "$part" = train ] || [ "$part" = files ]; then
   timeout 90 python3 -m sweep make-data "$runs/data" --image-size 256 --train-samples 16384 --shard-size 64 \
     --zeroshot-samples 40 --retrieval-images 10
   shards="$runs/data/shards/train-{00000..00255}.tar"
-  tick "the loader alone: 224-px batches of 1024 into pinned memory, 8 workers, then as many as a run starts"
-  timeout 90 python3 - "$shards" <<'PY'
-import resource, sys, time
-from sweep.data.sources import open_source
-from sweep.data.stream import Prefetched, StreamedBatches
-from sweep.train.step import gpu_workers
-for workers in (8, gpu_workers()):
-    loader = StreamedBatches(open_source("webdataset", sys.argv[1], "", "", ""), seed=0, stage=0, batch_size=1024,
-                             image_size=224, workers=workers, pin=True)
-    batches = Prefetched(loader)
-    batches.next_batch()  # the workers' start and first batch are left out
-    tic, cpu = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
-    for _ in range(24):
-        batches.next_batch()
-    seconds, end = time.perf_counter() - tic, resource.getrusage(resource.RUSAGE_SELF)
-    # this process's CPU (its workers are children, not counted): the receiving thread, the main one only waits
-    receiving = end.ru_utime + end.ru_stime - cpu.ru_utime - cpu.ru_stime
-    print(f"loader alone, workers {workers} ({loader.workers} started): {24 * 1024 / seconds:.0f} samples/s; "
-          f"receiving {1e6 * receiving / (24 * 1024):.0f} us of CPU per sample")
-    batches.close()
-PY
+  tick "decode_speed: decoding in the loader workers against on the GPU (worker, trainer, loader alone)"
+  timeout 120 python3 benchmarks/decode_speed.py --sizes 224 64 --seconds 2
   timeout 40 python3 benchmarks/data_speed.py --sizes 224 --seconds 2
   tick "sweep train on the shards"
   timeout 120 python3 -m sweep train grids/gpu_check.yaml --out "$runs/files" --quiet --set dataset=webdataset \
     --set "train_data=$shards"
   cp "$runs/files/result.json" "$out/train_files.json"
+  tick "sweep train on the shards, JPEGs decoded on the GPU (decode: device)"
+  timeout 120 python3 -m sweep train grids/gpu_check.yaml --out "$runs/files_device" --quiet \
+    --set dataset=webdataset --set "train_data=$shards" --set decode=device
+  cp "$runs/files_device/result.json" "$out/train_files_device.json"
   python3 - "$out" <<'PY'
 import json, sys
-for name in ("memory", "files"):
+for name in ("memory", "files", "files_device"):
     try:
         r = json.load(open(f"{sys.argv[1]}/train_{name}.json"))
     except FileNotFoundError:
@@ -112,7 +98,8 @@ for name in ("memory", "files"):
     steady = (pre["samples"] - batch) / (pre["train_seconds"] - pre["first_step_seconds"])
     print(f"{name}: {r['status']}; pre-training {steady:.0f} samples/s after its first step "
           f"({pre['first_step_seconds']:.1f} s), {c['samples_per_second']} over both stages with every first step; "
-          f"workers {c.get('workers')}, {c['device']} {c['precision']} compiled {c['compiled']}, "
+          f"workers {c.get('workers')}, decode {r['config'].get('decode')}, {c['device']} {c['precision']} "
+          f"compiled {c['compiled']}, "
           f"micro-batches {pre['micro_batch_size']} / {c['stages']['finetune']['micro_batch_size']}; "
           f"fine-tuned i2t_r1 {r['metrics']['finetune']['i2t_r1']:.1f}")
 PY

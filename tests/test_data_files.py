@@ -19,6 +19,7 @@ from PIL import Image
 from sweep.cli import main
 from sweep.config import ConfigError, config_from_dict
 from sweep.data.evalsets import read_retrieval, read_zeroshot, retrieval_metrics, zeroshot_metrics
+from sweep.data import images as images_module
 from sweep.data.generate import jpeg, make_data
 from sweep.data.images import BadImage, crop_box, draft_need, draft_scale, load_image
 from sweep.data.sources import RawSample, ShardSource, expand_paths, open_source, read_shard
@@ -293,6 +294,85 @@ def test_batches_are_the_same_whether_the_loader_works_in_process_or_in_workers(
         assert a.keys == b.keys and a.images.shape == (48, 3, size, size) and torch.equal(a.images, b.images)
 
 
+class Mixed:
+    """Samples of every kind a loader may meet, in one stream: JPEGs (colour, grey, progressive), a PNG, a CMYK
+    JPEG, a truncated JPEG and one whose entropy-coded data is damaged but that PIL still decodes."""
+
+    def __init__(self):
+        rng = np.random.default_rng(0)  # a smooth picture: resamplers differ most on noise
+        photo = np.asarray(Image.fromarray((rng.random((5, 7, 3)) * 255).astype(np.uint8)).resize((56, 40)))
+
+        def saved(image, fmt, **options):
+            buf = io.BytesIO()
+            image.save(buf, fmt, **options)
+            return buf.getvalue()
+
+        jpeg_file = saved(Image.fromarray(photo), "JPEG", quality=90)
+        damaged = bytearray(jpeg_file)
+        damaged[len(damaged) // 2:len(damaged) // 2 + 8] = b"\xff\x00" * 4
+        self.files = [jpeg_file, saved(Image.fromarray(photo[:, :, 0]), "JPEG"),
+                      saved(Image.fromarray(photo), "JPEG", progressive=True), saved(Image.fromarray(photo), "PNG"),
+                      saved(Image.fromarray(photo).convert("CMYK"), "JPEG"), jpeg_file[:len(jpeg_file) // 3],
+                      bytes(damaged)]
+
+    max_streams = 1
+
+    def stream(self, seed, stage, epoch, stream, streams):
+        for i in range(3 * len(self.files)):
+            yield RawSample(str(i), self.files[i % len(self.files)], ("a caption",))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_decoding_on_the_device_uses_the_same_samples_in_the_same_order_with_nearly_the_same_pixels(demo, workers):
+    """`decode: device` (here the CPU stands in for the device): the loader leaves JPEGs to the trainer's process,
+    which decodes a batch at once. Samples, order, skipped count and position are those of decoding in the workers,
+    so a run may resume from one with the other; corrupt files are still found by the workers."""
+    source = open_source("webdataset", shards(demo), "filepath", "title", "\t")
+
+    def batches(decode_on, position=None, workers=workers):
+        return StreamedBatches(source, seed=2, stage=0, batch_size=96, image_size=48, workers=workers,
+                               decode_on=decode_on, position=position)
+
+    steps = 2 * (TRAIN - CORRUPT) // 96 + 1  # two epochs and a little: corrupt files met more than once
+    by_workers, on_device = batches(None), batches("cpu")
+    for _ in range(steps):
+        a, b = by_workers.next_batch(), on_device.next_batch()
+        assert a.keys == b.keys and a.captions == b.captions and b.images.shape == a.images.shape
+        assert b.images.dtype == torch.uint8 and (a.images.float() - b.images.float()).abs().mean() < 1
+    assert on_device.position() == by_workers.position() and on_device.skipped == by_workers.skipped >= 2 * CORRUPT
+    resumed = batches(None, json.loads(json.dumps(on_device.position())), workers=0)
+    assert keys_of(resumed, 3) == keys_of(by_workers, 3)
+    for loader in (by_workers, on_device):
+        loader.close()
+
+    mixed = {decode: StreamedBatches(Mixed(), seed=0, stage=0, batch_size=9, image_size=32, workers=workers,
+                                     decode_on=decode) for decode in (None, "cpu")}
+    for _ in range(2):
+        a, b = mixed[None].next_batch(), mixed["cpu"].next_batch()
+        assert a.keys == b.keys and (a.images.float() - b.images.float()).abs().mean() < 2
+    # all 21 samples read: the truncated file skipped 3 times; the damaged one decodes, by the workers either way
+    assert mixed[None].skipped == mixed["cpu"].skipped == 3
+    # JPEG, grey, progressive: left to the device; PNG, CMYK, damaged: decoded by the workers
+    assert mixed["cpu"]._chunk.deferred.tolist() == ([True] * 3 + [False] * 3) * 3
+
+
+def test_a_file_the_devices_decoder_refuses_is_decoded_by_pil_and_the_batch_goes_on(monkeypatch):
+    files = Mixed().files
+    good = [torch.frombuffer(bytearray(f), dtype=torch.uint8) for f in (files[0], files[1], files[2])]
+    boxes = torch.tensor([[0.0, 0.0, 56.0, 40.0], [4.0, 2.0, 44.0, 38.0], [10.5, 3.25, 50.0, 39.5]])
+    expected = images_module.decode_crops(good, boxes, 24, "cpu")
+    real = images_module.decode_jpeg
+
+    def refuses_the_grey_one(data, **options):
+        if isinstance(data, list) and any(d.shape == good[1].shape for d in data) or \
+                not isinstance(data, list) and data.shape == good[1].shape:
+            raise RuntimeError("nvjpeg: unsupported")
+        return real(data, **options)
+
+    monkeypatch.setattr(images_module, "decode_jpeg", refuses_the_grey_one)
+    assert torch.equal(images_module.decode_crops(good, boxes, 24, "cpu"), expected)
+
+
 def test_a_thread_ahead_of_training_hands_out_the_same_batches_and_resumes_where_training_stopped(demo):
     """A GPU run receives batches in a thread that runs ahead: the batches are the loader's, the position is where
     the trainer is (not the thread), and closing it stops the thread and the loader workers."""
@@ -383,6 +463,7 @@ def test_retrieval_sets_from_a_table_and_from_shards_agree(demo):
     ({"eval_sets": [{"name": "a", "type": "zeroshot", "data": "DIR", "zeroshot_classnames": "none.txt"}]},
      "eval_sets.0.zeroshot_classnames"),
     ({"eval_embedded": False}, "eval_sets"),
+    ({"decode": "gpu"}, "decode"),
 ])
 def test_data_settings_that_cannot_work_fail_at_load_naming_the_field(demo, settings, field):
     raw = json.loads(json.dumps(settings).replace("TSV", str(demo / "train.tsv")).replace("DIR", str(demo)))
@@ -419,10 +500,10 @@ def run_config(demo, tmp_path, **settings):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dataset", ["webdataset", "csv"])
-def test_a_run_on_files_reports_every_evaluation_set_and_counts_corrupt_images(demo, tmp_path, dataset):
+@pytest.mark.parametrize("dataset, decode", [("webdataset", "workers"), ("csv", "device")])
+def test_a_run_on_files_reports_every_evaluation_set_and_counts_corrupt_images(demo, tmp_path, dataset, decode):
     train_data = shards(demo) if dataset == "webdataset" else str(demo / "train.tsv")
-    config = run_config(demo, tmp_path, dataset=dataset, train_data=train_data)
+    config = run_config(demo, tmp_path, dataset=dataset, train_data=train_data, decode=decode)
     assert main(["train", str(config), "--out", str(tmp_path / "run"), "--quiet"]) == 0
     record = read_record(tmp_path / "run")
     assert record.status == "completed"
@@ -440,6 +521,7 @@ def test_a_run_on_files_reports_every_evaluation_set_and_counts_corrupt_images(d
         k.replace("cocoshards_", "coco_"): v for k, v in full.values().items() if k.startswith("cocoshards_")}
     # 1280 samples: two epochs of 596 usable pairs, then 88 of the third: each corrupt one met twice or three times
     assert 2 * CORRUPT <= record.compute.stages["pretrain"].skipped_samples <= 3 * CORRUPT
+    assert record.compute.stages["pretrain"].loader_workers == record.compute.workers == 1
 
 
 @pytest.mark.slow

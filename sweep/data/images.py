@@ -15,9 +15,16 @@ scaling of libjpeg, PIL's `draft`). The crop is chosen first, in fractions of th
 decoded at the smallest scale that still gives the crop at least DRAFT_SLACK x `size` pixels on each side (so a
 draft is up-sampled by at most ~11%, the difference between a 0.9-area crop and the whole image). A 256-px JPEG
 going to 64 px (the `resize` strategy at 17 tokens, patch 16) decodes at 64 px instead of 256.
+
+Decoding on the trainer's device (the setting `decode: device`): a loader worker only checks a JPEG and draws its
+crop (`jpeg_crop`, ~40 us for a 256-px file instead of ~1.1 ms to decode and resample it at 224 px) and hands over the
+file, ~5-30 KB instead of 150 KB of pixels; the trainer decodes a batch of files at once (`decode_crops`: nvJPEG on a
+CUDA device). The check decodes the whole file with libjpeg at 1/8 scale, so a sample is usable or skipped exactly as
+when workers decode it; only the resample differs (roi_align's, see `decode_crops`).
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import random
@@ -27,7 +34,10 @@ from typing import Union
 
 import numpy as np
 import simplejpeg
+import torch
 from PIL import Image
+from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.ops import roi_align
 
 # anything with uniform(low, high): random.Random (the loader's, cheap to seed per sample) or a numpy Generator
 Random = Union[random.Random, np.random.Generator]
@@ -35,6 +45,7 @@ Random = Union[random.Random, np.random.Generator]
 TRAIN_SCALE = (0.9, 1.0)  # open_clip_train's RandomResizedCrop scale
 TRAIN_RATIO = (3 / 4, 4 / 3)
 DRAFT_SLACK = 0.9
+ROI_IMAGES = 256  # decoded images resampled at once on a device: 256 256-px images are 200 MB as floats
 
 
 class BadImage(ValueError):
@@ -114,3 +125,57 @@ def load_image(file: bytes | str | Path, size: int, rng: Random | None = None, *
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombWarning, Image.DecompressionBombError) as err:
         raise BadImage(f"{type(err).__name__}: {err}") from None
     return np.asarray(img)
+
+
+def jpeg_crop(data: bytes, rng: Random) -> tuple[float, float, float, float] | None:
+    """The training crop (left, top, right, bottom, in pixels) of a JPEG that `decode_crops` can decode later, drawn
+    from `rng` as `load_image` draws it; None for a file `load_image` must handle: not a YCbCr or grey JPEG, over
+    PIL's pixel limit, or damaged. Damage is found as `load_image` finds it: libjpeg decodes the whole file, at 1/8
+    scale (the entropy-coded data is read in full at any scale)."""
+    try:
+        height, width, colours, _ = simplejpeg.decode_jpeg_header(data)
+        if colours not in ("YCbCr", "Gray") or width * height > Image.MAX_IMAGE_PIXELS:
+            return None
+        simplejpeg.decode_jpeg(data, "RGB", min_width=math.ceil(width / 8), min_height=math.ceil(height / 8))
+    except ValueError:
+        return None
+    left, top, right, bottom = crop_box(rng, width, height)
+    return left * width, top * height, right * width, bottom * height
+
+
+def decode_crops(files: list[torch.Tensor], boxes: torch.Tensor, size: int,
+                 device: torch.device | str) -> torch.Tensor:
+    """JPEG files (1-D uint8 tensors in host memory) decoded on `device` (nvJPEG on a CUDA device, libjpeg-turbo on
+    the CPU), and the crop `boxes[i]` (pixels, from `jpeg_crop`) of each resampled to size x size: uint8
+    [len(files), 3, size, size] on `device`.
+
+    The resample is roi_align's: bilinear samples, ceil(crop side / size) of them each way averaged into an output
+    pixel (an area filter when shrinking, hence no aliasing at 64 px). Against PIL's bicubic in `load_image` the
+    pixels differ by 0.16 levels on average at 224 px and 0.46 at 64 px (synthetic scenes, 256-px files)."""
+    device = torch.device(device)
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        try:
+            decoded = decode_jpeg(files, mode=ImageReadMode.RGB, device=device)
+        except RuntimeError:  # a file the device's decoder refuses fails the batch: one at a time, then PIL
+            decoded = [_decode_one(file, device) for file in files]
+        out = torch.empty((len(files), 3, size, size), dtype=torch.uint8, device=device)
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for i, image in enumerate(decoded):
+            by_shape.setdefault(tuple(image.shape), []).append(i)
+        for group in by_shape.values():  # images of one shape are resampled together
+            for first in range(0, len(group), ROI_IMAGES):
+                part = group[first:first + ROI_IMAGES]
+                images = torch.stack([decoded[i] for i in part]).float()
+                rois = torch.cat([torch.arange(len(part), dtype=torch.float32).unsqueeze(1),
+                                  boxes[part].float()], dim=1).to(device)
+                crops = roi_align(images, rois, size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+                out[torch.tensor(part, device=device)] = crops.round_().clamp_(0, 255).to(torch.uint8)
+    return out
+
+
+def _decode_one(file: torch.Tensor, device: torch.device) -> torch.Tensor:
+    try:
+        return decode_jpeg(file, mode=ImageReadMode.RGB, device=device)
+    except RuntimeError:  # libjpeg decoded it in the worker (jpeg_crop): so does PIL's
+        image = Image.open(io.BytesIO(file.numpy().tobytes())).convert("RGB")
+        return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).to(device)

@@ -140,10 +140,11 @@ class InMemoryBatches:
 
 def training_batches(cfg: RunConfig, stage: str, data: Data | None, state: TrainState,
                      text: TextReducer | None = None, here: Distributed = Distributed(), workers: int = 0,
-                     gpu: bool = False) -> InMemoryBatches | StreamedBatches | Prefetched:
+                     device: torch.device = torch.device("cpu")) -> InMemoryBatches | StreamedBatches | Prefetched:
     """Where this rank's batches of a stage come from: its rows of the embedded pool's batches, or its streams of
     the files, streamed from `state.data` on (their captions tokenised by the loader workers where `text`
-    allows; for a `gpu` run received by a thread of their own, into pinned memory)."""
+    allows; their JPEGs decoded on `device` with `decode: device`; for a GPU run received by a thread of their
+    own, into pinned memory)."""
     if cfg.dataset == "synthetic":
         return InMemoryBatches(data, cfg.seed, stage, cfg.batch_size, state.step, here.rows(cfg.batch_size))
     positions = state.data or [None] * here.world_size
@@ -159,8 +160,9 @@ def training_batches(cfg: RunConfig, stage: str, data: Data | None, state: Train
     batches = StreamedBatches(source, seed=cfg.seed, stage=STAGE_IDS[stage],
                               batch_size=cfg.batch_size // here.world_size, image_size=size, workers=workers,
                               epoch_samples=cfg.train_num_samples, position=positions[here.rank], text=text,
-                              rank=here.rank, ranks=here.world_size, pin=gpu)
-    return Prefetched(batches) if gpu else batches
+                              rank=here.rank, ranks=here.world_size, pin=device.type == "cuda",
+                              decode_on=device if cfg.decode == "device" else None)
+    return Prefetched(batches) if device.type == "cuda" else batches
 
 
 def train_stage(model, encoders, cfg: RunConfig, runtime: Runtime, here: Distributed, stage: str, data: Data | None,
@@ -185,10 +187,12 @@ def train_stage(model, encoders, cfg: RunConfig, runtime: Runtime, here: Distrib
     else:
         state.stage, state.step, state.data = stage, 0, None
     step_fn = ContrastiveStep(model, optimizer, runtime, cfg.micro_batch_size, cfg.grad_clip, here, encoders)
-    batches = training_batches(cfg, stage, data, state, text, here, runtime.workers, runtime.device.type == "cuda")
+    batches = training_batches(cfg, stage, data, state, text, here, runtime.workers, runtime.device)
     rows = here.rows(cfg.batch_size)  # this rank's rows of every batch
     batches.start()  # the loader workers start decoding before the clock starts
     stats = state.compute.setdefault(stage, {"train_seconds": 0.0})
+    if cfg.dataset != "synthetic":  # the loader processes it started: as many as its streams keep busy
+        stats["loader_workers"] = batches.workers
     # every step of a stage has the same shapes, hence the same FLOPs
     stats["flops_per_step"] = step_flops(cfg.model, image_strategy, image_tokens, text_tokens, cfg.batch_size)
     losses = state.losses.setdefault(stage, [])
