@@ -56,13 +56,14 @@ import torch  # noqa: E402
 from benchmarks.token_speed import open_clip_speed  # noqa: E402
 from sweep.config import RunConfig  # noqa: E402
 from sweep.data.synthetic import image_caption_pairs  # noqa: E402
-from sweep.flops import step_flops  # noqa: E402
+from sweep.flops import step_flops, tower_flops  # noqa: E402
 from sweep.models import MODELS, build_model  # noqa: E402
 from sweep.strategies.image import IMAGE_STRATEGIES, reduce_images  # noqa: E402
 from sweep.train.loop import Pixels  # noqa: E402
 from sweep.train.step import ContrastiveStep, Runtime, allow_recompiles, compile_blocks, make_optimizer  # noqa: E402
 
 TOKENS = {"paper": [101, 50, 17], "cpu": [50, 17]}
+PHASES = ("vision forward", "text forward", "backward", "optimizer")  # sweep.train.step's named ranges
 TARGETS = {17: 0.85, 50: 0.9}  # image tokens -> the efficiency every strategy must reach there
 OPEN_CLIP_TARGET = 1.3
 LR = 1e-4  # the value does not change a step's cost; a small one keeps repeated steps on two batches finite
@@ -181,6 +182,18 @@ def profile_cell(bench: Bench, strategy: str, tokens: int, steps: int = 3) -> di
     if cuda:
         kernels_us = sum(getattr(e, "self_device_time_total", 0) for e in averages)
         row["gpu_busy"] = round(kernels_us / 1e6 / seconds, 3)
+    # the step's named ranges (sweep.train.step): their kernels' time (on the CPU, their CPU time), per step, and
+    # the forward passes' delivered TFLOP/s (a third of each tower's forward + backward count; a step that
+    # accumulates runs every forward twice, once without gradients)
+    phases = {e.key: (e.device_time_total if cuda else e.cpu_time_total) / 1e3 / steps for e in averages
+              if e.key in PHASES}
+    row["phase_ms"] = {name: round(phases[name], 2) for name in PHASES if name in phases}
+    vision, text = tower_flops(bench.name, strategy, tokens, bench.spec.text_tokens)
+    passes = 1 if bench.micro() >= bench.batch else 2
+    forward = {"vision forward": passes * vision / 3, "text forward": passes * text / 3}
+    row["forward_tflops"] = {name: float(f"{bench.batch * flops / (phases[name] / 1e3) / 1e12:.3g}")
+                             for name, flops in forward.items() if phases.get(name)}
+    log(f"  phases (ms per step): {row['phase_ms']}; forward TFLOP/s: {row['forward_tflops']}")
     return row
 
 

@@ -23,10 +23,15 @@ def step_flops(model: str, image_strategy: str, image_tokens: int, text_tokens: 
     Each tower costs the same per sample whatever the batch and the other tower; the loss's B x B similarities
     do not: each part is counted once (a tower at one sample per model and shape, the loss per width and batch) and
     the parts are added, which is exactly the count of the whole step and keeps `sweep plan` of a large grid fast."""
+    return batch * sum(tower_flops(model, image_strategy, image_tokens, text_tokens)) + _loss_flops(model, batch)
+
+
+def tower_flops(model: str, image_strategy: str, image_tokens: int, text_tokens: int) -> tuple[int, int]:
+    """FLOPs of one sample through the vision tower and through the text tower, forward and backward."""
     strategy = IMAGE_STRATEGIES[image_strategy]
     side = side_of(image_tokens) if not strategy.masks else MODELS[model].grid  # masking keeps the full image
     kept = image_tokens - 1 if strategy.masks else None
-    return batch * (_vision_flops(model, side, kept) + _text_flops(model, text_tokens)) + _loss_flops(model, batch)
+    return _vision_flops(model, side, kept), _text_flops(model, text_tokens)
 
 
 @functools.lru_cache(maxsize=None)

@@ -16,6 +16,10 @@ def test_the_gpu_benchmark_measures_every_strategy_against_full_length_and_check
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     profiles = [r for r in rows if "profiled" in r]  # where a step's time goes, at full length and the shortest
     assert [p["profiled"] for p in profiles] == ["none 65", "random 17"] and all(p["ms_per_step"] > 0 for p in profiles)
+    for p in profiles:  # the step's named ranges, and the towers' forward rates
+        assert set(p["phase_ms"]) == {"vision forward", "text forward", "backward", "optimizer"}
+        assert all(ms > 0 for ms in p["phase_ms"].values()) and all(t > 0 for t in p["forward_tflops"].values())
+    assert profiles[0]["phase_ms"]["vision forward"] > profiles[1]["phase_ms"]["vision forward"]  # 65 vs 17 tokens
     rows = [r for r in rows if "profiled" not in r]
     assert [(r["strategy"], r["image_tokens"]) for r in rows] == [
         ("none", 65), ("random", 17), ("grid", 17), ("block", 17), ("resize", 17)]

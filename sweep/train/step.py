@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 from open_clip.loss import ClipLoss
+from torch.profiler import record_function
 
 from sweep.config import RunConfig
 from sweep.models import encode_image, encode_text
@@ -140,7 +141,11 @@ class Encoders(torch.nn.Module):
 
     def forward(self, images: torch.Tensor, keep: torch.Tensor | None, tokens: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        return encode_image(self.model, images, keep), encode_text(self.model, tokens)
+        # named ranges, so that a profile (benchmarks/gpu_speed.py --profile) can say where a step's time goes
+        with record_function("vision forward"):
+            image_features = encode_image(self.model, images, keep)
+        with record_function("text forward"):
+            return image_features, encode_text(self.model, tokens)
 
 
 class ContrastiveStep:
@@ -184,7 +189,8 @@ class ContrastiveStep:
             with self.runtime.autocast():
                 image_f, text_f = self.encoders(images, keep, tokens)
                 loss = self.loss_fn(image_f, text_f, model.logit_scale.exp())
-            loss.backward()  # under DDP: the gradients are averaged over ranks as they are computed
+            with record_function("backward"):
+                loss.backward()  # under DDP: the gradients are averaged over ranks as they are computed
         else:
             parts = [slice(i, min(i + size, batch)) for i in range(0, batch, size)]
             cut = lambda part: (images[part], None if keep is None else keep[part], tokens[part])  # noqa: E731
@@ -205,9 +211,10 @@ class ContrastiveStep:
                         # the last pass, the one DDP averages)
                         loss = self.loss_fn(all_image, all_text, scale if i == last else scale.detach())
                     loss.backward()
-        if self.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), self.grad_clip)
-        self.optimizer.step()
+        with record_function("optimizer"):
+            if self.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), self.grad_clip)
+            self.optimizer.step()
         with torch.no_grad():  # CLIP caps the temperature at 100
             model.logit_scale.clamp_(0, math.log(100))
         return self.here.mean(loss.detach())  # each rank's loss is over its rows; their mean is the batch's
