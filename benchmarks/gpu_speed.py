@@ -3,6 +3,7 @@
     python benchmarks/gpu_speed.py                       # ViT-B-16 and ViT-L-16 on cuda (planned to fit 8 min)
     python benchmarks/gpu_speed.py --models ViT-B-16 --tokens 17 --no-open-clip          # one length
     python benchmarks/gpu_speed.py --compile whole       # torch.compile of the whole encoders instead of blocks
+    python benchmarks/gpu_speed.py --models ViT-B-16 --tokens 17 --strategies random --no-open-clip  # one cell
     python benchmarks/gpu_speed.py --profile             # also: where a step's time goes (GPU busy share, kernels)
     python benchmarks/gpu_speed.py --device cpu --models cpu-s --batch 64 --compile off  # a CPU smoke run
     python benchmarks/gpu_speed.py --json > gpu_speed.jsonl
@@ -125,11 +126,12 @@ class Bench:
         return self.step_fn.micro_batch_size or self.batch
 
 
-def cells_for(spec, tokens: list[int]) -> list[tuple[str, int]]:
+def cells_for(spec, tokens: list[int], strategies: list[str] | None = None) -> list[tuple[str, int]]:
+    """Full length first (every speedup is against it), then each strategy (all, or `strategies`) at each length."""
     cells = [("none", spec.image_tokens)]
     for k in tokens:
         cells += [(s, k) for s, st in IMAGE_STRATEGIES.items()
-                  if s != "none" and k in st.allowed_tokens(spec.grid)]
+                  if s != "none" and (strategies is None or s in strategies) and k in st.allowed_tokens(spec.grid)]
     return cells
 
 
@@ -265,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", default=["ViT-B-16", "ViT-L-16"], choices=list(MODELS))
     parser.add_argument("--tokens", nargs="+", type=int, help="reduced image lengths (default: 101 50 17 for "
                         "paper sizes, 50 17 for cpu sizes)")
+    parser.add_argument("--strategies", nargs="+", choices=[s for s in IMAGE_STRATEGIES if s != "none"],
+                        help="reduction strategies of the reduced lengths (default: every one)")
     parser.add_argument("--batch", type=int, default=1024, help="global batch of every cell (default 1024)")
     parser.add_argument("--steps", type=int, default=8, help="timed steps per cell (default 8)")
     parser.add_argument("--device", default="cuda", help="cuda (default), cuda:N or cpu")
@@ -294,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"compile {args.compile}")
             bench = Bench(name, args.batch, device, precision, args.compile)
             emit = (lambda row: print(json.dumps(row), flush=True)) if args.json else (lambda row: None)
-            rows += measure(bench, cells_for(spec, args.tokens or TOKENS[spec.scale]), args.steps, emit)
+            rows += measure(bench, cells_for(spec, args.tokens or TOKENS[spec.scale], args.strategies), args.steps,
+                            emit)
             cells_s = time.perf_counter() - tic
             if args.profile:
                 shortest = min(args.tokens or TOKENS[spec.scale])

@@ -6,14 +6,17 @@
 #   2. `sweep train grids/gpu_check.yaml` on the embedded data in memory (ViT-B-16, 224 px, random 17 tokens);
 #   3. the same run on webdataset shards of 256-px JPEGs (`sweep make-data`): the loader's rate against 2, with the
 #      JPEGs decoded by the loader workers and on the GPU (`decode: device`; benchmarks/decode_speed.py beside it).
-# (`files`: part 3 alone.) Outputs go to $OUT (or ./gpu_check_out): gpu_speed.txt, gpu_speed.jsonl,
-# train_memory.json, train_files.json, train_files_device.json, log.txt. First run on one H100: benchmarks/README.md (bench 313 s, train 135 s).
+# (`files`: part 3 alone; `explore`: ViT-B-16 at 17 tokens compiled whole, see below.) Outputs go to $OUT (or
+# ./gpu_check_out): gpu_speed.txt, gpu_speed.jsonl, train_memory.json, train_files.json, train_files_device.json,
+# gpu_speed_whole.txt, log.txt. First run on one H100: benchmarks/README.md (bench 313 s; train 135 s, before part 3
+# also ran with decode: device).
 #
 # The machine has torch but not this project's other dependencies, and nothing can be fetched there: carry them
 # as wheels. Once, here (where pip reaches PyPI), in the repo root:
 #     echo /.whl/ >> .git/info/exclude; bash scripts/gpu_check.sh wheels
 # then run with the device tool: command `bash scripts/gpu_check.sh bench`, carry [".whl"], timeout_s 450; then the
-# same with `train` and timeout_s 330. Every part has its own time limit and leaves what it measured in $OUT.
+# same with `train` and timeout_s 330 (and, if ~4.5 minutes are left, `explore` with timeout_s 270). Every part has
+# its own time limit and leaves what it measured in $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -61,6 +64,14 @@ for ok, detail in checks(cells, comparisons):
     print("PASS" if ok else "FAIL", detail)
 PY
   cat "$out/gpu_speed.txt"
+fi
+
+if [ "$part" = explore ]; then
+  # a third call where the budget leaves ~4.5 minutes: does compiling the encoders whole (one graph per shape, not
+  # one per block) lift ViT-B-16 at 17 tokens? Set it against bench's blocks rows of the same machine
+  tick "gpu_speed: ViT-B-16 full length and random 17, the encoders compiled whole, profiled"
+  timeout 240 python3 benchmarks/gpu_speed.py --models ViT-B-16 --tokens 17 --strategies random --compile whole \
+    --no-open-clip --profile | tee "$out/gpu_speed_whole.txt"
 fi
 
 runs=$(mktemp -d)
