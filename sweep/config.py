@@ -138,7 +138,7 @@ class RunConfig(Settings):
                                   "shards: at most 8).", operational=True, ge=0)
     decode: str = setting("workers", "Where training JPEGs from files are decoded: workers (the loader processes, "
                           "PIL's bicubic crop) or device (the run's device, a batch at once: nvJPEG on a GPU; the "
-                          "workers only check each file and draw its crop, ~1/30 of their CPU at 224 px, and hand "
+                          "workers only check each file and draw its crop, 5.5x less of their CPU at 224 px, and hand "
                           "over the file, not its pixels; roi_align's resample). The samples used and their order "
                           "are the same either way; the pixels differ slightly (0.2 levels on average at 224 px).",
                           operational=True)

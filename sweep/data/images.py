@@ -17,10 +17,11 @@ draft is up-sampled by at most ~11%, the difference between a 0.9-area crop and 
 going to 64 px (the `resize` strategy at 17 tokens, patch 16) decodes at 64 px instead of 256.
 
 Decoding on the trainer's device (the setting `decode: device`): a loader worker only checks a JPEG and draws its
-crop (`jpeg_crop`, ~40 us for a 256-px file instead of ~1.1 ms to decode and resample it at 224 px) and hands over the
-file, ~5-30 KB instead of 150 KB of pixels; the trainer decodes a batch of files at once (`decode_crops`: nvJPEG on a
-CUDA device). The check decodes the whole file with libjpeg at 1/8 scale, so a sample is usable or skipped exactly as
-when workers decode it; only the resample differs (roi_align's, see `decode_crops`).
+crop (`jpeg_crop`: ~0.28 ms for a 31-KiB 256-px photo instead of ~1.5 ms to decode and resample it at 224 px,
+benchmarks/decode_speed.py) and hands over the file instead of 150 KB of pixels; the trainer decodes a batch of
+files at once (`decode_crops`: nvJPEG on a CUDA device). The check decodes the whole file with libjpeg at 1/8 scale,
+so a sample is usable or skipped exactly as when workers decode it; only the resample differs (roi_align's, see
+`decode_crops`).
 """
 from __future__ import annotations
 

@@ -93,9 +93,9 @@ class Chunk:
     # CPU than by value).
     images: np.ndarray | torch.Tensor | None = None  # uint8 [usable samples not deferred, 3, S, S]
     tokens: np.ndarray | None = None  # [len(positions), text_tokens], when the workers tokenise
-    # With decoding on the trainer's device: which usable samples' JPEGs are left to it, the files end to end
-    # (uint8), where each ends, and each one's crop in pixels. The others (PNGs, say) are in `images`.
-    deferred: np.ndarray | None = None  # bool [len(positions)]
+    # Which usable samples' JPEGs are left to the trainer's device to decode (none unless it decodes), those files
+    # end to end (uint8), where each ends, and each one's crop in pixels. The others (PNGs, say) are in `images`.
+    deferred: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))  # bool [len(positions)]
     files: np.ndarray | torch.Tensor | None = None
     ends: np.ndarray | None = None  # int64 [deferred samples]
     boxes: np.ndarray | None = None  # float64 [deferred samples, 4]
