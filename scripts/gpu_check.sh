@@ -58,7 +58,8 @@ cells, comparisons = [r for r in rows if "strategy" in r], [r for r in rows if "
 print_table(cells, comparisons)
 for r in rows:
     if "profiled" in r:
-        print(f"profile {r['model']} {r['profiled']}: {r['ms_per_step']} ms per step, GPU busy {r.get('gpu_busy')}; "
+        print(f"profile {r['model']} {r['profiled']} batch {r.get('batch')}: {r['ms_per_step']} ms per step, "
+              f"GPU busy {r.get('gpu_busy')}; "
               f"ms per step {r.get('phase_ms')}; forward TFLOP/s {r.get('forward_tflops')}")
 for ok, detail in checks(cells, comparisons):
     print("PASS" if ok else "FAIL", detail)

@@ -3,6 +3,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -12,15 +14,22 @@ from sweep.config import load_run_config  # noqa: E402
 
 def test_the_gpu_benchmark_measures_every_strategy_against_full_length_and_checks_the_targets(capsys):
     assert main(["--device", "cpu", "--models", "cpu-s", "--batch", "32", "--steps", "1", "--tokens", "17",
-                 "--compile", "off", "--no-open-clip", "--json", "--profile"]) == 0
+                 "--compile", "off", "--open-clip-batch", "16", "--workers", "0", "--json", "--profile"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    profiles = [r for r in rows if "profiled" in r]  # where a step's time goes, at full length and the shortest
-    assert [p["profiled"] for p in profiles] == ["none 65", "random 17"] and all(p["ms_per_step"] > 0 for p in profiles)
+    # open_clip_train on the same model beside ours, at the comparison's batch
+    comparison, = [r for r in rows if "ours_over_open_clip" in r]
+    assert comparison["batch"] == 16 and comparison["open_clip_samples_per_second"] > 0
+    assert comparison["ours_over_open_clip"] == pytest.approx(  # of rates rounded to 0.1 samples/s in the row
+        comparison["ours_samples_per_second"] / comparison["open_clip_samples_per_second"], abs=2e-3)
+    # where a step's time goes: full length and the shortest at the batch, full length at the comparison's
+    profiles = [r for r in rows if "profiled" in r]
+    assert [(p["profiled"], p["batch"]) for p in profiles] == [("none 65", 32), ("random 17", 32), ("none 65", 16)]
+    assert all(p["ms_per_step"] > 0 for p in profiles)
     for p in profiles:  # the step's named ranges, and the towers' forward rates
         assert set(p["phase_ms"]) == {"vision forward", "text forward", "backward", "optimizer"}
         assert all(ms > 0 for ms in p["phase_ms"].values()) and all(t > 0 for t in p["forward_tflops"].values())
     assert profiles[0]["phase_ms"]["vision forward"] > profiles[1]["phase_ms"]["vision forward"]  # 65 vs 17 tokens
-    rows = [r for r in rows if "profiled" not in r]
+    rows = [r for r in rows if "strategy" in r]
     assert [(r["strategy"], r["image_tokens"]) for r in rows] == [
         ("none", 65), ("random", 17), ("grid", 17), ("block", 17), ("resize", 17)]
     full = rows[0]
