@@ -524,14 +524,31 @@ def test_a_run_on_files_reports_every_evaluation_set_and_counts_corrupt_images(d
     assert record.compute.stages["pretrain"].loader_workers == record.compute.workers == 1
 
 
+def running_with(text: str) -> list[int]:
+    """The processes on this machine whose command line holds `text`."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and text in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                found.append(int(proc.name))
+        except OSError:  # gone meanwhile
+            pass
+    return found
+
+
 @pytest.mark.slow
 def test_sigkill_on_shards_then_rerun_matches_uninterrupted(demo, tmp_path, sigkill_at_first_checkpoint):
     config = run_config(demo, tmp_path, pretrain_samples=1920, eval_sets=[], eval_full_length=False)
     killed, clean = tmp_path / "killed", tmp_path / "clean"
     command = [sys.executable, "-m", "sweep", "train", str(config), "--quiet", "--out"]
     saved = sigkill_at_first_checkpoint([*command, str(killed)], killed)
-    # the lock dies with the trainer, not with its orphaned loader workers (which linger for seconds)
+    # the lock dies with the trainer, not with its orphaned loader workers; and they end within a second or so
     assert not held_elsewhere(killed)
+    for _ in range(100):
+        if not running_with(str(killed)):
+            break
+        time.sleep(0.1)
+    assert not running_with(str(killed)), "the killed trainer's loader workers are still running"
     assert 0 < saved["step"] < 30 and saved["data"][0]["taken"] == saved["step"] * 64
     subprocess.run([*command, str(killed)], check=True, stderr=subprocess.DEVNULL)
     subprocess.run([*command, str(clean)], check=True, stderr=subprocess.DEVNULL)
