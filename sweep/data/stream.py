@@ -104,8 +104,10 @@ class Chunk:
     bad: list[tuple[int, str, str]] = field(default_factory=list)  # (position, key, why) of skipped samples
 
 
-def decode(sample: RawSample, image_size: int, rng: random.Random) -> np.ndarray:
-    """The sample's training image (uint8 [S, S, 3]), or ValueError saying why the sample is unusable."""
+def decode(sample: RawSample, image_size: int, rng: random.Random, defer: bool = False
+           ) -> np.ndarray | tuple[bytes, tuple[float, float, float, float]]:
+    """The sample's training image (uint8 [S, S, 3]); with `defer`, its JPEG file and crop box instead where the
+    trainer's device can decode that file (`jpeg_crop`); or ValueError saying why the sample is unusable."""
     if sample.error:
         raise ValueError(sample.error)
     if sample.image is None:
@@ -113,24 +115,17 @@ def decode(sample: RawSample, image_size: int, rng: random.Random) -> np.ndarray
     if not sample.caption:
         raise ValueError("no caption (.txt, or .json with caption/text/captions)")
     try:
-        return load_image(sample.image, image_size, rng)
+        file = sample.image
+        if defer:  # read once, whether the device or load_image decodes it
+            file = file if isinstance(file, bytes) else Path(file).read_bytes()
+            box = jpeg_crop(file, rng)
+            if box is not None:
+                return file, box
+        return load_image(file, image_size, rng)
     except BadImage as err:
         raise ValueError(f"image does not decode ({err})") from None
     except OSError as err:  # a table row whose file is missing or unreadable
         raise ValueError(f"cannot read image ({err.strerror or err})") from None
-
-
-def deferred_crop(sample: RawSample, rng: random.Random) -> tuple[bytes, tuple[float, ...]] | None:
-    """(JPEG file, crop box) of a usable sample that the trainer's device can decode; None: `decode` it here (or
-    find it unusable)."""
-    if sample.error or sample.image is None or not sample.caption:
-        return None
-    try:
-        data = sample.image if isinstance(sample.image, bytes) else Path(sample.image).read_bytes()
-    except OSError:
-        return None
-    box = jpeg_crop(data, rng)
-    return None if box is None else (data, box)
 
 
 class EpochChunks(IterableDataset):
@@ -175,13 +170,14 @@ class EpochChunks(IterableDataset):
                 # the crop of a sample is a function of the sample's place in the epoch, not of the worker
                 rng = random.Random(f"{self.seed}/{self.stage}/{self.epoch}/{s}/{position}")
                 try:
-                    later = deferred_crop(sample, rng) if self.defer else None
+                    image = decode(sample, self.image_size, rng, self.defer)
+                    later = isinstance(image, tuple)  # (file, box): the trainer's device decodes it
                     if later:
-                        files.append(later[0])
-                        boxes.append(later[1])
+                        files.append(image[0])
+                        boxes.append(image[1])
                     else:
-                        images.append(decode(sample, self.image_size, rng))
-                    deferred.append(later is not None)
+                        images.append(image)
+                    deferred.append(later)
                     chunk.positions.append(position)
                     chunk.keys.append(sample.key)
                     chunk.captions.append(sample.caption)
