@@ -210,7 +210,8 @@ class ContrastiveStep:
                         # the temperature's gradient comes from the whole loss once, not once per micro-batch (in
                         # the last pass, the one DDP averages)
                         loss = self.loss_fn(all_image, all_text, scale if i == last else scale.detach())
-                    loss.backward()
+                    with record_function("backward"):
+                        loss.backward()
         with record_function("optimizer"):
             if self.grad_clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), self.grad_clip)
