@@ -169,9 +169,8 @@ def measure(bench: Bench, cells: list[tuple[str, int]], steps: int, emit=lambda 
 
 def profile_cell(bench: Bench, strategy: str, tokens: int, steps: int = 3, batch: int | None = None) -> dict:
     """Where a compiled cell's step time goes, at `batch` (default the bench's): torch.profiler over `steps` steps
-    (after one more warm step). On
-    CUDA, `gpu_busy` is the kernels' time over the wall time (below 1: the GPU waits for the host, i.e. per-step
-    overhead); the table (stderr) lists the operators and kernels that take the most."""
+    (after one more warm step). On CUDA, `gpu_busy` is the kernels' time over the wall time (below 1: the GPU waits
+    for the host, i.e. per-step overhead); the table (stderr) lists the operators and kernels that take the most."""
     from torch.profiler import ProfilerActivity, profile
     cuda = bench.device.type == "cuda"
     batch = batch or bench.batch
