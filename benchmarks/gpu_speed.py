@@ -5,6 +5,8 @@
     python benchmarks/gpu_speed.py --compile whole       # torch.compile of the whole encoders instead of blocks
     python benchmarks/gpu_speed.py --models ViT-B-16 --tokens 17 --strategies random --no-open-clip  # one cell
     python benchmarks/gpu_speed.py --profile             # also: where a step's time goes (GPU busy share, kernels)
+    python benchmarks/gpu_speed.py --batch 4096 --seconds 6   # a larger global batch, nearer a study's 32,768:
+                                                         # short lengths take bigger micro-batches
     python benchmarks/gpu_speed.py --device cpu --models cpu-s --batch 64 --compile off  # a CPU smoke run
     python benchmarks/gpu_speed.py --json > gpu_speed.jsonl
 
@@ -21,8 +23,8 @@ pass and full length what its memory allows.
 
 Per cell: the first step compiles (its seconds are `compile_s`: compilation, any out-of-memory halving, and the
 step), one more untimed step, then `--steps` steps back to back between two `synchronize()` calls (no host sync per
-step, as in a run). Columns:
-  samples_per_second  batch x steps / their seconds
+step, as in a run); with `--seconds`, fewer (at least 2) where the untimed step says they would take longer. Columns:
+  samples_per_second  batch x timed steps / their seconds
   micro               pairs per forward/backward pass (batch / micro passes; > 1 pass adds a no-grad forward)
   speedup             samples/s of the cell / samples/s of `none` at full length, same model and batch
   ideal_speedup       FLOPs per sample of the full-length step / of the cell's, both as executed: the project's count
@@ -43,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import tempfile
 import time
@@ -141,29 +144,38 @@ def executed_flops(name: str, strategy: str, tokens: int, batch: int, micro: int
     return flops * (4 / 3 if micro < batch else 1.0)
 
 
-def measure(bench: Bench, cells: list[tuple[str, int]], steps: int, emit=lambda row: None) -> list[dict]:
-    """One row per cell, the full length first; `emit` gets each row as soon as it is complete."""
+def timed_steps(steps: int, budget: float | None, warm_step_s: float) -> int:
+    """How many steps to time: `steps`, or fewer (but 2) where they would take over `budget` seconds."""
+    if budget is None:
+        return steps
+    return min(steps, max(2, math.ceil(budget / warm_step_s)))
+
+
+def measure(bench: Bench, cells: list[tuple[str, int]], steps: int, emit=lambda row: None,
+            budget: float | None = None) -> list[dict]:
+    """One row per cell, the full length first; `emit` gets each row as soon as it is complete. With `budget`, a
+    cell whose steps are long times fewer of them (`timed_steps`)."""
     rows = []
     for strategy, tokens in cells:
         bench.step_fn.micro_batch_size = 0  # the batch rule anew at each length: the whole batch if it fits
         tic = time.perf_counter()
         bench.steps(strategy, tokens, 1)  # compiles (and finds the micro-batch that fits)
         compile_s = time.perf_counter() - tic
-        bench.steps(strategy, tokens, 1)
-        seconds = bench.steps(strategy, tokens, steps)
+        n = timed_steps(steps, budget, bench.steps(strategy, tokens, 1))
+        seconds = bench.steps(strategy, tokens, n)
         micro = bench.micro()
         flops = executed_flops(bench.name, strategy, tokens, bench.batch, micro)
         rows.append({"model": bench.name, "strategy": strategy, "image_tokens": tokens, "batch": bench.batch,
-                     "micro": micro, "samples_per_second": round(bench.batch * steps / seconds, 1),
-                     "tflops": round(flops * steps / seconds / 1e12, 1), "flops_per_step": flops,
-                     "compile_s": round(compile_s, 1), "timed_s": round(seconds, 2), "steps": steps})
+                     "micro": micro, "samples_per_second": round(bench.batch * n / seconds, 1),
+                     "tflops": round(flops * n / seconds / 1e12, 1), "flops_per_step": flops,
+                     "compile_s": round(compile_s, 1), "timed_s": round(seconds, 2), "steps": n})
         row, full = rows[-1], rows[0]
         row["speedup"] = round(row["samples_per_second"] / full["samples_per_second"], 3)
         row["ideal_speedup"] = round(full["flops_per_step"] / row["flops_per_step"], 3)
         row["efficiency"] = round(row["speedup"] / row["ideal_speedup"], 3)
         emit(row)
         log(f"  {bench.name} {strategy} {tokens}: {row['samples_per_second']:.0f} samples/s, micro {micro}, "
-            f"first step {compile_s:.1f} s, {steps} timed steps {seconds:.1f} s")
+            f"first step {compile_s:.1f} s, {n} timed steps {seconds:.1f} s")
     return rows
 
 
@@ -273,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="reduction strategies of the reduced lengths (default: every one)")
     parser.add_argument("--batch", type=int, default=1024, help="global batch of every cell (default 1024)")
     parser.add_argument("--steps", type=int, default=8, help="timed steps per cell (default 8)")
+    parser.add_argument("--seconds", type=float, help="time fewer steps (at least 2) where --steps would take "
+                        "longer than this: for a large --batch, whose full-length steps accumulate many passes")
     parser.add_argument("--device", default="cuda", help="cuda (default), cuda:N or cpu")
     parser.add_argument("--precision", choices=["bf16", "fp32"], help="default: bf16 on cuda, fp32 on cpu")
     parser.add_argument("--compile", choices=["blocks", "whole", "off"], default="blocks",
@@ -302,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
             bench = Bench(name, args.batch, device, precision, args.compile)
             emit = (lambda row: print(json.dumps(row), flush=True)) if args.json else (lambda row: None)
             rows += measure(bench, cells_for(spec, args.tokens or TOKENS[spec.scale], args.strategies), args.steps,
-                            emit)
+                            emit, args.seconds)
             cells_s = time.perf_counter() - tic
             if args.profile:
                 shortest = min(args.tokens or TOKENS[spec.scale])

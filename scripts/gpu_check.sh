@@ -1,22 +1,25 @@
 #!/usr/bin/env bash
-# The device check of the GPU issues, prepared for a lent GPU machine (two calls: `bench`, at most 7.5 minutes, then
-# `train`, at most 5, on the still-warm machine; `all` does both in one call where the time allows):
-#   1. benchmarks/gpu_speed.py: the compiled trainer step of ViT-B-16 and ViT-L-16 at every strategy and length with
-#      the batch rule, open_clip_train beside it (the issue's targets);
-#   2. `sweep train grids/gpu_check.yaml` on the embedded data in memory (ViT-B-16, 224 px, random 17 tokens);
-#   3. the same run on webdataset shards of 256-px JPEGs (`sweep make-data`): the loader's rate against 2, with the
-#      JPEGs decoded by the loader workers and on the GPU (`decode: device`; benchmarks/decode_speed.py beside it).
-# (`files`: part 3 alone; `explore`: ViT-B-16 at 17 tokens compiled whole, see below.) Outputs go to $OUT (or
-# ./gpu_check_out): gpu_speed.txt, gpu_speed.jsonl, train_memory.json, train_files.json, train_files_device.json,
-# gpu_speed_whole.txt, log.txt. First run on one H100: benchmarks/README.md (bench 313 s; train 135 s, before part 3
-# also ran with decode: device).
+# The device check of the GPU issues, prepared for a lent GPU machine. Parts (the first argument):
+#   bench    benchmarks/gpu_speed.py: the compiled trainer step of ViT-B-16 and ViT-L-16 at every strategy and length
+#            with the batch rule at batch 1024, open_clip_train beside it (the issue's targets; 313 s on one H100);
+#   train    `sweep train grids/gpu_check.yaml` on the embedded data in memory (ViT-B-16, 224 px, random 17 tokens),
+#            then `files`;
+#   files    the same run on webdataset shards of 256-px JPEGs (`sweep make-data`), with the JPEGs decoded by the
+#            loader workers and on the GPU (`decode: device`), benchmarks/decode_speed.py beside it;
+#   explore  gpu_speed at batch 4096 (ViT-B-16 at 50 and 17 tokens, ViT-L-16 at 17): do bigger micro-batches lift
+#            the short lengths? (about 7 minutes);
+#   whole    ViT-B-16 at 17 tokens with the encoders compiled whole instead of per block;
+#   all      bench, then train.
+# Outputs go to $OUT (or ./gpu_check_out): gpu_speed.{txt,jsonl}, gpu_speed_4096.{txt,jsonl}, train_memory.json,
+# train_files.json, train_files_device.json, gpu_speed_whole.txt, log.txt. Results so far: benchmarks/README.md.
 #
 # The machine has torch but not this project's other dependencies, and nothing can be fetched there: carry them
 # as wheels. Once, here (where pip reaches PyPI), in the repo root:
 #     echo /.whl/ >> .git/info/exclude; bash scripts/gpu_check.sh wheels
-# then run with the device tool: command `bash scripts/gpu_check.sh bench`, carry [".whl"], timeout_s 450; then the
-# same with `train` and timeout_s 330 (and, if ~4.5 minutes are left, `explore` with timeout_s 270). Every part has
-# its own time limit and leaves what it measured in $OUT.
+# then run with the device tool, carry [".whl"]. Bench ran once (2026-11-27), so the next session's plan (15 minutes
+# of device time, the machine's start included) is: `bash scripts/gpu_check.sh train` with timeout_s 330, then
+# `bash scripts/gpu_check.sh explore` with timeout_s 450 on the still-warm machine. Every part has its own time
+# limit and leaves what it measured in $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -42,14 +45,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
 tick() { echo "[$(date +%T)] $*"; }
 
-if [ "$part" = all ] || [ "$part" = bench ]; then
-  # one model per process and time limit, so that an overrun of one leaves the other's rows
-  tick "gpu_speed: ViT-B-16, with open_clip_train beside it"
-  timeout 220 python3 benchmarks/gpu_speed.py --models ViT-B-16 --profile --json > "$out/gpu_speed.jsonl"
-  tick "gpu_speed: ViT-L-16"
-  timeout 200 python3 benchmarks/gpu_speed.py --models ViT-L-16 --no-open-clip --profile --json \
-    >> "$out/gpu_speed.jsonl"
-  python3 - "$out/gpu_speed.jsonl" > "$out/gpu_speed.txt" <<'PY'
+summarize() {  # gpu_speed.py --json rows ($1) -> the table, the profiles and the checks
+  python3 - "$1" <<'PY'
 import json, sys
 sys.path.insert(0, "benchmarks")
 from gpu_speed import checks, print_table
@@ -64,12 +61,37 @@ for r in rows:
 for ok, detail in checks(cells, comparisons):
     print("PASS" if ok else "FAIL", detail)
 PY
+}
+
+if [ "$part" = all ] || [ "$part" = bench ]; then
+  # one model per process and time limit, so that an overrun of one leaves the other's rows
+  tick "gpu_speed: ViT-B-16, with open_clip_train beside it"
+  timeout 220 python3 benchmarks/gpu_speed.py --models ViT-B-16 --profile --json > "$out/gpu_speed.jsonl"
+  tick "gpu_speed: ViT-L-16"
+  timeout 200 python3 benchmarks/gpu_speed.py --models ViT-L-16 --no-open-clip --profile --json \
+    >> "$out/gpu_speed.jsonl"
+  summarize "$out/gpu_speed.jsonl" > "$out/gpu_speed.txt"
   cat "$out/gpu_speed.txt"
 fi
 
 if [ "$part" = explore ]; then
-  # a third call where the budget leaves ~4.5 minutes: does compiling the encoders whole (one graph per shape, not
-  # one per block) lift ViT-B-16 at 17 tokens? Set it against bench's blocks rows of the same machine
+  # Does a larger global batch lift the short lengths? At batch 1024, 17 tokens delivered 176-209 TFLOP/s against
+  # 329 at full length (ViT-B-16). A study's batch is far larger (the paper's 32,768): under the batch rule the short
+  # lengths then run big micro-batches (GEMMs as large as full length's) and full length accumulates. Batch 4096,
+  # long steps timed fewer times (--seconds); the rows and checks are to set against bench's at 1024.
+  tick "gpu_speed: ViT-B-16 at batch 4096, 50 and 17 tokens, profiled"
+  timeout 200 python3 benchmarks/gpu_speed.py --models ViT-B-16 --batch 4096 --seconds 6 --tokens 50 17 \
+    --no-open-clip --profile --json > "$out/gpu_speed_4096.jsonl"
+  tick "gpu_speed: ViT-L-16 at batch 4096, 17 tokens"
+  timeout 220 python3 benchmarks/gpu_speed.py --models ViT-L-16 --batch 4096 --seconds 6 --tokens 17 \
+    --no-open-clip --json >> "$out/gpu_speed_4096.jsonl"
+  summarize "$out/gpu_speed_4096.jsonl" > "$out/gpu_speed_4096.txt"
+  cat "$out/gpu_speed_4096.txt"
+fi
+
+if [ "$part" = whole ]; then
+  # does compiling the encoders whole (one graph per shape, not one per block) lift ViT-B-16 at 17 tokens? Set it
+  # against bench's blocks rows of the same machine
   tick "gpu_speed: ViT-B-16 full length and random 17, the encoders compiled whole, profiled"
   timeout 240 python3 benchmarks/gpu_speed.py --models ViT-B-16 --tokens 17 --strategies random --compile whole \
     --no-open-clip --profile | tee "$out/gpu_speed_whole.txt"
@@ -89,8 +111,7 @@ if [ "$part" = all ] || [ "$part" = train ] || [ "$part" = files ]; then
     --zeroshot-samples 40 --retrieval-images 10
   shards="$runs/data/shards/train-{00000..00255}.tar"
   tick "decode_speed: decoding in the loader workers against on the GPU (worker, trainer, loader alone)"
-  timeout 120 python3 benchmarks/decode_speed.py --sizes 224 64 --seconds 2
-  timeout 40 python3 benchmarks/data_speed.py --sizes 224 --seconds 2
+  timeout 100 python3 benchmarks/decode_speed.py --sizes 224 64 --seconds 2
   tick "sweep train on the shards"
   timeout 120 python3 -m sweep train grids/gpu_check.yaml --out "$runs/files" --quiet --set dataset=webdataset \
     --set "train_data=$shards"

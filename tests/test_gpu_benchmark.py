@@ -8,13 +8,13 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.gpu_speed import checks, main  # noqa: E402
+from benchmarks.gpu_speed import checks, main, timed_steps  # noqa: E402
 from sweep.config import load_run_config  # noqa: E402
 
 
 def test_the_gpu_benchmark_measures_every_strategy_against_full_length_and_checks_the_targets(capsys):
     assert main(["--device", "cpu", "--models", "cpu-s", "--batch", "32", "--steps", "1", "--tokens", "17",
-                 "--compile", "off", "--open-clip-batch", "16", "--workers", "0", "--json", "--profile"]) == 0
+                 "--seconds", "60", "--compile", "off", "--open-clip-batch", "16", "--workers", "0", "--json", "--profile"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     # open_clip_train on the same model beside ours, at the comparison's batch
     comparison, = [r for r in rows if "ours_over_open_clip" in r]
@@ -35,7 +35,7 @@ def test_the_gpu_benchmark_measures_every_strategy_against_full_length_and_check
     full = rows[0]
     assert full["speedup"] == full["ideal_speedup"] == 1.0
     for r in rows:
-        assert r["samples_per_second"] > 0 and r["micro"] == 32 and r["batch"] == 32
+        assert r["samples_per_second"] > 0 and r["micro"] == 32 and r["batch"] == 32 and r["steps"] == 1
         assert r["ideal_speedup"] >= 1 and r["efficiency"] == round(r["speedup"] / r["ideal_speedup"], 3)
     # the targets apply to paper sizes: a ViT-B-16 row below 0.85 at 17 tokens fails, one above passes
     paper = [{**r, "model": "ViT-B-16"} for r in rows]
@@ -43,6 +43,14 @@ def test_the_gpu_benchmark_measures_every_strategy_against_full_length_and_check
     found = checks(paper, [{"model": "ViT-B-16", "batch": 32, "ours_over_open_clip": 1.4}])
     assert [ok for ok, _ in found] == [True, False]
     assert checks(rows, []) == []  # nothing to check for a CPU size
+
+
+def test_a_time_budget_times_fewer_long_steps_but_never_fewer_than_two():
+    assert timed_steps(8, None, 5.0) == 8  # no budget: --steps
+    assert timed_steps(8, 6.0, 0.3) == 8  # short steps: all of them
+    assert timed_steps(8, 6.0, 1.8) == 4  # ViT-B-16 accumulating 4 passes at batch 4096
+    assert timed_steps(8, 6.0, 14.0) == 2
+    assert timed_steps(1, 6.0, 14.0) == 1  # never more than asked
 
 
 def test_the_gpu_check_recipe_is_a_valid_run_of_vit_b16_at_17_tokens():
