@@ -7,14 +7,16 @@
    does for `workers`) against `jpeg_crop` (check the file and draw its crop, what it does for `device`);
 2. the trainer's side of `device`: images/s of `decode_crops` on --device for batches of --batch files
    (nvJPEG + roi_align on a GPU), and of its decode alone;
-3. the loader end to end, both ways alternately: samples/s of 224-px batches of --batch from shards on disk,
+3. on a GPU, that decoding does not overwrite memory the training step's queued kernels still read
+   (`stream_safety`);
+4. the loader end to end, both ways alternately: samples/s of 224-px batches of --batch from shards on disk,
    through --workers loader processes (received by a thread, into pinned memory, on a GPU as a run does), and the
    CPU the trainer's process spends per sample receiving (and, for `device`, decoding) them; a third row is
    `device` with the decode left out (an empty batch instead), which leaves the hand-over of the files alone.
 
 Files: data_speed.py's 32 distinct 256-px photos at quality 95 (~31 KiB each, img2dataset's defaults), written
-as 60 shards of 8 batches in all for part 3. About 1 minute on 2 CPU cores (--device cpu), less on a GPU machine.
-On the CPU, part 3's `device` decodes in the trainer's own process, on one core: it shows what the hand-over
+as 60 shards of 8 batches in all for part 4. About 1 minute on 2 CPU cores (--device cpu), less on a GPU machine.
+On the CPU, part 4's `device` decodes in the trainer's own process, on one core: it shows what the hand-over
 costs, not what a GPU gains.
 """
 from __future__ import annotations
@@ -89,6 +91,36 @@ def on_device(files: list[bytes], size: int, batch: int, device: torch.device, r
     decode = timed(lambda: decode_jpeg(tensors, device=device))
     return {"part": "trainer", "size": size, "batch": batch, "device": str(device), "decode_crops_per_s": whole,
             "decode_alone_per_s": decode}
+
+
+def stream_safety(files: list[bytes], batch: int, device: torch.device, rounds: int = 5) -> dict:
+    """Does decoding on the GPU overwrite memory that queued work still reads? Each round queues a ~0.1-s kernel
+    on the default stream (the training step's), then one sum per tensor of the decoder's output size, frees the
+    tensors while the sums still wait, and decodes `batch` files; a sum that comes out wrong read memory the
+    decoder overwrote. `decode_crops` (the trainer's: a stream of its own, see its docstring) must give none;
+    torchvision's `decode_jpeg` called on the default stream shows whether the hazard it avoids is real here."""
+    tensors = [torch.frombuffer(bytearray(files[i % len(files)]), dtype=torch.uint8) for i in range(batch)]
+    rng = random.Random(0)
+    boxes = torch.tensor([jpeg_crop(files[i % len(files)], rng) for i in range(batch)])
+    shape = decode_jpeg(tensors[0]).shape  # the decoder's output per file: blocks of this size are what it reuses
+
+    def corrupted(decode) -> int:
+        wrong = 0
+        for r in range(rounds):
+            values = torch.arange(batch) % 250 + 1 + r
+            filled = [torch.full(shape, int(v), dtype=torch.uint8, device=device) for v in values]
+            torch.cuda.synchronize(device)
+            torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU clock cycles: the sums are queued behind it
+            sums = torch.stack([t.sum(dtype=torch.int64) for t in filled])
+            del filled  # their blocks go back to the allocator while the sums have not run
+            decode()
+            torch.cuda.synchronize(device)
+            wrong += int((sums.cpu() != values * shape.numel()).sum())
+        return wrong
+
+    return {"part": "stream safety", "batch": batch, "rounds": rounds,
+            "corrupted_decode_crops": corrupted(lambda: decode_crops(tensors, boxes, 224, device)),
+            "corrupted_decode_jpeg": corrupted(lambda: decode_jpeg(tensors, device=device))}
 
 
 def write_shards(files: list[bytes], out: Path, shards: int, per_shard: int) -> str:
@@ -167,6 +199,13 @@ def main(argv: list[str] | None = None) -> int:
         row = on_device(files, size, batch, device, repeats=5 if gpu else 2)
         show(row, f"trainer, {size} px, batches of {batch} on {device}: decode_crops {row['decode_crops_per_s']:,.0f} "
                   f"img/s (decode alone {row['decode_alone_per_s']:,.0f})")
+
+    if gpu:
+        row = stream_safety(files, batch, device)
+        verdict = "PASS" if row["corrupted_decode_crops"] == 0 else "FAIL"
+        show(row, f"stream safety, {row['rounds']} rounds of {batch} files: decode_crops overwrote "
+                  f"{row['corrupted_decode_crops']} of {row['rounds'] * batch} queued sums' inputs ({verdict}); "
+                  f"decode_jpeg on the default stream {row['corrupted_decode_jpeg']}")
 
     with tempfile.TemporaryDirectory() as tmp:
         # 60 shards: the loader's streams share out evenly among 1-6, 10, 12 or 15 workers

@@ -25,7 +25,6 @@ so a sample is usable or skipped exactly as when workers decode it; only the res
 """
 from __future__ import annotations
 
-import contextlib
 import io
 import math
 import random
@@ -152,25 +151,50 @@ def decode_crops(files: list[torch.Tensor], boxes: torch.Tensor, size: int,
 
     The resample is roi_align's: bilinear samples, ceil(crop side / size) of them each way averaged into an output
     pixel (an area filter when shrinking, hence no aliasing at 64 px). Against PIL's bicubic in `load_image` the
-    pixels differ by 0.16 levels on average at 224 px and 0.46 at 64 px (synthetic scenes, 256-px files)."""
+    pixels differ by 0.16 levels on average at 224 px and 0.46 at 64 px (synthetic scenes, 256-px files).
+
+    On a CUDA device the work runs on a stream of its own, and the calling thread (the loader's, not the training
+    step's) waits for it: torchvision's decoder allocates its outputs on the caller's stream but writes them from
+    another stream without waiting, and nvJPEG's hardware decoder ignores queued work. On the training step's
+    stream it could be handed, and overwrite, memory that the step's queued kernels still read (torchvision pull
+    request 9606, fixed in TorchCodec's decoder only; `benchmarks/decode_speed.py` checks it); on a stream with
+    nothing queued there is nothing to overwrite. The result is then marked as read by the device's default
+    stream (the training step's), so that its memory is not reused for a later batch while the step may read it."""
     device = torch.device(device)
-    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-        try:
-            decoded = decode_jpeg(files, mode=ImageReadMode.RGB, device=device)
-        except RuntimeError:  # a file the device's decoder refuses fails the batch: one at a time, then PIL
-            decoded = [_decode_one(file, device) for file in files]
-        out = torch.empty((len(files), 3, size, size), dtype=torch.uint8, device=device)
-        by_shape: dict[tuple[int, ...], list[int]] = {}
-        for i, image in enumerate(decoded):
-            by_shape.setdefault(tuple(image.shape), []).append(i)
-        for group in by_shape.values():  # images of one shape are resampled together
-            for first in range(0, len(group), ROI_IMAGES):
-                part = group[first:first + ROI_IMAGES]
-                images = torch.stack([decoded[i] for i in part]).float()
-                rois = torch.cat([torch.arange(len(part), dtype=torch.float32).unsqueeze(1),
-                                  boxes[part].float()], dim=1).to(device)
-                crops = roi_align(images, rois, size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
-                out[torch.tensor(part, device=device)] = crops.round_().clamp_(0, 255).to(torch.uint8)
+    if device.type != "cuda":
+        return _decode_crops(files, boxes, size, device)
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if device not in _STREAMS:
+        _STREAMS[device] = torch.cuda.Stream(device)
+    stream = _STREAMS[device]
+    with torch.cuda.device(device), torch.cuda.stream(stream):
+        out = _decode_crops(files, boxes, size, device)
+    stream.synchronize()  # the batch is whole, and the stream idle for the next call's decoder
+    out.record_stream(torch.cuda.default_stream(device))
+    return out
+
+
+_STREAMS: dict[torch.device, "torch.cuda.Stream"] = {}  # decode_crops' stream on each CUDA device
+
+
+def _decode_crops(files: list[torch.Tensor], boxes: torch.Tensor, size: int, device: torch.device) -> torch.Tensor:
+    try:
+        decoded = decode_jpeg(files, mode=ImageReadMode.RGB, device=device)
+    except RuntimeError:  # a file the device's decoder refuses fails the batch: one at a time, then PIL
+        decoded = [_decode_one(file, device) for file in files]
+    out = torch.empty((len(files), 3, size, size), dtype=torch.uint8, device=device)
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for i, image in enumerate(decoded):
+        by_shape.setdefault(tuple(image.shape), []).append(i)
+    for group in by_shape.values():  # images of one shape are resampled together
+        for first in range(0, len(group), ROI_IMAGES):
+            part = group[first:first + ROI_IMAGES]
+            images = torch.stack([decoded[i] for i in part]).float()
+            rois = torch.cat([torch.arange(len(part), dtype=torch.float32).unsqueeze(1),
+                              boxes[part].float()], dim=1).to(device)
+            crops = roi_align(images, rois, size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+            out[torch.tensor(part, device=device)] = crops.round_().clamp_(0, 255).to(torch.uint8)
     return out
 
 
