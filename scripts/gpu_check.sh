@@ -6,8 +6,8 @@
 #            then `files`;
 #   files    the same run on webdataset shards of 256-px JPEGs (`sweep make-data`), with the JPEGs decoded by the
 #            loader workers and on the GPU (`decode: device`), benchmarks/decode_speed.py beside it;
-#   explore  gpu_speed at batch 4096 (ViT-B-16 at 50 and 17 tokens, ViT-L-16 at 17): do bigger micro-batches lift
-#            the short lengths? (about 7 minutes);
+#   explore  gpu_speed at batch 4096 (ViT-B-16 at 50 and 17 tokens, ViT-L-16 random and resize at 17): do bigger
+#            micro-batches lift the short lengths? (at most 6.5 minutes);
 #   whole    ViT-B-16 at 17 tokens with the encoders compiled whole instead of per block;
 #   all      bench, then train.
 # Outputs go to $OUT (or ./gpu_check_out): gpu_speed.{txt,jsonl}, gpu_speed_4096.{txt,jsonl}, train_memory.json,
@@ -18,7 +18,7 @@
 #     echo /.whl/ >> .git/info/exclude; bash scripts/gpu_check.sh wheels
 # then run with the device tool, carry [".whl"]. Bench ran once (2026-11-27), so the next session's plan (15 minutes
 # of device time, the machine's start included) is: `bash scripts/gpu_check.sh train` with timeout_s 330, then
-# `bash scripts/gpu_check.sh explore` with timeout_s 450 on the still-warm machine. Every part has its own time
+# `bash scripts/gpu_check.sh explore` with timeout_s 410 on the still-warm machine. Every part has its own time
 # limit and leaves what it measured in $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -80,11 +80,11 @@ if [ "$part" = explore ]; then
   # lengths then run big micro-batches (GEMMs as large as full length's) and full length accumulates. Batch 4096,
   # long steps timed fewer times (--seconds); the rows and checks are to set against bench's at 1024.
   tick "gpu_speed: ViT-B-16 at batch 4096, 50 and 17 tokens, profiled"
-  timeout 200 python3 benchmarks/gpu_speed.py --models ViT-B-16 --batch 4096 --seconds 6 --tokens 50 17 \
+  timeout 180 python3 benchmarks/gpu_speed.py --models ViT-B-16 --batch 4096 --seconds 6 --tokens 50 17 \
     --no-open-clip --profile --json > "$out/gpu_speed_4096.jsonl"
-  tick "gpu_speed: ViT-L-16 at batch 4096, 17 tokens"
-  timeout 220 python3 benchmarks/gpu_speed.py --models ViT-L-16 --batch 4096 --seconds 6 --tokens 17 \
-    --no-open-clip --json >> "$out/gpu_speed_4096.jsonl"
+  tick "gpu_speed: ViT-L-16 at batch 4096, random and resize at 17 tokens"
+  timeout 200 python3 benchmarks/gpu_speed.py --models ViT-L-16 --batch 4096 --seconds 6 --tokens 17 \
+    --strategies random resize --no-open-clip --json >> "$out/gpu_speed_4096.jsonl"
   summarize "$out/gpu_speed_4096.jsonl" > "$out/gpu_speed_4096.txt"
   cat "$out/gpu_speed_4096.txt"
 fi
