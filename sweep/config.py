@@ -189,8 +189,14 @@ class RunConfig(Settings):
 
     def _check_data(self) -> None:
         """The files a run reads exist and have the columns it reads (found now, not an hour into a job)."""
-        from sweep.data.sources import expand_paths
+        from sweep.data.evalsets import read_retrieval, read_zeroshot
+        from sweep.data.sources import expand_paths, is_shard
 
+        for where, separator in [("csv_separator", self.csv_separator)] + [
+                (f"eval_sets.{i}.csv_separator", e.csv_separator) for i, e in enumerate(self.eval_sets)]:
+            if len(separator) != 1:
+                raise invalid(where, f"{separator!r} must be one character (in YAML a tab is \"\\t\", with double "
+                              "quotes)")
         # paths may name an environment variable ($CLIPA_DATA/...), so a recipe says where its data lives once
         self.train_data = _expand_env("train_data", self.train_data)
         for i, eval_set in enumerate(self.eval_sets):
@@ -231,13 +237,31 @@ class RunConfig(Settings):
                     value = getattr(eval_set, key)
                     if value not in (None, "imagenet"):
                         _files_exist(f"{where}.{key}", [value])
+                # the names, templates and images as the run will read them (listing ImageNet's 50,000 files takes
+                # a fraction of a second, once per process for a grid's runs)
+                found = ("zeroshot", paths[0], eval_set.zeroshot_classnames, eval_set.zeroshot_templates)
+                if found not in _FOUND:
+                    try:
+                        read_zeroshot(paths[0], eval_set.zeroshot_classnames, eval_set.zeroshot_templates)
+                    except (OSError, ValueError) as err:
+                        raise invalid(where, str(err)) from None
+                    _FOUND.add(found)
             else:
                 _files_exist(f"{where}.data", paths)
-                if not all(p.endswith(".tar") for p in paths):
+                if not all(is_shard(p) for p in paths):
                     if len(paths) != 1:
                         raise invalid(f"{where}.data", "expected .tar shards or one CSV/TSV table")
                     _check_columns(f"{where}.data", paths[0], (eval_set.csv_img_key, eval_set.csv_caption_key),
                                    eval_set.csv_separator)
+                    found = ("retrieval", paths[0], eval_set.csv_img_key, eval_set.csv_caption_key,
+                             eval_set.csv_separator)
+                    if found not in _FOUND:  # every row has its image and caption (shards are read at the run)
+                        try:
+                            read_retrieval(paths[0], eval_set.csv_img_key, eval_set.csv_caption_key,
+                                           eval_set.csv_separator)
+                        except (OSError, ValueError) as err:
+                            raise invalid(f"{where}.data", str(err)) from None
+                        _FOUND.add(found)
 
     @property
     def spec(self):
@@ -342,7 +366,7 @@ def _choice(name: str, value: str, allowed) -> None:
         raise invalid(name, f"unknown value {value!r}; allowed: {', '.join(allowed)}")
 
 
-_FOUND: set[tuple] = set()  # training sets this process has checked (41,408 shards take a second to stat)
+_FOUND: set[tuple] = set()  # data this process has checked (41,408 shards take a second to stat; a grid shares them)
 
 
 def _expand_env(name: str, value: str | None) -> str | None:
@@ -369,7 +393,7 @@ def _files_exist(name: str, paths: list[str]) -> None:
 def _check_columns(name: str, table: str, columns: tuple[str, ...], separator: str) -> None:
     import csv
 
-    with open(table, newline="", encoding="utf-8", errors="replace") as f:
+    with open(table, newline="", encoding="utf-8-sig", errors="replace") as f:
         header = next(csv.reader(f, delimiter=separator), [])
     missing = [c for c in columns if c not in header]
     if missing:

@@ -236,6 +236,39 @@ def test_a_table_streams_every_row_once_and_skips_a_missing_image(demo):
     assert batches.skipped == len(broken)
 
 
+def test_a_table_with_a_byte_order_mark_skips_and_counts_rows_without_an_image_or_caption(demo):
+    lines = (demo / "train.tsv").read_text().splitlines()[:41]  # the header and rows 0..39
+    lines[3], lines[6] = "\tno image here", lines[6].split("\t")[0] + "\t"  # rows 2 and 5
+    (demo / "short_rows.tsv").write_text("\ufeff" + "\n".join(lines) + "\n", encoding="utf-8")  # as Excel saves
+    broken = {str(r) for r in range(40) if _fails(demo / "images" / f"{r:08d}.jpg")} | {"2", "5"}
+    batches = StreamedBatches(open_source("csv", str(demo / "short_rows.tsv"), "filepath", "title", "\t"),
+                              seed=0, stage=0, batch_size=5, image_size=32, workers=0)
+    keys = keys_of(batches, (40 - len(broken)) // 5)
+    assert not set(keys) & broken and batches.skipped == len(broken)
+
+
+def test_a_retrieval_table_row_without_its_caption_is_refused_before_any_training(demo, tmp_path):
+    lines = (demo / "retrieval.tsv").read_text().splitlines()
+    lines[4] = lines[4].split("\t")[0]  # row 4 after the header: no separator, no caption
+    (tmp_path / "ret.tsv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match="row 4 of .* has no title"):
+        read_retrieval(str(tmp_path / "ret.tsv"), "filepath", "title", "\t")
+    with pytest.raises(ConfigError) as err:
+        config_from_dict({"eval_sets": [{"name": "r", "type": "retrieval", "data": str(tmp_path / "ret.tsv")}]},
+                         "run.yaml")
+    assert err.value.field == "eval_sets.0.data" and "has no title" in str(err.value)
+
+
+def test_a_thousand_class_folders_are_taken_in_wnid_order_only_when_they_are_wnids(tmp_path):
+    for i in range(1000):
+        (tmp_path / "wnids" / f"n{i:08d}").mkdir(parents=True)
+        (tmp_path / "named" / f"class_{i:04d}").mkdir(parents=True)
+    (tmp_path / "wnids" / "n00000000" / "a.jpg").write_bytes(b"")
+    assert read_zeroshot(str(tmp_path / "wnids"), "imagenet").classnames[0] == "tench"
+    with pytest.raises(ValueError, match="'class_0000' .* is not an ImageNet class name"):
+        read_zeroshot(str(tmp_path / "named"), "imagenet")  # not silently paired with tench, goldfish, ...
+
+
 def _fails(path) -> bool:
     try:
         load_image(str(path), 32)
@@ -463,6 +496,13 @@ def test_retrieval_sets_from_a_table_and_from_shards_agree(demo):
      "eval_sets.0.zeroshot_classnames"),
     ({"eval_embedded": False}, "eval_sets"),
     ({"decode": "gpu"}, "decode"),
+    ({"dataset": "csv", "train_data": "TSV", "csv_separator": "\\t"}, "csv_separator"),  # YAML's '\t'
+    ({"eval_sets": [{"name": "a", "type": "retrieval", "data": "TSV", "csv_separator": "||"}]},
+     "eval_sets.0.csv_separator"),
+    ({"eval_sets": [{"name": "a", "type": "zeroshot", "data": "DIR/zeroshot", "zeroshot_templates": "TSV"}]},
+     "eval_sets.0"),  # lines without {}
+    ({"eval_sets": [{"name": "a", "type": "zeroshot", "data": "DIR/zeroshot",
+                     "zeroshot_classnames": "DIR/zeroshot_templates.txt"}]}, "eval_sets.0"),  # too few names
 ])
 def test_data_settings_that_cannot_work_fail_at_load_naming_the_field(demo, settings, field):
     raw = json.loads(json.dumps(settings).replace("TSV", str(demo / "train.tsv")).replace("DIR", str(demo)))

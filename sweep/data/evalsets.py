@@ -15,6 +15,7 @@ and counted (`<name>_skipped`).
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -24,7 +25,7 @@ from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TE
 from torch.utils.data import DataLoader, Dataset
 
 from sweep.data.images import BadImage, load_image
-from sweep.data.sources import expand_paths, read_shard, read_table
+from sweep.data.sources import expand_paths, is_shard, read_shard, read_table
 from sweep.data.stream import worker_init
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -61,14 +62,14 @@ def read_zeroshot(folder: str, classnames: str | None = None, templates: str | N
     if len(classes) < 2:
         raise ValueError(f"{folder} has {len(classes)} class folders; zero-shot needs at least 2")
     if classnames == "imagenet":
-        if len(classes) == len(IMAGENET_CLASSNAMES):
+        if len(classes) == len(IMAGENET_CLASSNAMES) and all(re.fullmatch(r"n\d{8}", c) for c in classes):
             names = IMAGENET_CLASSNAMES  # the standard order of the sorted wnid folders (n01440764, ...)
         else:
             known = {n.lower(): n for n in IMAGENET_CLASSNAMES}
             unknown = [c for c in classes if c.replace("_", " ").lower() not in known]
             if unknown:
-                raise ValueError(f"class folder {unknown[0]!r} of {folder} is not an ImageNet class name (a folder "
-                                 f"of all 1000 classes may use wnids)")
+                raise ValueError(f"class folder {unknown[0]!r} of {folder} is not an ImageNet class name (or a "
+                                 f"wnid, in a folder of all 1000 classes)")
             names = tuple(known[c.replace("_", " ").lower()] for c in classes)
         templates = templates or "imagenet"
     elif classnames:
@@ -102,7 +103,7 @@ def read_retrieval(data: str, img_key: str, caption_key: str, separator: str) ->
     captions: list[str] = []
     owner: list[int] = []
     paths = expand_paths(data)
-    if all(p.endswith(".tar") for p in paths):
+    if all(is_shard(p) for p in paths):
         for path in paths:
             for sample in read_shard(path):
                 if sample.image is not None and sample.captions:
@@ -111,7 +112,10 @@ def read_retrieval(data: str, img_key: str, caption_key: str, separator: str) ->
                     images.append(sample.image)
     elif len(paths) == 1:
         index: dict[str, int] = {}
-        for image, caption in read_table(paths[0], img_key, caption_key, separator):
+        for row, (image, caption) in enumerate(read_table(paths[0], img_key, caption_key, separator), 1):
+            if image is None or not caption.strip():
+                raise ValueError(f"row {row} of {paths[0]} (after the header) has no "
+                                 f"{img_key if image is None else caption_key}")
             if image not in index:
                 index[image] = len(images)
                 images.append(image)
@@ -133,7 +137,8 @@ class _Decoded(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, bool]:
         try:
-            return torch.from_numpy(load_image(self.files[i], self.size)).permute(2, 0, 1), True
+            # a copy: load_image's array is PIL's read-only buffer, which torch warns about
+            return torch.from_numpy(load_image(self.files[i], self.size).copy()).permute(2, 0, 1), True
         except (BadImage, OSError):
             return torch.zeros(3, self.size, self.size, dtype=torch.uint8), False
 

@@ -206,19 +206,29 @@ class TableSource:
             yield RawSample(f"{index}", image, (caption,))
 
 
-def read_table(path: str, img_key: str, caption_key: str, separator: str) -> list[tuple[str, str]]:
-    """[(absolute image path, caption)] of a CSV/TSV; ValueError naming what is wrong."""
+def read_table(path: str, img_key: str, caption_key: str, separator: str) -> list[tuple[str | None, str]]:
+    """[(absolute image path, caption)] of a CSV/TSV (UTF-8, with or without a byte-order mark); a row that lacks
+    its image path has None, one that lacks its caption ''. ValueError naming what is wrong."""
     table = Path(path)
-    with open(table, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f, delimiter=separator)
-        missing = [k for k in (img_key, caption_key) if k not in (reader.fieldnames or [])]
-        if missing:
-            raise ValueError(f"{path} has no column {missing[0]!r} (columns: {', '.join(reader.fieldnames or [])}; "
-                             f"separator {separator!r})")
-        rows = [(str(table.parent / row[img_key]), row[caption_key]) for row in reader]
+    try:
+        with open(table, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f, delimiter=separator)
+            missing = [k for k in (img_key, caption_key) if k not in (reader.fieldnames or [])]
+            if missing:
+                raise ValueError(f"{path} has no column {missing[0]!r} (columns: "
+                                 f"{', '.join(reader.fieldnames or [])}; separator {separator!r})")
+            rows = [(str(table.parent / row[img_key]) if row[img_key] else None, row[caption_key] or "")
+                    for row in reader]
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text ({err})") from None
     if not rows:
         raise ValueError(f"{path} has no rows")
     return rows
+
+
+def is_shard(path: str) -> bool:
+    """A path read as a tar shard (plain or gzipped) rather than as a table."""
+    return path.endswith((".tar", ".tar.gz", ".tgz"))
 
 
 def open_source(dataset: str, train_data: str, img_key: str, caption_key: str, separator: str
