@@ -284,14 +284,17 @@ def test_the_plan_gives_gpu_hours_and_the_time_on_the_runs_gpus(tmp_path, capsys
 
 @pytest.fixture(scope="module")
 def paper_data(tmp_path_factory):
-    """$CLIPA_DATA as the paper recipes expect it, with empty files: enough for the load-time checks."""
+    """$CLIPA_DATA as the paper recipes expect it, with empty image files: enough for the load-time checks."""
     root = tmp_path_factory.mktemp("clipa")
     (root / "laion400m").mkdir()
     for i in range(41408):
         (root / "laion400m" / f"{i:05d}.tar").touch()
-    (root / "imagenet" / "val" / "n01440764").mkdir(parents=True)
+    for i in range(1000):  # ImageNet's 1000 wnid folders (the load-time check lists them), one image each
+        (root / "imagenet" / "val" / f"n{i:08d}").mkdir(parents=True)
+        (root / "imagenet" / "val" / f"n{i:08d}" / "a.JPEG").touch()
     (root / "coco").mkdir()
-    (root / "coco" / "test_5k.csv").write_text("filepath\ttitle\n")
+    (root / "coco" / "test_5k.csv").write_text("filepath\ttitle\n" + "".join(
+        f"val2014/{i}.jpg\ta caption {j} of image {i}\n" for i in range(2) for j in range(5)))
     return root
 
 
