@@ -22,6 +22,13 @@ def _train(args: argparse.Namespace) -> int:
         record = run(cfg, args.out, progress=not args.quiet)
     except Interrupted as err:
         print(f"sweep train: {err}", file=sys.stderr)
+        import torch.distributed as dist
+        if dist.is_available() and dist.is_initialized():
+            # the checkpoint is on disk; skip the interpreter's teardown, where the process group's destructor
+            # could abort (SIGABRT) on finding a peer rank already gone, instead of exiting 128 + signal
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(128 + err.signum)
         return 128 + err.signum
     except ConfigError:  # the directory holds another run: bad input, exit 2
         raise
