@@ -252,11 +252,9 @@ class RunConfig(Settings):
                 if not all(is_shard(p) for p in paths):
                     if len(paths) != 1:
                         raise invalid(f"{where}.data", "expected .tar shards or one CSV/TSV table")
-                    _check_columns(f"{where}.data", paths[0], (eval_set.csv_img_key, eval_set.csv_caption_key),
-                                   eval_set.csv_separator)
                     found = ("retrieval", paths[0], eval_set.csv_img_key, eval_set.csv_caption_key,
                              eval_set.csv_separator)
-                    if found not in _FOUND:  # every row has its image and caption (shards are read at the run)
+                    if found not in _FOUND:  # its columns, and every row's image and caption (shards: at the run)
                         try:
                             read_retrieval(paths[0], eval_set.csv_img_key, eval_set.csv_caption_key,
                                            eval_set.csv_separator)
