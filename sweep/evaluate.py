@@ -67,7 +67,9 @@ def evaluate_on_disk(image_features: ImageFeatures, text_features: TextFeatures,
         classes = class_features(text_features, eval_set.classnames, eval_set.templates)
         return zeroshot_metrics(images, ok, eval_set.labels, classes)
     captions = _batched(text_features, eval_set.captions, 256)
-    return retrieval_metrics(images, ok, captions, eval_set.caption_image)
+    found = retrieval_metrics(images, ok, captions, eval_set.caption_image)
+    found["skipped"] += eval_set.unusable
+    return found
 
 
 def feature_fns(model, to_input: Callable[[torch.Tensor], torch.Tensor], reduce_images: Callable,

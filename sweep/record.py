@@ -62,6 +62,7 @@ class StageCompute(_Part):
     samples: int | None = None
     micro_batch_size: int | None = None
     skipped_samples: int | None = None
+    broken_shards: int | None = None
     loader_workers: int | None = None
 
 

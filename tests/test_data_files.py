@@ -24,6 +24,7 @@ from sweep.data.generate import jpeg, make_data
 from sweep.data.images import BadImage, crop_box, draft_need, draft_scale, load_image
 from sweep.data.sources import RawSample, ShardSource, expand_paths, open_source, read_shard
 from sweep.data.stream import CHUNK, SHARE_ABOVE, STREAMS, Prefetched, StreamedBatches, loader_workers
+from sweep.evaluate import evaluate_on_disk
 from sweep.record import read_record
 from sweep.results import held_elsewhere
 from sweep.strategies.text import TextReducer
@@ -55,7 +56,7 @@ def test_paths_expand_braces_and_join_with_double_colons():
     assert expand_paths("s-{00008..00010}.tar") == ["s-00008.tar", "s-00009.tar", "s-00010.tar"]
 
 
-def test_a_shard_groups_members_by_key_and_reads_every_caption_form(tmp_path):
+def test_a_shard_groups_members_by_key_and_reads_every_caption_form_for_training_and_for_retrieval(tmp_path):
     image = jpeg(np.zeros((3, 8, 8), np.uint8))
     members = [("dir/a.jpg", image), ("dir/a.txt", b"first\nsecond\n"), ("b.png", image),
                ("b.json", json.dumps({"captions": ["x", "y"]}).encode()), ("c.jpg", image),
@@ -65,10 +66,15 @@ def test_a_shard_groups_members_by_key_and_reads_every_caption_form(tmp_path):
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
+    # training: one caption per pair, the whole .txt (LAION's captions may run over lines)
     samples = list(read_shard(str(tmp_path / "s.tar")))
-    assert [(s.key, s.caption, s.captions, s.image is not None) for s in samples] == [
-        ("dir/a", "first", ("first", "second"), True), ("b", "x", ("x", "y"), True),
-        ("c", "only", ("only",), True), ("d", "no image", ("no image",), False)]
+    assert [(s.key, s.captions, s.image is not None) for s in samples] == [
+        ("dir/a", ("first second",), True), ("b", ("x",), True), ("c", ("only",), True), ("d", ("no image",), False)]
+    assert samples[0].where == f"sample dir/a of {tmp_path / 's.tar'}"
+    # retrieval: every caption, a line of .txt each
+    samples = list(read_shard(str(tmp_path / "s.tar"), several=True))
+    assert [(s.key, s.captions) for s in samples] == [
+        ("dir/a", ("first", "second")), ("b", ("x", "y")), ("c", ("only",)), ("d", ("no image",))]
 
 
 def test_reduced_size_decoding_gives_the_same_picture_as_a_full_decode():
@@ -222,7 +228,7 @@ def test_the_loader_starts_the_fewest_workers_that_keep_its_busiest_worker_as_bu
         assert busiest(workers) * workers == STREAMS  # the usual worker counts share STREAMS evenly
 
 
-def test_a_table_streams_every_row_once_and_skips_a_missing_image(demo):
+def test_a_table_streams_every_row_once_and_skips_a_missing_image_naming_its_row(demo, capsys):
     lines = (demo / "train.tsv").read_text().splitlines()[:201]  # the header and rows 0..199
     lines[5] = "images/not-there.jpg\tlost"  # row 4
     (demo / "with_missing.tsv").write_text("\n".join(lines) + "\n")
@@ -234,6 +240,8 @@ def test_a_table_streams_every_row_once_and_skips_a_missing_image(demo):
     usable = 200 - len(broken)
     assert sorted(keys[:usable], key=int) == [str(r) for r in range(200) if str(r) not in broken]
     assert batches.skipped == len(broken)
+    assert f"skipping training row 5 of {demo / 'with_missing.tsv'} (after the header): cannot read image " \
+           f"{demo / 'images' / 'not-there.jpg'} (No such file or directory)" in capsys.readouterr().err
 
 
 def test_a_table_with_a_byte_order_mark_skips_and_counts_rows_without_an_image_or_caption(demo):
@@ -269,9 +277,9 @@ def test_a_thousand_class_folders_are_taken_in_wnid_order_only_when_they_are_wni
         read_zeroshot(str(tmp_path / "named"), "imagenet")  # not silently paired with tench, goldfish, ...
 
 
-def _fails(path) -> bool:
+def _fails(file: bytes | Path) -> bool:
     try:
-        load_image(str(path), 32)
+        load_image(file if isinstance(file, bytes) else str(file), 32)
     except BadImage:
         return True
     return False
@@ -285,13 +293,19 @@ def test_an_epoch_ends_after_train_num_samples(demo):
     assert (batches.position()["epoch"], batches.position()["taken"]) == (1, 100)
 
 
-def test_a_truncated_shard_is_counted_and_the_stream_goes_on(demo, tmp_path):
+def test_a_truncated_shard_is_counted_apart_from_skipped_samples_and_the_stream_goes_on(demo, tmp_path, capsys):
     whole = (demo / "shards" / "train-00000.tar").read_bytes()
     (tmp_path / "cut.tar").write_bytes(whole[: len(whole) // 2])
-    source = ShardSource([str(tmp_path / "cut.tar"), str(demo / "shards" / "train-00001.tar")])
+    intact = str(demo / "shards" / "train-00001.tar")
+    bad = [s.key for s in read_shard(intact) if _fails(s.image)]
+    source = ShardSource([str(tmp_path / "cut.tar"), intact])
     batches = StreamedBatches(source, seed=0, stage=0, batch_size=10, image_size=32, workers=0)
     keys = keys_of(batches, 10)
-    assert len(set(keys)) == 100 and batches.skipped >= 1
+    assert len(set(keys)) == 100 and batches.broken_shards == 1 and batches.position()["broken_shards"] == 1
+    err = capsys.readouterr().err
+    assert f"skipping the rest of {tmp_path / 'cut.tar'}: the file ends inside a member" in err
+    # an unusable sample of a shard is named with its shard (keys repeat across the sources of a `::` list)
+    assert bad and all(f"skipping training sample {key} of {intact}: image does not decode" in err for key in bad)
 
 
 def test_resize_runs_decode_files_at_the_reduced_resolution(demo):
@@ -484,6 +498,21 @@ def test_retrieval_sets_from_a_table_and_from_shards_agree(demo):
     assert all(len(set(table.captions[i:i + 5])) >= 2 for i in range(0, 200, 5))
 
 
+def test_retrieval_shard_samples_without_an_image_or_a_caption_are_counted_as_skipped(demo, tmp_path):
+    image = jpeg(np.zeros((3, 16, 16), np.uint8))
+    with tarfile.open(tmp_path / "ret.tar", "w") as tar:
+        for name, data in [("a.jpg", image), ("a.txt", b"one\ntwo\n"), ("b.jpg", image), ("c.txt", b"lonely"),
+                           ("d.jpg", b"not a jpeg"), ("d.txt", b"broken")]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    found = read_retrieval(str(tmp_path / "ret.tar"), "filepath", "title", "\t")
+    assert (found.captions, found.caption_image.tolist(), found.unusable) == (["one", "two", "broken"], [0, 0, 1], 2)
+    features = lambda batch: torch.nn.functional.normalize(torch.ones(len(batch), 4), dim=-1)  # noqa: E731
+    metrics = evaluate_on_disk(features, features, found, 16, workers=0)
+    assert metrics["skipped"] == 3  # b and c left out when read, d when it does not decode
+
+
 @pytest.mark.parametrize("settings, field", [
     ({"dataset": "webdataset"}, "train_data"),
     ({"dataset": "webdataset", "train_data": "nowhere/{0..3}.tar"}, "train_data"),
@@ -560,6 +589,7 @@ def test_a_run_on_files_reports_every_evaluation_set_and_counts_corrupt_images(d
         k.replace("cocoshards_", "coco_"): v for k, v in full.values().items() if k.startswith("cocoshards_")}
     # 1280 samples: two epochs of 596 usable pairs, then 88 of the third: each corrupt one met twice or three times
     assert 2 * CORRUPT <= record.compute.stages["pretrain"].skipped_samples <= 3 * CORRUPT
+    assert record.compute.stages["pretrain"].broken_shards == 0
     assert record.compute.stages["pretrain"].loader_workers == record.compute.workers == 1
 
 

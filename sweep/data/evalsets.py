@@ -6,7 +6,8 @@
   folder must name its classes with ImageNet class names). Prompt templates likewise: a file of lines with `{}`,
   or `imagenet` (open_clip's 80 OpenAI templates, the default with ImageNet names).
 - `retrieval`: a CSV/TSV with one row per (image, caption), several rows per image (COCO/Flickr style), or
-  webdataset shards whose samples carry several captions (`.txt` one per line, or `.json` `captions`).
+  webdataset shards whose samples carry several captions (`.txt` one per line, or `.json` `captions`); a sample
+  of a shard with no image or no caption is left out and counted (`<name>_skipped`).
 
 Images are decoded with the evaluation transform (resize + centre crop) at the model's full resolution, in loader
 workers, batch by batch: a set never has to fit in memory. An image that does not decode is left out of its set
@@ -46,6 +47,7 @@ class RetrievalSet:
     images: list[bytes | str]  # file bytes (shards) or paths (tables)
     captions: list[str]
     caption_image: torch.Tensor  # int64 [T]: the image each caption describes
+    unusable: int = 0  # samples of shards left out for want of an image or a caption (counted in `skipped`)
 
 
 def _lines(path: str) -> tuple[str, ...]:
@@ -102,14 +104,17 @@ def read_retrieval(data: str, img_key: str, caption_key: str, separator: str) ->
     images: list[bytes | str] = []
     captions: list[str] = []
     owner: list[int] = []
+    unusable = 0
     paths = expand_paths(data)
     if all(is_shard(p) for p in paths):
         for path in paths:
-            for sample in read_shard(path):
-                if sample.image is not None and sample.captions:
-                    captions += sample.captions
-                    owner += [len(images)] * len(sample.captions)
-                    images.append(sample.image)
+            for sample in read_shard(path, several=True):
+                if sample.image is None or not sample.captions:
+                    unusable += 1
+                    continue
+                captions += sample.captions
+                owner += [len(images)] * len(sample.captions)
+                images.append(sample.image)
     elif len(paths) == 1:
         index: dict[str, int] = {}
         for row, (image, caption) in enumerate(read_table(paths[0], img_key, caption_key, separator), 1):
@@ -125,7 +130,7 @@ def read_retrieval(data: str, img_key: str, caption_key: str, separator: str) ->
         raise ValueError(f"{data}: expected .tar shards or one CSV/TSV table")
     if not images:
         raise ValueError(f"{data} holds no image with a caption")
-    return RetrievalSet(images, captions, torch.tensor(owner))
+    return RetrievalSet(images, captions, torch.tensor(owner), unusable)
 
 
 class _Decoded(Dataset):

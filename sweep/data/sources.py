@@ -38,7 +38,8 @@ class RawSample:
     key: str
     image: bytes | str | None  # file bytes (shards), a path (tables), None when the sample has no image
     captions: tuple[str, ...] = ()  # every caption (retrieval sets have several per image); empty: none
-    error: str | None = None  # why this is not a usable sample (e.g. the rest of a truncated shard)
+    where: str = ""  # the sample for a message: "sample 000123 of shards/00004.tar", "row 7 of train.csv"
+    lost: str | None = None  # set on a stand-in for the rest of a shard that broke off: why it did
 
     @property
     def caption(self) -> str | None:
@@ -62,11 +63,14 @@ def epoch_order(n: int, seed: int, stage: int, epoch: int) -> np.ndarray:
     return rng_for(seed, stage, epoch).permutation(n)
 
 
-def _captions_of(files: dict[str, bytes]) -> tuple[str, ...]:
-    """The captions of a webdataset sample: `.txt` (one caption per line), or `.json` with a `captions` list,
-    `caption` or `text`."""
+def _captions_of(files: dict[str, bytes], several: bool) -> tuple[str, ...]:
+    """The captions of a webdataset sample, from `.txt`, or from `.json` with `caption`, `text` or a `captions`
+    list. A training pair has one caption: the whole `.txt` (LAION's captions may run over several lines; they are
+    joined with spaces), or the json's `caption`/`text` (else the first of `captions`). With `several` (retrieval
+    sets), every caption: one per line of `.txt`, or the json's `captions` list (else `caption`/`text`)."""
     if "txt" in files:
-        return tuple(line.strip() for line in files["txt"].decode("utf-8", "replace").splitlines() if line.strip())
+        lines = tuple(line.strip() for line in files["txt"].decode("utf-8", "replace").splitlines() if line.strip())
+        return lines if several or not lines else (" ".join(lines),)
     if "json" in files:
         try:
             meta = json.loads(files["json"])
@@ -74,11 +78,9 @@ def _captions_of(files: dict[str, bytes]) -> tuple[str, ...]:
             return ()
         if isinstance(meta, dict):
             many = meta.get("captions")
-            if isinstance(many, list) and many and all(isinstance(c, str) for c in many):
-                return tuple(many)
-            for name in ("caption", "text"):
-                if isinstance(meta.get(name), str):
-                    return (meta[name],)
+            many = tuple(many) if isinstance(many, list) and many and all(isinstance(c, str) for c in many) else ()
+            one = next(((meta[name],) for name in ("caption", "text") if isinstance(meta.get(name), str)), ())
+            return (many or one) if several else (one or many[:1])
     return ()
 
 
@@ -122,13 +124,14 @@ def tar_members(f: BinaryIO) -> Iterator[tuple[str, bytes]]:
             long_name = None  # directories, links, global pax headers: not samples
 
 
-def read_shard(path: str) -> Iterator[RawSample]:
+def read_shard(path: str, several: bool = False) -> Iterator[RawSample]:
     """The samples of one tar shard (plain or gzipped) in file order: consecutive members that share a key (the
-    name up to the first dot of the base name, webdataset's convention) form a sample. A truncated or unreadable
-    shard ends early, with an OSError after the samples read so far."""
+    name up to the first dot of the base name, webdataset's convention) form a sample; `several`: every caption
+    of a sample, as a retrieval set reads them (`_captions_of`). A truncated or unreadable shard ends early, with
+    an OSError after the samples read so far."""
     def sample(key: str, files: dict[str, bytes]) -> RawSample:
         image = next((files[ext] for ext in IMAGE_EXTENSIONS if ext in files), None)
-        return RawSample(key, image, _captions_of(files))
+        return RawSample(key, image, _captions_of(files, several), f"sample {key} of {path}")
 
     key, files = None, {}
     try:
@@ -153,8 +156,9 @@ def read_shard(path: str) -> Iterator[RawSample]:
 
 
 class ShardSource:
-    """Webdataset shards, streamed. A shard that cannot be read to the end gives one sample with an `error` where
-    it broke off (counted with the skipped samples); the stream goes on with the next shard."""
+    """Webdataset shards, streamed. A shard that cannot be read to the end gives, where it broke off, one stand-in
+    sample that says why (`lost`; its unread samples cannot be counted: the loader counts the broken shard); the
+    stream goes on with the next shard."""
 
     def __init__(self, shards: list[str]):
         self.shards = shards
@@ -185,7 +189,8 @@ def _with_error(path: str) -> Iterator[RawSample]:
     try:
         yield from read_shard(path)
     except OSError as err:
-        yield RawSample(f"{path}#unreadable", None, error=str(err))
+        yield RawSample(f"{path}#unreadable", None, where=f"the rest of {path}",
+                        lost=str(err).removeprefix(f"shard {path}: "))
 
 
 class TableSource:
@@ -193,7 +198,7 @@ class TableSource:
     `csv_separator`); relative image paths are relative to the table's directory."""
 
     def __init__(self, path: str, img_key: str, caption_key: str, separator: str):
-        self.rows = read_table(path, img_key, caption_key, separator)
+        self.path, self.rows = path, read_table(path, img_key, caption_key, separator)
 
     @property
     def max_streams(self) -> int:
@@ -203,7 +208,7 @@ class TableSource:
         order = epoch_order(len(self.rows), seed, stage, epoch)
         for index in order[stream::streams]:
             image, caption = self.rows[index]
-            yield RawSample(f"{index}", image, (caption,))
+            yield RawSample(f"{index}", image, (caption,), f"row {index + 1} of {self.path} (after the header)")
 
 
 def read_table(path: str, img_key: str, caption_key: str, separator: str) -> list[tuple[str | None, str]]:

@@ -25,8 +25,9 @@ streams. So the ranks read distinct shards (or rows) and together still visit ev
 which samples share a batch depends on the number of ranks (it does not on the embedded data), and a checkpoint
 holds one position per rank: resume a run on files on as many ranks as it started with.
 
-A sample that cannot be used (an image that does not decode, a missing caption, the rest of a truncated shard)
-is skipped and counted (`skipped`), never a crash. `epoch_samples` (the setting `train_num_samples`) ends an epoch
+A sample that cannot be used (an image that does not decode, a missing caption or image) is skipped and counted
+(`skipped`), never a crash; so is a shard that cannot be read to its end (`broken_shards`: how many samples it
+still held cannot be known). `epoch_samples` (the setting `train_num_samples`) ends an epoch
 after that many samples, like open_clip_train's epoch size.
 """
 from __future__ import annotations
@@ -56,7 +57,7 @@ if TYPE_CHECKING:
 # 12, 15 or 16 workers, and among 15 workers on each of 8 ranks (30 streams a rank)
 STREAMS = 240
 CHUNK = 32  # raw samples per chunk: the unit a loader worker decodes and hands over
-WARN_SKIPPED = 10  # the first this many skipped samples of a run are named on stderr
+WARN_SKIPPED = 10  # the first this many skipped samples (and broken shards) of a run are named on stderr
 SHARE_ABOVE = 1 << 20  # bytes of a chunk's images above which a worker hands them over as shared memory
 
 
@@ -101,31 +102,29 @@ class Chunk:
     files: np.ndarray | torch.Tensor | None = None
     ends: np.ndarray | None = None  # int64 [deferred samples]
     boxes: np.ndarray | None = None  # float64 [deferred samples, 4]
-    bad: list[tuple[int, str, str]] = field(default_factory=list)  # (position, key, why) of skipped samples
+    # (position, where, why, lost) of each unusable sample; `lost`: a stand-in for the rest of a broken shard
+    bad: list[tuple[int, str, str, bool]] = field(default_factory=list)
 
 
 def decode(sample: RawSample, image_size: int, rng: random.Random, defer: bool = False
            ) -> np.ndarray | tuple[bytes, tuple[float, float, float, float]]:
     """The sample's training image (uint8 [S, S, 3]); with `defer`, its JPEG file and crop box instead where the
     trainer's device can decode that file (`jpeg_crop`); or ValueError saying why the sample is unusable."""
-    if sample.error:
-        raise ValueError(sample.error)
+    if sample.lost:
+        raise ValueError(sample.lost)
     if sample.image is None:
         raise ValueError("no image (.jpg/.jpeg/.png/.webp) in the sample")
     if not sample.caption:
         raise ValueError("no caption (.txt, or .json with caption/text/captions)")
+    try:  # a table's image is a path: read apart from decoding, so that a missing file is named as such
+        file = sample.image if isinstance(sample.image, bytes) else Path(sample.image).read_bytes()
+    except OSError as err:
+        raise ValueError(f"cannot read image {sample.image} ({err.strerror or err})") from None
     try:
-        file = sample.image
-        if defer:  # read once, whether the device or load_image decodes it
-            file = file if isinstance(file, bytes) else Path(file).read_bytes()
-            box = jpeg_crop(file, rng)
-            if box is not None:
-                return file, box
-        return load_image(file, image_size, rng)
+        box = jpeg_crop(file, rng) if defer else None
+        return (file, box) if box is not None else load_image(file, image_size, rng)
     except BadImage as err:
         raise ValueError(f"image does not decode ({err})") from None
-    except OSError as err:  # a table row whose file is missing or unreadable
-        raise ValueError(f"cannot read image ({err.strerror or err})") from None
 
 
 class EpochChunks(IterableDataset):
@@ -182,7 +181,7 @@ class EpochChunks(IterableDataset):
                     chunk.keys.append(sample.key)
                     chunk.captions.append(sample.caption)
                 except ValueError as err:
-                    chunk.bad.append((position, sample.key, str(err)))
+                    chunk.bad.append((position, sample.where or sample.key, str(err), sample.lost is not None))
                 position += 1
             chunk.end, chunk.last = position, ahead is None
             chunk.deferred = np.array(deferred, dtype=bool)
@@ -233,6 +232,7 @@ class StreamedBatches:
         self.consumed: list[int] = list(position.get("consumed") or [0] * self.streams)
         self.taken: int = position.get("taken", 0)  # usable samples of this epoch gone into batches
         self.skipped: int = position.get("skipped", 0)  # unusable samples passed over, all epochs
+        self.broken_shards: int = position.get("broken_shards", 0)  # shards that broke off, all epochs
         if len(self.consumed) != self.streams:
             raise ValueError(f"the checkpoint's data position has {len(self.consumed)} streams, the data now gives "
                              f"{self.streams}: the training set, or how this version splits an epoch into "
@@ -245,7 +245,8 @@ class StreamedBatches:
         self.decode_on = None if decode_on is None else torch.device(decode_on)
 
     def position(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "consumed": list(self.consumed), "taken": self.taken, "skipped": self.skipped}
+        return {"epoch": self.epoch, "consumed": list(self.consumed), "taken": self.taken, "skipped": self.skipped,
+                "broken_shards": self.broken_shards}
 
     def close(self) -> None:
         """Stop the loader workers now (not when the garbage collector gets to them)."""
@@ -321,7 +322,7 @@ class StreamedBatches:
             if chunk is None:  # the epoch is over
                 if self.taken == 0:
                     raise RuntimeError(f"epoch {self.epoch} of the training data has no usable sample "
-                                       f"({self.skipped} skipped so far)")
+                                       f"({self.skipped} skipped and {self.broken_shards} broken shards so far)")
                 self._chunks = self._chunk = None  # stops its workers
                 self.epoch, self.consumed, self.taken = self.epoch + 1, [0] * self.streams, 0
                 continue
@@ -341,11 +342,16 @@ class StreamedBatches:
 
     def _advance(self, chunk: Chunk, to: int) -> None:
         """Move stream `chunk.stream` to raw position `to`, counting the unusable samples passed over."""
-        for position, key, why in chunk.bad:
+        for position, where, why, lost in chunk.bad:
             if self.consumed[chunk.stream] <= position < to:
-                self.skipped += 1
-                if self.skipped <= WARN_SKIPPED:
-                    print(f"skipping training sample {key}: {why}", file=sys.stderr)
+                if lost:
+                    self.broken_shards += 1
+                    if self.broken_shards <= WARN_SKIPPED:
+                        print(f"skipping {where}: {why}", file=sys.stderr)
+                else:
+                    self.skipped += 1
+                    if self.skipped <= WARN_SKIPPED:
+                        print(f"skipping training {where}: {why}", file=sys.stderr)
         self.consumed[chunk.stream] = to
 
 

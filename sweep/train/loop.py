@@ -223,6 +223,8 @@ def train_stage(model, encoders, cfg: RunConfig, runtime: Runtime, here: Distrib
         positions = here.gather((batches.position(), batches.skipped))
         state.data = [p for p, _ in positions] if cfg.dataset != "synthetic" else None
         stats["skipped_samples"] = sum(skipped for _, skipped in positions)
+        if state.data:
+            stats["broken_shards"] = sum(p["broken_shards"] for p in state.data)
         if here.main:
             state.save(run_dir, model, optimizer, cfg.to_dict(), started)
         here.barrier()
