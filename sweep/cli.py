@@ -16,10 +16,17 @@ def _train(args: argparse.Namespace) -> int:
     from sweep.config import ConfigError, load_run_config
     from sweep.train import Interrupted, run
 
+    from sweep.results import AlreadyRunning
+
     cfg = load_run_config(args.config, args.set)
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise ConfigError("--out", f"{args.out} is a file; a run directory was expected", "command line")
     where = f"{args.out}/result.json"
     try:
         record = run(cfg, args.out, progress=not args.quiet)
+    except AlreadyRunning as err:  # not a failure of this run: nothing was trained or recorded here
+        print(f"sweep train: {err}", file=sys.stderr)
+        return 1
     except Interrupted as err:
         print(f"sweep train: {err}", file=sys.stderr)
         import torch.distributed as dist
@@ -33,7 +40,8 @@ def _train(args: argparse.Namespace) -> int:
     except ConfigError:  # the directory holds another run: bad input, exit 2
         raise
     except Exception as err:  # noqa: BLE001 - the trainer has recorded it in result.json; say it in one line
-        print(f"sweep train: run failed: {type(err).__name__}: {err} (record in {where})", file=sys.stderr)
+        recorded = f" (record in {where})" if os.path.exists(where) else ""
+        print(f"sweep train: run failed: {type(err).__name__}: {err}{recorded}", file=sys.stderr)
         return 1
     if record.status != "completed":
         print(f"sweep train: run failed: {record.error} (record in {where})", file=sys.stderr)
@@ -383,7 +391,7 @@ def _yaml_scalar(text: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from sweep.config import field_docs
+    from sweep.config import OPERATIONAL, field_docs
 
     parser = argparse.ArgumentParser(
         prog="sweep",
@@ -392,7 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    settings = "\n".join(textwrap.fill(f"{k}: {v}", 100, initial_indent="  ", subsequent_indent="      ")
+    settings = "\n".join(textwrap.fill(f"{k}{' (operational)' if k in OPERATIONAL else ''}: {v}", 100,
+                                       initial_indent="  ", subsequent_indent="      ")
                          for k, v in field_docs().items())
     p = sub.add_parser(
         "train", help="train one run from a single-run config and write RUN_DIR/result.json",
@@ -401,10 +410,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "RUN_DIR resumes from its latest checkpoint; a completed run is not trained again. Under "
                     "torchrun (torchrun --standalone --nproc_per_node N -m sweep train ...) the N processes train "
                     "one run together, each on its share of every batch, with the same result.",
-        epilog="settings (YAML keys, also for --set):\n" + settings,
+        epilog=textwrap.fill("settings (YAML keys, also for --set; an operational one says how the run is carried "
+                             "out, not what it trains: it is not part of the run id and may change between a run's "
+                             "restarts):", 100) + "\n" + settings,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", help="YAML file with the run's settings (e.g. grids/run-example.yaml)")
-    p.add_argument("--out", required=True, help="run directory (created; holds checkpoint, weights, result.json)")
+    p.add_argument("--out", required=True, metavar="RUN_DIR",
+                   help="run directory (created; holds checkpoint, weights, result.json)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override one setting (repeatable), e.g. --set image_tokens=17")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

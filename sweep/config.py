@@ -161,7 +161,7 @@ class RunConfig(Settings):
         self._check_data()
         _choice("precision", self.precision, ["auto", "fp32", "bf16"])
         _choice("decode", self.decode, ["workers", "device"])
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+        if not re.fullmatch(r"auto|cpu|cuda(:(0|[1-9]\d*))?", self.device):
             raise invalid("device", f"unknown value {self.device!r}; allowed: auto, cpu, cuda, cuda:N")
         spec = self.spec
         if self.image_tokens is None:

@@ -124,12 +124,13 @@ def write_manifest(grid: Grid, results: str | Path, launch: dict[str, Any] | Non
 
 
 def prepare_run_dirs(grid: Grid, results: str | Path, runs: list[Run], threads: int) -> list[Path]:
-    """Create each run's directory with its config.yaml, which is all a job needs to train it."""
+    """Create each run's directory with its config.yaml, which is all a job needs to train it. A run's own
+    `threads` (set in the grid) is kept; 0 takes the launcher's share of the cores."""
     dirs = []
     for run in runs:
         run_dir = sweep_dir(results, grid.sweep) / run.run_id
         run_dir.mkdir(parents=True, exist_ok=True)
-        cfg = {**run.config.to_dict(), "threads": threads}
+        cfg = {**run.config.to_dict(), "threads": run.config.threads or threads}
         atomic_write(run_dir / "config.yaml", lambda p: Path(p).write_text(yaml.safe_dump(cfg, sort_keys=False)))
         dirs.append(run_dir)
     return dirs

@@ -336,7 +336,7 @@ def run_trial(grid, folder: Path, study: Study, opened, trial, threads: int) -> 
     spec: TuneSpec = grid.tune
     objective = spec.objective
     try:
-        cfg = config_from_dict({**study.base.to_dict(), **trial.params, "threads": threads})
+        cfg = config_from_dict({**study.base.to_dict(), **trial.params, "threads": study.base.threads or threads})
     except ConfigError as err:  # e.g. a sampled batch size larger than the fine-tune
         trial.set_user_attr("reason", str(err))
         opened.tell(trial, state=TrialState.FAIL)

@@ -5,6 +5,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from sweep.cli import main
 from sweep.launch import slurm_available
@@ -91,14 +92,30 @@ def test_failed_runs_say_why_and_rerun_only_when_asked(tmp_path, capsys):
     assert set(after) == set(before) and all(after[k] > before[k] for k in before)
 
 
-def test_a_run_held_by_another_process_is_not_trained_twice(tmp_path):
-    cfg = config_from_dict({"model": "cpu-s", "pretrain_samples": 128, "batch_size": 64})
+def test_a_run_held_by_another_process_is_not_trained_twice(tmp_path, capsys):
+    settings = {"model": "cpu-s", "pretrain_samples": 128, "batch_size": 64}
+    cfg = config_from_dict(settings)
     run_dir = tmp_path / "run"
     run_dir.mkdir()
+    (tmp_path / "run.yaml").write_text(json.dumps(settings))
     with exclusive(run_dir):
         with pytest.raises(AlreadyRunning):
             run(cfg, run_dir, progress=False)
+        assert main(["train", str(tmp_path / "run.yaml"), "--out", str(run_dir), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    # said as what it is: no failure, no record to point at
+    assert err.strip() == f"sweep train: {run_dir} is being trained by another process"
     assert not (run_dir / "result.json").exists()
+
+
+def test_a_grids_own_threads_are_kept_and_zero_takes_the_launchers_share(tmp_path):
+    from sweep.grid import load_grid
+    from sweep.launch import prepare_run_dirs
+
+    for given, written in ((3, 3), (0, 5)):
+        grid = load_grid(grid_file(tmp_path, f"  threads: {given}"))
+        dirs = prepare_run_dirs(grid, tmp_path / f"results{given}", grid.runs, threads=5)
+        assert {yaml.safe_load((d / "config.yaml").read_text())["threads"] for d in dirs} == {written}
 
 
 def slurm(state, reason="", exit_code="0:0"):

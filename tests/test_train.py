@@ -108,18 +108,40 @@ def test_diverging_run_ends_failed_with_the_reason(tmp_path, capsys):
     assert record["status"] == "failed"
     assert "loss became nan" in record["error"] and "pretrain step" in record["error"]
     assert "loss became nan" in capsys.readouterr().err
+    # no stage finished: no samples counted and no rate (the failed stage's seconds are still in train_seconds)
+    compute = record["compute"]
+    assert compute["samples_seen"] == 0 and compute["samples_per_second"] is None and compute["train_seconds"] > 0
 
 
 def test_completed_run_is_not_trained_again_and_a_changed_config_is_refused(tmp_path, capsys):
     cfg = load_run_config("grids/run-example.yaml", ["pretrain_samples=256", "finetune_samples=0", "threads=1",
-                                                     "eval_zeroshot_samples=40", "eval_retrieval_samples=40"])
+                                                     "eval_zeroshot_samples=40", "eval_retrieval_samples=40",
+                                                     "micro_batch_size=100000"])
     first = run(cfg, tmp_path / "r", progress=False)
+    # a micro-batch larger than the batch is recorded as what was used: the whole batch
+    assert first.compute.stages["pretrain"].micro_batch_size == cfg.batch_size
     mtime = (tmp_path / "r" / "result.json").stat().st_mtime_ns
     assert run(cfg, tmp_path / "r", progress=False) == first
     assert (tmp_path / "r" / "result.json").stat().st_mtime_ns == mtime
     code = main(["train", "grids/run-example.yaml", "--out", str(tmp_path / "r"), "--set", "seed=5"])
     assert code == 2
     assert "seed" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("what", ["a file as --out", "a broken config.yaml"])
+def test_a_run_directory_that_cannot_be_used_is_a_one_line_error(tmp_path, capsys, what):
+    out = tmp_path / "r"
+    if what == "a file as --out":
+        out.write_text("not a directory")
+        needle = "--out: "
+    else:
+        out.mkdir()
+        (out / "config.yaml").write_text("model: [cpu-s\n")
+        needle = "r/config.yaml: line 2: not valid YAML"
+    assert main(["train", "grids/run-example.yaml", "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and needle in err and "run failed" not in err
+    assert not (out / "result.json").exists() if out.is_dir() else out.read_text() == "not a directory"
 
 
 def test_text_reduced_run_pretrains_at_its_context_and_finetunes_at_full(tmp_path):

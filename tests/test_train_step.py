@@ -75,7 +75,8 @@ def test_runtime_resolves_auto_by_the_device():
     assert auto.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-@pytest.mark.parametrize("raw,field", [({"device": "gpu"}, "device"), ({"precision": "fp16"}, "precision"),
+@pytest.mark.parametrize("raw,field", [({"device": "gpu"}, "device"), ({"device": "cuda:01"}, "device"),
+                                       ({"precision": "fp16"}, "precision"),
                                        ({"compile": "yes"}, "compile"), ({"micro_batch_size": -1}, "micro_batch_size"),
                                        ({"log_every": 0}, "log_every")])
 def test_bad_runtime_settings_fail_at_load_time(raw, field):

@@ -27,7 +27,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from sweep.config import ConfigError, RunConfig, identity
+from sweep.config import ConfigError, RunConfig, identity, read_yaml_mapping
 from sweep.data import Data, load_data
 from sweep.data.evalsets import RetrievalSet, ZeroshotSet, read_retrieval, read_zeroshot
 from sweep.data.sources import open_source
@@ -290,7 +290,8 @@ def train_stage(model, encoders, cfg: RunConfig, runtime: Runtime, here: Distrib
     stats["steps"] = steps
     stats["samples"] = steps * cfg.batch_size
     # pairs per forward/backward pass on one rank: what fitted, after any halving
-    stats["micro_batch_size"] = step_fn.micro_batch_size or cfg.batch_size // here.world_size
+    rows = cfg.batch_size // here.world_size
+    stats["micro_batch_size"] = min(step_fn.micro_batch_size or rows, rows)
     # the other ranks wait for rank 0's metrics; a run whose training is over is not pruned
     found = {stage: evaluate_now(steps, may_prune=stage == "pretrain" and cfg.finetune_samples > 0)}
     if here.main:
@@ -356,7 +357,7 @@ def check_run_dir(cfg: RunConfig, run_dir: Path) -> None:
     saved = run_dir / "config.yaml"
     if saved.exists():
         # compared as run identities: a setting added since the directory was written reads as its old behaviour
-        previous, current = dict(identity(yaml.safe_load(saved.read_text()) or {})), dict(identity(cfg))
+        previous, current = dict(identity(read_yaml_mapping(saved, "run settings"))), dict(identity(cfg))
         changed = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
         if changed:
             raise ConfigError(changed[0],
@@ -466,6 +467,8 @@ def _finish(fields: dict[str, Any], state: TrainState, runtime: Runtime | None, 
     compute = state.compute
     samples = sum(c.get("samples", 0) for c in compute.values())
     train_seconds = sum(c.get("train_seconds", 0.0) for c in compute.values())
+    # the rate of the finished stages only: a failed stage's seconds went into no counted sample
+    finished_seconds = sum(c["train_seconds"] for c in compute.values() if "samples" in c)
     where = {}
     if runtime is not None:
         where = {"device": str(runtime.device), "precision": runtime.precision, "compiled": runtime.compile,
@@ -481,7 +484,7 @@ def _finish(fields: dict[str, Any], state: TrainState, runtime: Runtime | None, 
             train_flops=sum((c.get("flops_per_step") or 0) * c.get("steps", 0) for c in compute.values()),
             wall_seconds=round(state.elapsed + time.time() - started, 3),
             train_seconds=round(train_seconds, 3),
-            samples_per_second=round(samples / train_seconds, 2) if train_seconds else None,
+            samples_per_second=round(samples / finished_seconds, 2) if finished_seconds else None,
             stages=compute,
             threads=torch.get_num_threads(),
             world_size=here.world_size,
