@@ -59,17 +59,31 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _make_data(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from sweep.config import ConfigError
     from sweep.data.generate import make_data
 
-    for name in ("train_samples", "shard_size", "image_size", "zeroshot_samples", "retrieval_images",
-                 "captions_per_image"):
+    for name in ("train_samples", "shard_size", "image_size", "retrieval_images", "captions_per_image"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')}", "must be at least 1", "command line")
+    if args.zeroshot_samples < 2:
+        raise ConfigError("--zeroshot-samples", "must be at least 2 (zero-shot needs two classes)", "command line")
+    if args.data_seed < 0:
+        raise ConfigError("--data-seed", "must be at least 0", "command line")
     if not 0 <= args.corrupt <= args.train_samples:
         raise ConfigError("--corrupt", f"must be in [0, {args.train_samples}]", "command line")
     if not 0 <= args.imagenet_classes <= 40:
         raise ConfigError("--imagenet-classes", "must be in [0, 40] (one per synthetic class)", "command line")
+    out = Path(args.out)
+    # into a folder of earlier output, shards and images of the other run would stay mixed in with the new ones
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
+        raise ConfigError("out", f"{out} exists and is {'not empty' if out.is_dir() else 'not a folder'}; give a "
+                          "new or empty folder", "command line")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError("out", f"cannot create {out} ({err.strerror or err})", "command line") from None
     paths = make_data(args.out, data_seed=args.data_seed, train_samples=args.train_samples,
                       shard_size=args.shard_size, image_size=args.image_size,
                       zeroshot_samples=args.zeroshot_samples, retrieval_images=args.retrieval_images,
@@ -523,12 +537,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "a TSV of JPEG files for training, an ImageNet-style folder for zero-shot, a retrieval table "
                     "and shard with several captions per image. Every loader then runs on files, no download "
                     "(see sweep/data/generate.py for the layout and grids/files_demo.yaml for a sweep on them).")
-    p.add_argument("out", help="directory to write (created)")
+    p.add_argument("out", help="directory to write: a new or an empty one (created)")
     p.add_argument("--data-seed", type=int, default=0, help="which synthetic scenes (the setting data_seed)")
     p.add_argument("--train-samples", type=int, default=2048, help="training pairs (default 2048)")
     p.add_argument("--shard-size", type=int, default=256, help="pairs per shard (default 256)")
     p.add_argument("--image-size", type=int, default=64, help="image side in pixels (default 64, the CPU sizes')")
-    p.add_argument("--zeroshot-samples", type=int, default=400, help="zero-shot images (default 400)")
+    p.add_argument("--zeroshot-samples", type=int, default=400,
+                   help="zero-shot images (default 400; at least 2, 40 give every class one)")
     p.add_argument("--retrieval-images", type=int, default=100, help="retrieval images (default 100)")
     p.add_argument("--captions-per-image", type=int, default=5, help="retrieval captions per image (default 5)")
     p.add_argument("--corrupt", type=int, default=0, help="training images to truncate, to test skipping (default 0)")

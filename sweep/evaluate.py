@@ -37,7 +37,7 @@ def zeroshot(image_features: ImageFeatures, text_features: TextFeatures, images:
 def class_features(text_features: TextFeatures, classnames: tuple[str, ...], templates: tuple[str, ...]
                    ) -> torch.Tensor:
     """Normalised class embeddings [C, D]: each class's prompts over all templates, averaged, as CLIP does."""
-    per_template = [text_features([t.format(c) for c in classnames]) for t in templates]
+    per_template = [text_features([t.replace("{}", c) for c in classnames]) for t in templates]
     return torch.nn.functional.normalize(torch.stack(per_template).mean(0), dim=-1)
 
 
@@ -57,12 +57,15 @@ def retrieval(image_features: ImageFeatures, text_features: TextFeatures, images
 def evaluate_on_disk(image_features: ImageFeatures, text_features: TextFeatures,
                      eval_set: ZeroshotSet | RetrievalSet, image_size: int, workers: int) -> dict[str, float]:
     """An evaluation set on disk: its images decoded by `workers` processes and encoded batch by batch (a set
-    never sits in memory as pixels), then zero-shot or retrieval metrics (sweep.data.evalsets)."""
+    never sits in memory as pixels), then zero-shot or retrieval metrics (sweep.data.evalsets). ValueError when
+    none of its images decodes: its metrics would be NaN, and wrong paths or files would pass for a result."""
     features, decoded = [], []
     for images, ok in image_batches(eval_set.images, image_size, workers):
         features.append(image_features(images))
         decoded.append(ok)
     images, ok = torch.cat(features), torch.cat(decoded)
+    if not ok.any():
+        raise ValueError(f"evaluation set {eval_set.source}: none of its {len(ok)} images can be read and decoded")
     if isinstance(eval_set, ZeroshotSet):
         classes = class_features(text_features, eval_set.classnames, eval_set.templates)
         return zeroshot_metrics(images, ok, eval_set.labels, classes)

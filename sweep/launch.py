@@ -151,7 +151,7 @@ def prepare_text(runs: list[Run], progress: bool = True) -> int:
         if progress:
             print(f"tagging the captions of {dataset} (data_seed {data_seed}, {scenes} scenes) with {spacy_model}")
         data = load_data(dataset, data_seed, scenes, size, zeroshot, retrieval)
-        prompts = [t.format(c) for t in data.templates for c in data.classnames]
+        prompts = [t.replace("{}", c) for t in data.templates for c in data.classnames]
         captions = list(dict.fromkeys(data.train_captions + data.retrieval_captions + prompts))
         TextReducer("syntax", context, context_length=context, spacy_model=spacy_model).prepare(captions)
         prepared += len(captions)

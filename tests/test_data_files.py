@@ -1,4 +1,5 @@
 """Training and evaluation data on files: shards, tables, folders, and the exact resume of a streamed epoch."""
+import csv
 import io
 import json
 import multiprocessing
@@ -18,13 +19,13 @@ from PIL import Image
 
 from sweep.cli import main
 from sweep.config import ConfigError, config_from_dict
-from sweep.data.evalsets import read_retrieval, read_zeroshot, retrieval_metrics, zeroshot_metrics
+from sweep.data.evalsets import folder_name, read_retrieval, read_zeroshot, retrieval_metrics, zeroshot_metrics
 from sweep.data import images as images_module
 from sweep.data.generate import jpeg, make_data
 from sweep.data.images import BadImage, crop_box, draft_need, draft_scale, load_image
 from sweep.data.sources import RawSample, ShardSource, expand_paths, open_source, read_shard
 from sweep.data.stream import CHUNK, SHARE_ABOVE, STREAMS, Prefetched, StreamedBatches, loader_workers
-from sweep.evaluate import evaluate_on_disk
+from sweep.evaluate import class_features, evaluate_on_disk
 from sweep.record import read_record
 from sweep.results import held_elsewhere
 from sweep.strategies.text import TextReducer
@@ -543,6 +544,153 @@ def test_data_settings_that_cannot_work_fail_at_load_naming_the_field(demo, sett
 def test_make_data_refuses_impossible_counts_before_writing(tmp_path, capsys):
     assert main(["make-data", str(tmp_path / "out"), "--train-samples", "10", "--corrupt", "11"]) == 2
     assert "--corrupt" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_make_data_refuses_a_negative_seed_and_an_output_that_is_a_file_or_not_empty(tmp_path, capsys):
+    """A folder of earlier output would keep its stale shards and images mixed in with the new ones."""
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "old.tar").write_bytes(b"")
+    for args, flag in [([str(tmp_path / "new"), "--data-seed", "-1"], "--data-seed"),
+                       ([str(tmp_path / "file")], "out"), ([str(tmp_path / "file" / "sub")], "out"),
+                       ([str(tmp_path / "used")], "out"), ([str(tmp_path / "new"), "--zeroshot-samples", "1"],
+                                                         "--zeroshot-samples")]:
+        assert main(["make-data", *args, "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and f"{flag}:" in err
+    assert not (tmp_path / "new").exists() and sorted(p.name for p in (tmp_path / "used").iterdir()) == ["old.tar"]
+
+
+def test_imagenet_names_with_a_slash_are_folders_without_one_read_back_as_those_classes(tmp_path):
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+
+    slashed = [name for name in IMAGENET_CLASSNAMES if "/" in name]
+    assert len(slashed) == 5 and folder_name("baluster / handrail") == "baluster_or_handrail"
+    for name in slashed:
+        (tmp_path / "folder" / folder_name(name)).mkdir(parents=True)
+        (tmp_path / "folder" / folder_name(name) / "a.jpg").write_bytes(b"")
+    assert read_zeroshot(str(tmp_path / "folder"), "imagenet").classnames == tuple(sorted(
+        slashed, key=folder_name))
+    # 19 classes spread over the 1000 take three of them
+    make_data(tmp_path / "data", train_samples=4, shard_size=4, zeroshot_samples=40, retrieval_images=2,
+              imagenet_classes=19, progress=False)
+    cfg = config_from_dict({"eval_sets": [{"name": "inet", "type": "zeroshot", "zeroshot_classnames": "imagenet",
+                                           "data": str(tmp_path / "data" / "imagenet")}]}, "run.yaml")
+    inet = read_zeroshot(cfg.eval_sets[0].data, "imagenet")
+    assert len(inet.classnames) == 19 and {"baluster / handrail", "shoji screen / room divider",
+                                           "swim trunks / shorts"} <= set(inet.classnames)
+
+
+def test_make_data_with_fewer_zeroshot_images_than_classes_names_only_the_folders_it_writes(tmp_path):
+    make_data(tmp_path, train_samples=4, shard_size=4, zeroshot_samples=19, retrieval_images=2, progress=False)
+    cfg = config_from_dict({"eval_sets": [{"name": "shapes", "type": "zeroshot", "data": str(tmp_path / "zeroshot"),
+                                           "zeroshot_classnames": str(tmp_path / "zeroshot_classnames.txt")}]},
+                           "run.yaml")
+    shapes = read_zeroshot(cfg.eval_sets[0].data, cfg.eval_sets[0].zeroshot_classnames)
+    assert len(shapes.classnames) == 19 and sorted(shapes.labels.tolist()) == list(range(19))
+    assert all(Path(image).parent.name == folder_name(shapes.classnames[label])
+               for image, label in zip(shapes.images, shapes.labels.tolist()))
+
+
+def test_a_template_with_other_braces_is_filled_as_written(demo, tmp_path):
+    (tmp_path / "templates.txt").write_text('a {} in JSON: {"kind": "photo"}\n{0} and {x} stay, {} is the name\n')
+    zeroshot = read_zeroshot(str(demo / "zeroshot"), None, str(tmp_path / "templates.txt"))
+    prompts = []
+
+    def text_features(captions):
+        prompts.extend(captions)
+        return torch.nn.functional.normalize(torch.ones(len(captions), 4), dim=-1)
+
+    class_features(text_features, zeroshot.classnames[:2], zeroshot.templates)
+    assert prompts == ['a blue circle in JSON: {"kind": "photo"}', 'a blue cross in JSON: {"kind": "photo"}',
+                       "{0} and {x} stay, blue circle is the name", "{0} and {x} stay, blue cross is the name"]
+
+
+def test_eval_set_name_and_template_files_may_name_environment_variables(demo, monkeypatch):
+    monkeypatch.setenv("DEMO_DATA", str(demo))
+    cfg = config_from_dict({"eval_sets": [{
+        "name": "shapes", "type": "zeroshot", "data": "$DEMO_DATA/zeroshot",
+        "zeroshot_classnames": "${DEMO_DATA}/zeroshot_classnames.txt",
+        "zeroshot_templates": "$DEMO_DATA/zeroshot_templates.txt"}]}, "run.yaml")
+    assert cfg.eval_sets[0].zeroshot_templates == str(demo / "zeroshot_templates.txt")
+    with pytest.raises(ConfigError, match="NOT_SET_ANYWHERE") as err:
+        config_from_dict({"eval_sets": [{"name": "shapes", "type": "zeroshot", "data": str(demo / "zeroshot"),
+                                         "zeroshot_templates": "$NOT_SET_ANYWHERE/t.txt"}]}, "run.yaml")
+    assert err.value.field == "eval_sets.0.zeroshot_templates"
+
+
+def test_a_stray_quote_in_a_table_is_refused_naming_its_line_instead_of_swallowing_the_rows_below(demo, tmp_path):
+    lines = (demo / "train.tsv").read_text().splitlines()
+    for number, caption in [(3, '"open quote, never closed'), (5, '"Stop" sign')]:
+        bad = lines.copy()
+        bad[number - 1] = bad[number - 1].split("\t")[0] + "\t" + caption  # a caption that starts with "
+        (tmp_path / f"line{number}.tsv").write_text("\n".join(bad) + "\n")
+        with pytest.raises(ConfigError, match=f"line{number}.tsv line {number}: ") as err:
+            config_from_dict({"dataset": "csv", "train_data": str(tmp_path / f"line{number}.tsv")}, "run.yaml")
+        assert err.value.field == "train_data"
+        with pytest.raises(ConfigError, match=f"line {number}: ") as err:
+            config_from_dict({"eval_sets": [{"name": "r", "type": "retrieval",
+                                             "data": str(tmp_path / f"line{number}.tsv")}]}, "run.yaml")
+        assert err.value.field == "eval_sets.0.data"
+    # quotes as the csv module (and pandas) write them read back exactly
+    rows = [("images/00000000.jpg", 'the "Stop" sign'), ("images/00000001.jpg", '"quoted"\tand a tab')]
+    with open(tmp_path / "quoted.tsv", "w", newline="") as f:
+        csv.writer(f, delimiter="\t").writerows([("filepath", "title"), *rows])
+    (tmp_path / "images").symlink_to(demo / "images")
+    source = open_source("csv", str(tmp_path / "quoted.tsv"), "filepath", "title", "\t")
+    assert [caption for _, caption in source.rows] == [caption for _, caption in rows]
+
+
+def test_a_training_table_that_is_not_utf8_or_has_no_data_row_is_refused_at_load(demo, tmp_path):
+    lines = (demo / "train.tsv").read_text().splitlines()
+    (tmp_path / "header.tsv").write_text(lines[0] + "\n\n")
+    (tmp_path / "latin1.tsv").write_bytes("\n".join(lines[:40] + [lines[40] + " caf\u00e9"] + lines[41:100])
+                                          .encode("latin-1") + b"\n")
+    for table, why in [("header.tsv", "has a header but no rows"), ("latin1.tsv", "line 41 is not UTF-8")]:
+        with pytest.raises(ConfigError, match=why) as err:
+            config_from_dict({"dataset": "csv", "train_data": str(tmp_path / table)}, "run.yaml")
+        assert err.value.field == "train_data" and table in str(err.value)
+
+
+def test_a_retrieval_table_whose_image_files_are_missing_is_refused_naming_the_first(demo, tmp_path):
+    lines = (demo / "retrieval.tsv").read_text().splitlines()
+    (tmp_path / "moved.tsv").write_text("\n".join(lines) + "\n")  # the paths are relative to the table
+    with pytest.raises(ConfigError, match=r"row 1 of .*moved.tsv \(after the header\): no such image file "
+                                          r".*retrieval_images/000000.jpg \(and 39 more of its 40 images\)") as err:
+        config_from_dict({"eval_sets": [{"name": "r", "type": "retrieval", "data": str(tmp_path / "moved.tsv")}]},
+                         "run.yaml")
+    assert err.value.field == "eval_sets.0.data"
+    (tmp_path / "retrieval_images").symlink_to(demo / "retrieval_images")
+    (tmp_path / "one_lost.tsv").write_text("\n".join(lines[:7] + ["retrieval_images/lost.jpg\tgone"]) + "\n")
+    with pytest.raises(ValueError, match=r"^row 7 of .*: no such image file .*lost.jpg$"):
+        read_retrieval(str(tmp_path / "one_lost.tsv"), "filepath", "title", "\t")
+
+
+def test_an_evaluation_set_none_of_whose_images_decodes_is_an_error_not_a_nan_metric(tmp_path):
+    for name in ("red", "blue"):
+        (tmp_path / "zs" / name).mkdir(parents=True)
+        (tmp_path / "zs" / name / "a.jpg").write_bytes(b"not a jpeg")
+    zeroshot = read_zeroshot(str(tmp_path / "zs"))  # listed, not decoded, at load
+    features = lambda batch: torch.nn.functional.normalize(torch.ones(len(batch), 4), dim=-1)  # noqa: E731
+    with pytest.raises(ValueError, match=f"{tmp_path / 'zs'}: none of its 2 images can be read and decoded"):
+        evaluate_on_disk(features, features, zeroshot, 16, workers=0)
+
+
+def test_table_rows_without_an_image_or_a_caption_are_skipped_naming_the_empty_column(demo, tmp_path, capsys):
+    """A caption of only whitespace is no caption, as in shards and retrieval tables."""
+    lines = (demo / "train.tsv").read_text().splitlines()[:11]  # the header and rows 0..9
+    path = lines[3].split("\t")[0]
+    lines[3], lines[5], lines[7] = f"{path}\t  \t ", f"{path}\t", "\tno image"  # rows 2, 4, 6
+    (tmp_path / "images").symlink_to(demo / "images")
+    (tmp_path / "gaps.tsv").write_text("\n".join(lines) + "\n")
+    bad = {str(r) for r in range(10) if _fails(demo / "images" / f"{r:08d}.jpg")} | {"2", "4", "6"}
+    batches = StreamedBatches(open_source("csv", str(tmp_path / "gaps.tsv"), "filepath", "title", "\t"),
+                              seed=0, stage=0, batch_size=10 - len(bad), image_size=32, workers=0)
+    first, _ = batches.next_batch().keys, batches.next_batch()  # the second batch ends the first epoch
+    assert sorted(first) == sorted(set(map(str, range(10))) - bad) and batches.skipped >= len(bad)
+    err = capsys.readouterr().err
+    for row, column in [(3, "title"), (5, "title"), (7, "filepath")]:
+        assert f"row {row} of {tmp_path / 'gaps.tsv'} (after the header): empty {column} column" in err
 
 
 # ------------------------------------------------------------------------------- end to end: `sweep train` on files

@@ -3,15 +3,18 @@
 - `zeroshot`: an ImageNet-style folder, `<class>/<image files>`; classes in sorted folder order. Class names are
   the folder names (`_` read as a space), or one per line from a file, or open_clip's ImageNet names
   (`zeroshot_classnames: imagenet`: a folder of 1000 classes is taken in the standard sorted-wnid order, a smaller
-  folder must name its classes with ImageNet class names). Prompt templates likewise: a file of lines with `{}`,
-  or `imagenet` (open_clip's 80 OpenAI templates, the default with ImageNet names).
-- `retrieval`: a CSV/TSV with one row per (image, caption), several rows per image (COCO/Flickr style), or
-  webdataset shards whose samples carry several captions (`.txt` one per line, or `.json` `captions`); a sample
-  of a shard with no image or no caption is left out and counted (`<name>_skipped`).
+  folder must name its classes with ImageNet class names, as `folder_name` writes them). Prompt templates
+  likewise: a file of lines with `{}` once, or `imagenet` (open_clip's 80 OpenAI templates, the default with
+  ImageNet names). A prompt is its template with `{}` replaced by the class name, every other character as written
+  (braces included: a template is no format string).
+- `retrieval`: a CSV/TSV with one row per (image, caption), several rows per image (COCO/Flickr style), every
+  row with its caption and an image file that exists; or webdataset shards whose samples carry several captions
+  (`.txt` one per line, or `.json` `captions`), where a sample with no image or no caption is left out and
+  counted (`<name>_skipped`).
 
 Images are decoded with the evaluation transform (resize + centre crop) at the model's full resolution, in loader
 workers, batch by batch: a set never has to fit in memory. An image that does not decode is left out of its set
-and counted (`<name>_skipped`).
+and counted (`<name>_skipped`); a set none of whose images decodes is an error (`sweep.evaluate`), not a metric.
 """
 from __future__ import annotations
 
@@ -40,6 +43,7 @@ class ZeroshotSet:
     labels: torch.Tensor  # int64 [N], index into classnames
     classnames: tuple[str, ...]
     templates: tuple[str, ...]
+    source: str = ""  # the folder, for a message
 
 
 @dataclass
@@ -48,6 +52,7 @@ class RetrievalSet:
     captions: list[str]
     caption_image: torch.Tensor  # int64 [T]: the image each caption describes
     unusable: int = 0  # samples of shards left out for want of an image or a caption (counted in `skipped`)
+    source: str = ""  # the `data` setting, for a message
 
 
 def _lines(path: str) -> tuple[str, ...]:
@@ -55,6 +60,12 @@ def _lines(path: str) -> tuple[str, ...]:
     if not lines:
         raise ValueError(f"{path} is empty")
     return lines
+
+
+def folder_name(classname: str) -> str:
+    """The folder a class's images sit in: spaces as `_`, and the `/` of five of open_clip's ImageNet names
+    ('baluster / handrail') as `or`, which a path cannot hold. Folders are matched to ImageNet names through it."""
+    return re.sub(r"\s*/\s*", " or ", classname).replace(" ", "_")
 
 
 def read_zeroshot(folder: str, classnames: str | None = None, templates: str | None = None) -> ZeroshotSet:
@@ -67,12 +78,12 @@ def read_zeroshot(folder: str, classnames: str | None = None, templates: str | N
         if len(classes) == len(IMAGENET_CLASSNAMES) and all(re.fullmatch(r"n\d{8}", c) for c in classes):
             names = IMAGENET_CLASSNAMES  # the standard order of the sorted wnid folders (n01440764, ...)
         else:
-            known = {n.lower(): n for n in IMAGENET_CLASSNAMES}
-            unknown = [c for c in classes if c.replace("_", " ").lower() not in known]
+            known = {folder_name(n).lower(): n for n in IMAGENET_CLASSNAMES}
+            unknown = [c for c in classes if folder_name(c).lower() not in known]
             if unknown:
                 raise ValueError(f"class folder {unknown[0]!r} of {folder} is not an ImageNet class name (or a "
                                  f"wnid, in a folder of all 1000 classes)")
-            names = tuple(known[c.replace("_", " ").lower()] for c in classes)
+            names = tuple(known[folder_name(c).lower()] for c in classes)
         templates = templates or "imagenet"
     elif classnames:
         names = _lines(classnames)
@@ -96,7 +107,7 @@ def read_zeroshot(folder: str, classnames: str | None = None, templates: str | N
         labels += [label] * len(files)
     if not images:
         raise ValueError(f"{folder} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
-    return ZeroshotSet(images, torch.tensor(labels), tuple(names), prompts)
+    return ZeroshotSet(images, torch.tensor(labels), tuple(names), prompts, folder)
 
 
 def read_retrieval(data: str, img_key: str, caption_key: str, separator: str) -> RetrievalSet:
@@ -117,6 +128,7 @@ def read_retrieval(data: str, img_key: str, caption_key: str, separator: str) ->
                 images.append(sample.image)
     elif len(paths) == 1:
         index: dict[str, int] = {}
+        first_row: list[int] = []  # of each image
         for row, (image, caption) in enumerate(read_table(paths[0], img_key, caption_key, separator), 1):
             if image is None or not caption.strip():
                 raise ValueError(f"row {row} of {paths[0]} (after the header) has no "
@@ -124,13 +136,21 @@ def read_retrieval(data: str, img_key: str, caption_key: str, separator: str) ->
             if image not in index:
                 index[image] = len(images)
                 images.append(image)
+                first_row.append(row)
             captions.append(caption)
             owner.append(index[image])
+        # a stat per image (5,000 for COCO's 5k test: milliseconds on a local disk), so wrong paths stop a run before it
+        # trains rather than leaving it a set of skipped images
+        absent = [i for i, image in enumerate(images) if not os.path.isfile(image)]
+        if absent:
+            more = f" (and {len(absent) - 1} more of its {len(images)} images)" if len(absent) > 1 else ""
+            raise ValueError(f"row {first_row[absent[0]]} of {paths[0]} (after the header): no such image file "
+                             f"{images[absent[0]]}{more}")
     else:
         raise ValueError(f"{data}: expected .tar shards or one CSV/TSV table")
     if not images:
         raise ValueError(f"{data} holds no image with a caption")
-    return RetrievalSet(images, captions, torch.tensor(owner), unusable)
+    return RetrievalSet(images, captions, torch.tensor(owner), unusable, data)
 
 
 class _Decoded(Dataset):

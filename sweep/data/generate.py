@@ -3,10 +3,12 @@ runs on files without a download (tests, demos, benchmarks).
 
     OUT/shards/train-00000.tar ...   webdataset shards: <key>.jpg, <key>.txt (caption), <key>.json ({"caption"})
     OUT/train.tsv, OUT/images/       the same pairs as a table (filepath, title; tab-separated) of JPEG files
-    OUT/zeroshot/<class>/*.jpg       an ImageNet-style folder of the 40 colour x shape classes, with
+    OUT/zeroshot/<class>/*.jpg       an ImageNet-style folder of the 40 colour x shape classes (those of them
+                                     that get an image: all from 40 --zeroshot-samples on), with
     OUT/zeroshot_classnames.txt      their names in sorted folder order
     OUT/zeroshot_templates.txt       and their prompt templates
     OUT/imagenet/<class>/*.jpg       (--imagenet-classes N) a folder named after N ImageNet classes
+                                     (`sweep.data.evalsets.folder_name`: 'baluster / handrail' -> baluster_or_handrail)
     OUT/retrieval.tsv, OUT/retrieval_images/   held-out images with several captions each (one row per caption)
     OUT/retrieval-00000.tar          the same retrieval set as a shard (.json {"captions": [...]})
 
@@ -27,6 +29,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from sweep.data import synthetic
+from sweep.data.evalsets import folder_name
 
 JPEG_QUALITY = 95
 
@@ -98,16 +101,16 @@ def make_data(out: str | Path, *, data_seed: int = 0, train_samples: int = 2048,
     _write_tsv(out / "train.tsv", rows)
 
     images, labels = synthetic.zeroshot_set(data_seed, zeroshot_samples, image_size)
-    folders = [name.replace(" ", "_") for name in synthetic.CLASSNAMES]
+    folders = [folder_name(name) for name in synthetic.CLASSNAMES]
     for i, (image, label) in enumerate(zip(images, labels)):
         (out / "zeroshot" / folders[label]).mkdir(parents=True, exist_ok=True)
         (out / "zeroshot" / folders[label] / f"{i:06d}.jpg").write_bytes(jpeg(image))
-    order = sorted(range(len(folders)), key=lambda c: folders[c])
+    order = sorted(set(labels.tolist()), key=lambda c: folders[c])  # the classes that got a folder
     (out / "zeroshot_classnames.txt").write_text("\n".join(synthetic.CLASSNAMES[c] for c in order) + "\n")
     (out / "zeroshot_templates.txt").write_text("\n".join(synthetic.TEMPLATES) + "\n")
     # the first N synthetic classes under the names of N ImageNet classes, spread over the 1000
     for c in range(imagenet_classes):
-        name = IMAGENET_CLASSNAMES[c * len(IMAGENET_CLASSNAMES) // imagenet_classes].replace(" ", "_")
+        name = folder_name(IMAGENET_CLASSNAMES[c * len(IMAGENET_CLASSNAMES) // imagenet_classes])
         (out / "imagenet" / name).mkdir(parents=True, exist_ok=True)
         for i in np.flatnonzero(labels == c):
             (out / "imagenet" / name / f"{i:06d}.jpg").write_bytes(jpeg(images[i]))

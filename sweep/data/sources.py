@@ -40,11 +40,23 @@ class RawSample:
     captions: tuple[str, ...] = ()  # every caption (retrieval sets have several per image); empty: none
     where: str = ""  # the sample for a message: "sample 000123 of shards/00004.tar", "row 7 of train.csv"
     lost: str | None = None  # set on a stand-in for the rest of a shard that broke off: why it did
+    columns: tuple[str, str] | None = None  # a table's row: its (image, caption) columns, for a message
 
     @property
     def caption(self) -> str | None:
         """The caption a training pair uses: the first."""
         return self.captions[0] if self.captions else None
+
+    def lacks(self) -> str | None:
+        """Why the sample is no training pair for want of an image or a caption, in its source's terms; None when
+        it has both. A caption of only whitespace is none (shards strip their captions' lines)."""
+        image_column, caption_column = self.columns or (None, None)
+        if self.image is None:
+            return f"empty {image_column} column" if self.columns else "no image (.jpg/.jpeg/.png/.webp) in the sample"
+        if not (self.caption or "").strip():
+            return (f"empty {caption_column} column" if self.columns
+                    else "no caption (.txt, or .json with caption/text/captions)")
+        return None
 
 
 def expand_paths(pattern: str) -> list[str]:
@@ -199,6 +211,7 @@ class TableSource:
 
     def __init__(self, path: str, img_key: str, caption_key: str, separator: str):
         self.path, self.rows = path, read_table(path, img_key, caption_key, separator)
+        self.columns = (img_key, caption_key)
 
     @property
     def max_streams(self) -> int:
@@ -208,24 +221,55 @@ class TableSource:
         order = epoch_order(len(self.rows), seed, stage, epoch)
         for index in order[stream::streams]:
             image, caption = self.rows[index]
-            yield RawSample(f"{index}", image, (caption,), f"row {index + 1} of {self.path} (after the header)")
+            yield RawSample(f"{index}", image, (caption,), f"row {index + 1} of {self.path} (after the header)",
+                            columns=self.columns)
+
+
+def read_columns(path: str, columns: tuple[str, ...], separator: str) -> Iterator[tuple[str, ...]]:
+    """The values of `columns` in each row of a CSV/TSV (UTF-8, with or without a byte-order mark), streamed; a
+    row too short for a column has '' there, a blank line is no row. Fields are read with CSV quoting, as Python's
+    csv module and pandas write them, strictly: a stray quote is an error rather than the start of a field that
+    runs on through the rows below it. ValueError naming the file, and the line where it can."""
+    line = 1  # where the row being read starts
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f, delimiter=separator, strict=True)
+            header = next(reader, [])
+            missing = [c for c in columns if c not in header]
+            if missing:
+                raise ValueError(f"{path} has no column {missing[0]!r} (header: {separator.join(header)[:80]!r}, "
+                                 f"separator {separator!r})")
+            where = [header.index(c) for c in columns]
+            line = reader.line_num + 1
+            for row in reader:
+                if row:
+                    yield tuple(row[i] if i < len(row) else "" for i in where)
+                line = reader.line_num + 1
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} line {_undecodable_line(path)} is not UTF-8 text ({err.reason})") from None
+    except csv.Error as err:
+        why = str(err).replace("\t", "\\t")  # csv's message quotes the separator, a tab as it is
+        raise ValueError(f"{path} line {line}: {why} (fields are read with CSV quoting: one that starts with \" "
+                         "ends at the next lone \", and a \" inside it is doubled)") from None
+
+
+def _undecodable_line(path: str) -> int:
+    # the text reader decodes ahead of the csv parser in blocks, so neither knows the line: look again, by line
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError:
+                return number
+    return number
 
 
 def read_table(path: str, img_key: str, caption_key: str, separator: str) -> list[tuple[str | None, str]]:
-    """[(absolute image path, caption)] of a CSV/TSV (UTF-8, with or without a byte-order mark); a row that lacks
-    its image path has None, one that lacks its caption ''. ValueError naming what is wrong."""
+    """[(absolute image path, caption)] of a CSV/TSV (`read_columns`); a row that lacks its image path has None,
+    one that lacks its caption ''. ValueError naming what is wrong."""
     table = Path(path)
-    try:
-        with open(table, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f, delimiter=separator)
-            missing = [k for k in (img_key, caption_key) if k not in (reader.fieldnames or [])]
-            if missing:
-                raise ValueError(f"{path} has no column {missing[0]!r} (columns: "
-                                 f"{', '.join(reader.fieldnames or [])}; separator {separator!r})")
-            rows = [(str(table.parent / row[img_key]) if row[img_key] else None, row[caption_key] or "")
-                    for row in reader]
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{path} is not UTF-8 text ({err})") from None
+    rows = [(str(table.parent / image) if image else None, caption)
+            for image, caption in read_columns(path, (img_key, caption_key), separator)]
     if not rows:
         raise ValueError(f"{path} has no rows")
     return rows

@@ -112,10 +112,8 @@ def decode(sample: RawSample, image_size: int, rng: random.Random, defer: bool =
     trainer's device can decode that file (`jpeg_crop`); or ValueError saying why the sample is unusable."""
     if sample.lost:
         raise ValueError(sample.lost)
-    if sample.image is None:
-        raise ValueError("no image (.jpg/.jpeg/.png/.webp) in the sample")
-    if not sample.caption:
-        raise ValueError("no caption (.txt, or .json with caption/text/captions)")
+    if lacking := sample.lacks():
+        raise ValueError(lacking)
     try:  # a table's image is a path: read apart from decoding, so that a missing file is named as such
         file = sample.image if isinstance(sample.image, bytes) else Path(sample.image).read_bytes()
     except OSError as err:
