@@ -1,7 +1,8 @@
 """Drop in a metric against the full-length run of the same model and stage.
 
 Every run is placed on an axis by comparing its settings with the model's full-length baseline (image_strategy
-``none`` at the model's largest image_tokens and text_strategy ``none`` at its largest text_tokens):
+``none`` at the model's largest image_tokens and text_strategy ``none`` at its largest text_tokens; the baseline of
+the run's own setup, ``setup_id``: a run trained on another budget is not compared with it):
 
 * ``image``: only the image settings differ from the baseline; ``tokens`` is its image_tokens.
 * ``text``: only the text settings differ; ``tokens`` is its text_tokens.
@@ -27,16 +28,28 @@ from .errors import AnalysisInputError, AnalysisWarning
 from .load import COMPUTE_COLUMNS, METRIC_COLUMNS, STRING_COLUMNS, TOWER_COLUMNS
 
 AXES = ("image", "text")
-CELL_KEYS = ["model", "image_strategy", "image_tokens", "text_strategy", "text_tokens"]
+CELL_KEYS = ["model", "setup_id", "image_strategy", "image_tokens", "text_strategy", "text_tokens"]
+BASELINE_KEYS = ["model", "setup_id"]  # a run is compared with the full-length run of its own setup
+
+
+# Columns a table may hold that are not metrics, and those `compute_drops` adds (dropped from a table that is
+# itself an analysis's runs.csv, so that it can be analysed again).
+NOT_METRICS = {"params", *TOWER_COLUMNS, "image_tokens", "text_tokens", "seed", *COMPUTE_COLUMNS}
+DERIVED_COLUMNS = ("axis", "strategy", "tokens", "full_tokens", "full_mean", "full_std", "full_n", "drop",
+                   "in_analysis", "metric")
+
+
+def is_metric(df: pd.DataFrame, column: str) -> bool:
+    """A numeric column of measured quality: not a setting, a cost, a derived column, or an evaluation set's class
+    or skipped-sample count (`zeroshot_classes`, `<name>_skipped`)."""
+    return (column in df.columns and column not in NOT_METRICS and column not in STRING_COLUMNS
+            and column not in DERIVED_COLUMNS and not column.endswith(("_classes", "_skipped"))
+            and pd.api.types.is_numeric_dtype(df[column]))
 
 
 def available_metrics(df: pd.DataFrame) -> list[str]:
-    """Numeric metric columns that the table actually holds values for."""
-    skip = {"params", *TOWER_COLUMNS, "image_tokens", "text_tokens", "seed", "zeroshot_classes", *COMPUTE_COLUMNS}
-    return [
-        c for c in df.columns
-        if c not in skip and c not in STRING_COLUMNS and pd.api.types.is_numeric_dtype(df[c]) and df[c].notna().any()
-    ]
+    """Metric columns that the table actually holds values for."""
+    return [c for c in df.columns if is_metric(df, c) and df[c].notna().any()]
 
 
 def default_stage(df: pd.DataFrame) -> str:
@@ -51,7 +64,7 @@ def default_stage(df: pd.DataFrame) -> str:
 
 def validate_request(df: pd.DataFrame, metric: str, stage: str, source: str = "<table>") -> None:
     """Raise `AnalysisInputError` (naming the field) when the metric or stage cannot be analysed."""
-    if metric not in df.columns or not pd.api.types.is_numeric_dtype(df[metric]):
+    if not is_metric(df, metric):
         known = ", ".join(available_metrics(df)) or "none"
         raise AnalysisInputError(source, f"unknown metric column {metric!r} (available: {known})", field=metric)
     at_stage = df["stage"] == stage
@@ -80,17 +93,17 @@ def compute_drops(df: pd.DataFrame, metric: str = "zeroshot_top1", stage: str = 
     value of ``metric``. Missing baselines are warned about (once per model) and listed in
     ``result.attrs["missing_baseline"]``.
     """
-    df = df.copy()
-    defaults = {"sweep": "", "status": "completed", "error": "", "stage": stage}
+    df = df.drop(columns=[c for c in DERIVED_COLUMNS if c in df.columns])
+    defaults = {"sweep": "", "status": "completed", "error": "", "stage": stage, "setup_id": ""}
     for column, value in defaults.items():
         if column not in df.columns:
             df[column] = value
     if "run_id" not in df.columns:  # a table not read by `analysis.load`: each row is its own run
         df["run_id"] = np.arange(len(df)).astype(str)
+    df = _once_per_run(df)
     full = full_tokens(df)
     at_stage = df[df["stage"] == stage]
-    key = ["sweep", "run_id"]
-    others = df[~df.set_index(key).index.isin(at_stage.set_index(key).index)].drop_duplicates(key)
+    others = df[~df["run_id"].isin(at_stage["run_id"])].drop_duplicates("run_id")
     if len(others):
         others = others.copy()
         others["stage"] = ""
@@ -115,35 +128,78 @@ def compute_drops(df: pd.DataFrame, metric: str = "zeroshot_top1", stage: str = 
     runs["in_analysis"] = (runs["status"] == "completed") & runs[metric].notna() & (runs["stage"] == stage)
 
     used = runs[runs["in_analysis"]]
-    base = used[used["axis"] == "full"].groupby("model")[metric].agg(["mean", "std", "count"])
+    base = used[used["axis"] == "full"].groupby(BASELINE_KEYS)[metric].agg(["mean", "std", "count"])
     base.columns = ["full_mean", "full_std", "full_n"]
-    runs = runs.join(base, on="model")
+    runs = runs.join(base, on=BASELINE_KEYS)
     runs["full_n"] = runs["full_n"].fillna(0).astype(int)
     runs["drop"] = (runs["full_mean"] - runs[metric]).where(runs["in_analysis"])  # failed runs: listed, no drop
     runs["metric"] = metric
 
-    missing = sorted(set(used["model"]) - set(base.index))
-    for model in missing:
+    lone = sorted(set(map(tuple, used[BASELINE_KEYS].to_numpy())) - set(base.index))
+    missing = sorted({model for model, _ in lone})
+    setups = used.groupby("model")["setup_id"].nunique()
+    for model, setup in lone:
         row = full.loc[model]
+        sweeps = sorted(set(used.loc[used["setup_id"] == setup, "sweep"]))
+        of_setup = f" for its runs of setup {setup} (sweeps {_some(sweeps)})" if setups[model] > 1 else ""
         warnings.warn(
-            f"model {model!r}: no full-length baseline at stage {stage!r} (needs a completed run with image_strategy "
-            f"'none' at {row.full_image_tokens:g} image tokens and text_strategy 'none' at {row.full_text_tokens:g} "
-            f"text tokens); its drops are NaN",
+            f"model {model!r}: no full-length baseline at stage {stage!r}{of_setup} (needs a completed run with "
+            f"image_strategy 'none' at {row.full_image_tokens:g} image tokens and text_strategy 'none' at "
+            f"{row.full_text_tokens:g} text tokens, same settings otherwise); its drops are NaN",
             AnalysisWarning,
             stacklevel=2,
         )
-    n_missing_metric = int(((runs["status"] == "completed") & (runs["stage"] == stage) & runs[metric].isna()).sum())
-    if n_missing_metric:
+    lacking = runs[(runs["status"] == "completed") & ~runs["in_analysis"]]  # no value, or no row at this stage
+    if len(lacking):
         warnings.warn(
-            f"{n_missing_metric} completed run(s) have no {metric!r} value at stage {stage!r}; left out",
+            f"{len(lacking)} completed run(s) have no {metric!r} value at stage {stage!r}; left out "
+            f"({_some(lacking['run_id'])})",
             AnalysisWarning,
             stacklevel=2,
         )
+    _warn_mixed_setups(runs[runs["in_analysis"]])
     runs = runs.drop(columns=["full_image_tokens", "full_text_tokens"])
     runs.attrs["missing_baseline"] = missing
     runs.attrs["metric"] = metric
     runs.attrs["stage"] = stage
     return runs
+
+
+def _some(values: pd.Series, shown: int = 3) -> str:
+    values = list(values)
+    return ", ".join(map(str, values[:shown])) + (f" and {len(values) - shown} more" if len(values) > shown else "")
+
+
+def _once_per_run(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per run and stage: a run id names one setup and seed, so the same run found twice (two sweeps
+    that share cells, such as a seed study's seed 0 and the study it extends) is one measurement, not two seeds.
+    A completed copy is kept over a failed one."""
+    key = ["run_id", "stage"]
+    order = df.assign(_failed=df["status"] != "completed").sort_values("_failed", kind="stable")
+    kept = order.drop_duplicates(key).sort_index().drop(columns="_failed")
+    if len(kept) < len(df):
+        twice = df[df.duplicated(key, keep=False)]
+        runs = twice.drop_duplicates("run_id")
+        warnings.warn(
+            f"{len(runs)} run(s) found more than once (same run id; sweeps {_some(sorted(set(twice['sweep'])))}): "
+            f"each is counted once ({_some(runs['run_id'])})", AnalysisWarning, stacklevel=3)
+    return kept
+
+
+def _warn_mixed_setups(used: pd.DataFrame) -> None:
+    """Each run is compared with the baseline of its own setup, but a drop curve is one per (model, axis,
+    strategy): runs of one curve whose settings differ beyond seed and token reduction (another training budget,
+    another learning rate) are fitted as one curve. Say so."""
+    curves = used[used["axis"].isin(AXES)]
+    for (model, axis, strategy), rows in curves.groupby(["model", "axis", "strategy"], sort=True):
+        setups = rows.groupby("setup_id", sort=False)["sweep"].agg(lambda s: sorted(set(s)))
+        if len(setups) > 1:
+            described = "; ".join(f"{_some(sweeps)} ({(rows['setup_id'] == sid).sum()} runs)"
+                                  for sid, sweeps in setups.items())
+            warnings.warn(
+                f"{model} / {axis} / {strategy}: the curve holds runs of {len(setups)} setups that differ in more "
+                f"than seed and token reduction, fitted as one: {described}; analyse one setup at a time (one "
+                f"sweep directory, or a table filtered on setup_id)", AnalysisWarning, stacklevel=3)
 
 
 def summarize_cells(runs: pd.DataFrame) -> pd.DataFrame:

@@ -137,15 +137,16 @@ def _curves(cells: pd.DataFrame) -> dict[tuple[str, str], list[tuple[str, dict[s
     """Per (axis, strategy): (model, arrays sorted by tokens) in model order, with the full-length baseline appended
     at ``full_tokens`` (drop 0). Built with one groupby so that figures with many models stay fast."""
     columns = ["tokens", "metric_mean", "metric_std", "drop", "drop_std"]
-    baselines = cells[cells["axis"] == "full"].groupby("model")[["metric_mean", "metric_std"]].first()
+    baselines = cells[cells["axis"] == "full"].groupby(["model", "setup_id"])[["metric_mean", "metric_std"]].first()
     curves = cells[cells["axis"].isin(AXES)].sort_values("tokens")
     rank = {m: i for i, m in enumerate(model_order(cells))}
     out: dict[tuple[str, str], list] = {}
     for (axis, strategy, model), group in curves.groupby(["axis", "strategy", "model"], sort=False):
         arrays = {c: group[c].to_numpy(dtype=float) for c in columns}
         full = float(group["full_tokens"].iloc[0])
-        if model in baselines.index and np.isfinite(full) and not np.any(arrays["tokens"] == full):
-            base = baselines.loc[model]
+        setup = (model, group["setup_id"].iloc[0])  # a curve that pools setups (warned about): its first one's
+        if setup in baselines.index and np.isfinite(full) and not np.any(arrays["tokens"] == full):
+            base = baselines.loc[setup]
             extra = {"tokens": full, "metric_mean": base["metric_mean"], "metric_std": base["metric_std"],
                      "drop": 0.0, "drop_std": np.nan}
             arrays = {c: np.append(arrays[c], extra[c]) for c in columns}
@@ -232,6 +233,8 @@ def plot_min_tokens_vs_params(min_tokens: pd.DataFrame, laws: pd.DataFrame) -> F
         return None
     max_drop = float(table["max_drop"].iloc[0])
     metric = table["metric"].iloc[0]
+    confidence = float(table["confidence"].iloc[0]) if "confidence" in table.columns else 0.95
+    intervals = table["ci_low"].notna().any()  # none with --bootstrap 0
     with _style():
         width = 4.6 * len(axes_present) + 0.6
         fig = Figure(figsize=(width, 5.4))
@@ -240,7 +243,9 @@ def plot_min_tokens_vs_params(min_tokens: pd.DataFrame, laws: pd.DataFrame) -> F
         for ax, axis in zip(grid, axes_present):
             sub = table[table["axis"] == axis]
             strategies = _strategies(sub, axis)
-            sizes = sub.groupby("model")[size].first().sort_values()
+            sizes = sub.groupby("model")[[size, "params"]].first().sort_values([size, "params"])[size]
+            # models of one size (the cpu sizes share a text tower) share a tick: their names joined, not overdrawn
+            ticks = sizes.groupby(sizes, sort=True).apply(lambda same: " / ".join(same.index))
             for i, strategy in enumerate(strategies):
                 color = STRATEGY_PALETTE[i % len(STRATEGY_PALETTE)]
                 rows = sub[sub["strategy"] == strategy].sort_values(size)
@@ -267,9 +272,9 @@ def plot_min_tokens_vs_params(min_tokens: pd.DataFrame, laws: pd.DataFrame) -> F
             ax.set_xscale("log")
             ax.set_yscale("log")
             # the models are the x ticks, named and sized as the paper labels them
-            ax.xaxis.set_major_locator(FixedLocator(sizes.to_numpy(float)))
+            ax.xaxis.set_major_locator(FixedLocator(ticks.index.to_numpy(float)))
             ax.xaxis.set_major_formatter(FuncFormatter(
-                lambda v, pos, names=list(sizes.index), at=sizes.to_numpy(float):
+                lambda v, pos, names=list(ticks), at=ticks.index.to_numpy(float):
                 f"{names[pos]}\n{_human(at[pos])}" if pos is not None and pos < len(names) else ""))
             ax.xaxis.set_minor_locator(NullLocator())
             if len(sizes):
@@ -282,7 +287,8 @@ def plot_min_tokens_vs_params(min_tokens: pd.DataFrame, laws: pd.DataFrame) -> F
             longest = np.nanmax(sub["full_tokens"].to_numpy(float))
             if np.isfinite(shortest) and np.isfinite(longest):
                 ax.set_ylim(shortest / 2, longest * 1.15)
-            tower = {"image": "vision", "text": "text"}[axis] if size == "axis_params" else "model"
+            column = sub["axis_params_column"].iloc[0] if "axis_params_column" in sub.columns else size
+            tower = {"vision_params": "vision", "text_params": "text"}.get(column, "model")
             ax.set_xlabel(f"{tower} parameters (log scale)")
             ax.set_ylabel(f"minimum {AXIS_LABELS[axis]}\nwith drop ≤ {max_drop:g} pp (log scale)")
             ax.set_title(f"{axis} tokens")
@@ -290,7 +296,8 @@ def plot_min_tokens_vs_params(min_tokens: pd.DataFrame, laws: pd.DataFrame) -> F
             handles += [Line2D([], [], color="0.3", marker="o", linestyle="none"),
                         Line2D([], [], color="0.3", marker="s", markerfacecolor="none", linestyle="none"),
                         Line2D([], [], color="0.3", linestyle="--")]
-            labels += ["fitted crossing, 95% CI", "measured (grid point)", "log-log fit"]
+            labels += [f"fitted crossing, {confidence:.0%} interval" if intervals else "fitted crossing",
+                       "measured (grid point)", "log-log fit"]
             ax.legend(handles, labels, title="strategy", loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2,
                       frameon=False)
         fig.suptitle(f"Minimum token length against model size\n{metric_label(metric)}, tolerance {max_drop:g} pp")

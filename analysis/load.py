@@ -17,6 +17,8 @@ analysis. The skipped files are also kept in ``df.attrs["skipped"]`` (a list of 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import sys
@@ -27,6 +29,7 @@ from typing import Any, Iterable
 import numpy as np
 import pandas as pd
 
+from sweep.identity import ADDED_SETTINGS, ID_SETTINGS_V1
 from sweep.record import RESULT_FILE, RecordError, ResultRecord, parse_record, read_record
 
 from .errors import AnalysisInputError, AnalysisWarning
@@ -50,7 +53,10 @@ TOWER_COLUMNS = ("vision_params", "text_params")
 METRIC_COLUMNS = ("zeroshot_top1", "zeroshot_top5", "i2t_r1", "t2i_r1", "zeroshot_classes")
 COMPUTE_COLUMNS = ("samples_seen", "train_flops", "wall_seconds", "train_seconds", "samples_per_second")
 STAGES = ("pretrain", "pretrain_full_length", "finetune")
-STRING_COLUMNS = ("run_id", "sweep", "status", "error", "model", "image_strategy", "text_strategy", "stage", "source")
+STRING_COLUMNS = ("run_id", "sweep", "status", "error", "model", "image_strategy", "text_strategy", "stage",
+                  "setup_id", "source")
+# What a curve varies (and the seeds it averages); every other scientific setting is its setup (`setup_id`).
+CURVE_SETTINGS = ("seed", "image_strategy", "image_tokens", "text_strategy", "text_tokens")
 # Settings a result.json must carry (top level, or in its resolved ``config``) to be placed in the grid.
 _REQUIRED_RECORD_FIELDS = ("model", "image_strategy", "image_tokens", "text_strategy", "text_tokens")
 _NO_STRATEGY = ("", "nan", "null", "full", "baseline")
@@ -77,9 +83,17 @@ def load_results(path: str | Path, *, progress: bool | None = None) -> pd.DataFr
 
 
 def find_result_files(root: Path) -> list[Path]:
-    """Every result.json below ``root``, sorted so that the table order does not depend on the file system."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root):
+    """Every result.json below ``root``, sorted so that the table order does not depend on the file system.
+
+    Symbolic links to directories are followed (a results root that links in sweeps kept elsewhere), each real
+    directory once."""
+    found, seen = [], set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:  # a link loop, or a directory reached twice
+            dirnames.clear()
+            continue
+        seen.add(real)
         dirnames.sort()
         if RESULT_FILE in filenames:
             found.append(Path(dirpath) / RESULT_FILE)
@@ -147,6 +161,7 @@ def parse_result_record(record: Any, file: str | Path = "<record>") -> list[dict
         **{name: getattr(rec, name) for name in ("model", "params", "vision_params", "text_params",
                                                  "image_strategy", "image_tokens", "text_strategy", "text_tokens",
                                                  "seed")},
+        "setup_id": setup_id(rec.config),
         "source": str(file),
     }
     for key in COMPUTE_COLUMNS:
@@ -156,6 +171,16 @@ def parse_result_record(record: Any, file: str | Path = "<record>") -> list[dict
     rows = [dict(base, stage=stage, **{k: v for k, v in metrics.values().items() if _is_number(v)})
             for stage, metrics in rec.stage_metrics().items()]
     return rows or [dict(base, stage="")]
+
+
+def setup_id(config: dict[str, Any]) -> str:
+    """A hash of the run's settings other than the seed and its token reduction (`CURVE_SETTINGS`): runs with the
+    same setup_id are seeds and points of the same curves. "" for a record without its resolved config."""
+    if not config:
+        return ""
+    names = [n for n in (*ID_SETTINGS_V1, *sorted(ADDED_SETTINGS)) if n not in CURVE_SETTINGS]
+    pairs = [(n, json.dumps(config.get(n, ADDED_SETTINGS.get(n)), sort_keys=True)) for n in names]
+    return hashlib.sha256(repr(pairs).encode()).hexdigest()[:8]
 
 
 def _is_number(value: Any) -> bool:
@@ -241,7 +266,7 @@ def _normalise(df: pd.DataFrame) -> pd.DataFrame:
     for column in STRING_COLUMNS:
         if column not in df.columns:
             df[column] = ""
-        df[column] = df[column].fillna("").astype(str).str.strip()
+        df[column] = df[column].astype(object).fillna("").astype(str).str.strip()
     for column in ("image_strategy", "text_strategy", "stage", "status"):
         df[column] = df[column].str.lower()
     for column in ("image_strategy", "text_strategy"):

@@ -39,10 +39,14 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pandas as pd
 
-from .drop import AXES
+from .drop import AXES, BASELINE_KEYS
+from .errors import AnalysisWarning
+from .load import TOWER_COLUMNS
 from .fit import DropCurveFit, crossing_tokens, fit_drop_curve, profile_fit
 
 # Drops are differences of means of percentages: compare with a little slack so that 70.0 - 69.0 <= 1.0 holds.
@@ -54,20 +58,45 @@ MANY_SEEDS = 8
 # Points whose fitted drop is FOCUS_FACTOR x max_drop count half as much as points near the tolerance.
 FOCUS_FACTOR = 4.0
 MIN_TOKENS_COLUMNS = [
-    "model", "params", "axis", "strategy", "full_tokens", "full_top1", "min_tokens_measured", "min_tokens_fit",
-    "ci_low", "ci_high", "max_drop", "axis_params",
+    "model", "params", "axis", "strategy", "full_tokens", "full_mean", "min_tokens_measured", "min_tokens_fit",
+    "ci_low", "ci_high", "max_drop", "axis_params", "axis_params_column",
     "stage", "metric", "fit_status", "fit_reason", "fit_a", "fit_b", "fit_r2", "fit_rmse", "n_points",
     "seeds_per_point", "ci_method", "confidence", "n_boot", "bracket_low", "bracket_high", "extrapolated",
     "resolved",
 ]
 
 
-def axis_params(curve: pd.DataFrame, axis: str) -> float:
-    """The size of the encoder whose tokens the axis reduces (vision_params for image tokens, text_params for text
-    tokens), as the paper plots it; the total `params` where the table does not have it."""
-    column = {"image": "vision_params", "text": "text_params"}[axis]
-    value = float(curve[column].iloc[0]) if column in curve.columns else np.nan
-    return value if np.isfinite(value) else float(curve["params"].iloc[0])
+def axis_params(table: pd.DataFrame) -> pd.DataFrame:
+    """`table` (min_tokens rows) with `axis_params`, the size of the encoder whose tokens the axis reduces
+    (vision_params for image tokens, text_params for text tokens), as the paper plots it, and `axis_params_column`
+    naming where it came from. An axis where some model lacks its encoder's size (records from before it was
+    recorded) is sized by the total `params` for every model, with a warning: one axis never mixes the two."""
+    table = table.copy()
+    table["axis_params_column"] = ""
+    for axis, rows in table.groupby("axis").groups.items():
+        column = {"image": "vision_params", "text": "text_params"}[axis]
+        sizes = table.loc[rows, column].astype(float)
+        if not np.isfinite(sizes).all():
+            lacking = sorted(table.loc[rows][~np.isfinite(sizes)]["model"].unique())
+            if np.isfinite(sizes).any():
+                warnings.warn(f"{axis} axis: no {column} for {', '.join(map(repr, lacking))}; every model on it is "
+                              f"sized by its total params instead", AnalysisWarning, stacklevel=2)
+            column, sizes = "params", table.loc[rows, "params"].astype(float)
+        table.loc[rows, "axis_params"], table.loc[rows, "axis_params_column"] = sizes, column
+    return table
+
+
+def _one_point_per_length(curve: pd.DataFrame) -> pd.DataFrame:
+    """A curve's cells sorted by length, one per length: cells of several setups at one length (a curve that pools
+    setups, which `compute_drops` warns about) become one, their drops averaged over all their seeds."""
+    curve = curve.sort_values("tokens")
+    if not curve["tokens"].duplicated().any():
+        return curve
+    weighted = curve.assign(drop=curve["drop"] * curve["n_seeds"]).groupby("tokens", sort=True)
+    merged = weighted.first()
+    merged["n_seeds"] = weighted["n_seeds"].sum()
+    merged["drop"] = weighted["drop"].sum() / merged["n_seeds"]
+    return merged.reset_index()
 
 
 def focus_scale(max_drop: float) -> float:
@@ -245,25 +274,27 @@ def min_tokens_table(
     values = used[metric].to_numpy(dtype=float)
     by_cell = used.groupby(["model", "axis", "strategy", "tokens"], sort=False).indices
     full_rows = used[used["axis"] == "full"]
-    base_positions = {
-        model: full_rows.index.to_numpy()[idx] for model, idx in full_rows.groupby("model").indices.items()
+    base_positions = {  # per (model, setup_id): where its full-length runs are
+        key: full_rows.index.to_numpy()[idx] for key, idx in full_rows.groupby(BASELINE_KEYS).indices.items()
     }
     curves = cells[cells["axis"].isin(AXES)]
     rows, fits, measured = [], {}, []
     for (model, axis, strategy), curve in curves.groupby(["model", "axis", "strategy"], sort=True):
-        curve = curve.sort_values("tokens")
+        based = [s for s in curve["setup_id"].unique() if (model, s) in base_positions]
+        curve = _one_point_per_length(curve[curve["setup_id"].isin(based)] if based else curve)
         tokens = curve["tokens"].to_numpy(dtype=float)
         drops = curve["drop"].to_numpy(dtype=float)
         weights = curve["n_seeds"].to_numpy(dtype=float)
         full = float(curve["full_tokens"].iloc[0])
         row = {
-            "model": model, "params": curve["params"].iloc[0], "axis_params": axis_params(curve, axis),
+            "model": model, "params": curve["params"].iloc[0],
+            **{c: float(curve[c].iloc[0]) if c in curve.columns else np.nan for c in TOWER_COLUMNS},
             "axis": axis, "strategy": strategy,
-            "full_tokens": full, "full_top1": curve["full_mean"].iloc[0], "max_drop": max_drop,
+            "full_tokens": full, "full_mean": curve["full_mean"].iloc[0], "max_drop": max_drop,
             "stage": stage, "metric": metric, "n_points": len(tokens), "seeds_per_point": int(weights.min()),
             "confidence": confidence, "n_boot": n_boot, "resolved": False,
         }
-        if model not in base_positions:
+        if not based:
             fit = DropCurveFit(full, status="no_baseline", reason=f"model {model!r} has no full-length baseline")
         else:
             fit = fit_drop_curve(tokens, drops, full, weights, focus=focus_scale(max_drop))
@@ -272,26 +303,27 @@ def min_tokens_table(
             row["extrapolated"] = bool(row["min_tokens_fit"] < tokens.min()) if np.isfinite(
                 row["min_tokens_fit"]) else False
             if fit.usable:
-                measured.append((row, fit, tokens, drops, weights))
+                baseline = np.concatenate([base_positions[(model, s)] for s in based])
+                measured.append((row, fit, tokens, drops, weights, baseline))
         fits[(model, axis, strategy)] = fit
         row.update(fit_status=fit.status, fit_reason=fit.reason, fit_a=fit.a, fit_b=fit.b, fit_r2=fit.r2,
                    fit_rmse=fit.rmse)
         rows.append(row)
     # Curves measured at one seed learn their noise from fit residuals: pooled over every curve of the axis, as
     # one curve's three to seven points leave it one to five degrees of freedom.
-    noise = {axis: residual_scale([(d, f.predict(t), w) for r, f, t, d, w in measured if r["axis"] == axis])
+    noise = {axis: residual_scale([(d, f.predict(t), w) for r, f, t, d, w, _ in measured if r["axis"] == axis])
              for axis in {r["axis"] for r, *_ in measured}}
-    for row, fit, tokens, drops, weights in measured:
+    for row, fit, tokens, drops, weights, baseline in measured:
         key = (row["model"], row["axis"], row["strategy"])
         if n_boot > 0:
             point_values = [values[by_cell[(*key, t)]] for t in tokens]
-            row.update(bootstrap_crossing(tokens, point_values, values[base_positions[row["model"]]],
+            row.update(bootstrap_crossing(tokens, point_values, values[baseline],
                                           row["full_tokens"], fit, max_drop, n_boot, rng, confidence,
                                           residual_noise=noise[row["axis"]]))
         estimate = 0.0 if fit.status == "flat" else row["min_tokens_fit"]
         row["resolved"] = is_resolved(tokens, row["full_tokens"], estimate, row.get("ci_low", np.nan),
                                       row.get("ci_high", np.nan))
-    table = pd.DataFrame(rows, columns=MIN_TOKENS_COLUMNS)
+    table = axis_params(pd.DataFrame(rows, columns=[*MIN_TOKENS_COLUMNS, *TOWER_COLUMNS]))[MIN_TOKENS_COLUMNS]
     if len(table):
         table = table.sort_values(["axis", "strategy", "params", "model"], kind="stable").reset_index(drop=True)
     return table, fits

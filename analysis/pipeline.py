@@ -126,14 +126,17 @@ def run_analysis(
     All validation happens before anything is written: on `AnalysisInputError` the output directory is untouched.
     """
     path = Path(path)
+    out = Path(out) if out is not None else default_out_dir(path)
+    above = next(p for p in (out, *out.parents) if p.exists())  # what an output directory would be made in
+    if not above.is_dir():
+        raise AnalysisInputError(above, "is a file: the --out directory cannot be made there", field="--out")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", AnalysisWarning)
         table = load_results(path, progress=progress)
     _reemit(caught)
     analysis = analyze(table, metric, stage, max_drop, n_boot=n_boot, seed=seed, confidence=confidence,
                        source=str(path))
-    written = write_outputs(analysis, Path(out) if out is not None else default_out_dir(path), figures=figures,
-                            jobs=jobs)
+    written = write_outputs(analysis, out, figures=figures, jobs=jobs)
     return analysis, written
 
 
@@ -188,16 +191,19 @@ def save_figures(
     pending = while_drawing
     if jobs > 1 and sys.platform.startswith("linux"):
         _FORKED = (analysis, directory)
+        writing = False
         try:
             with multiprocessing.get_context("fork").Pool(jobs) as pool:
                 drawing = pool.map_async(_draw_one, FIGURE_NAMES, chunksize=1)  # heaviest figures first
                 if pending is not None:
-                    pending, task = None, pending
-                    task()
+                    writing = True
+                    pending()
+                    pending, writing = None, False
                 drawn = drawing.get()
             return {n: [Path(p) for p in d] if d else None for n, d in zip(FIGURE_NAMES, drawn)}
         except Exception:  # noqa: BLE001 - any worker trouble: draw them here instead
-            pass
+            if writing:  # the tables' own error, not the pool's: the caller hears it
+                raise
         finally:
             _FORKED = None
     if pending is not None:
@@ -211,7 +217,7 @@ def save_figures(
 def runs_for_csv(analysis: Analysis) -> pd.DataFrame:
     """The per-run table in a reading order: identity, settings, axis, metric, drop, other metrics, compute."""
     runs = analysis.runs
-    first = ["run_id", "sweep", "status", "error", "model", "params", "image_strategy", "image_tokens",
+    first = ["run_id", "sweep", "setup_id", "status", "error", "model", "params", "image_strategy", "image_tokens",
              "text_strategy", "text_tokens", "seed", "stage", "axis", "strategy", "tokens", "full_tokens",
              analysis.metric, "full_mean", "full_std", "full_n", "drop", "in_analysis"]
     metrics = [c for c in METRIC_COLUMNS if c in runs.columns and c not in first]

@@ -11,7 +11,7 @@ import pandas as pd
 
 from .figures import metric_label
 from .fit import B_MAX, B_MIN, MIN_POINTS
-from .minima import FOCUS_FACTOR
+from .minima import FOCUS_FACTOR, MANY_SEEDS
 
 _MAX_LISTED = 50
 
@@ -138,8 +138,11 @@ def write_report(analysis, out: Path, figure_files: dict[str, list[Path] | None]
     ]
     mt = a.min_tokens
     lines.append(markdown_table(mt, {
-        "model": "model", "axis_params": ("tower params", _params), "axis": "axis", "strategy": "strategy",
-        "full_tokens": ("full tokens", _tokens), "full_top1": (f"full {a.metric}", _num(2)),
+        "model": "model", "axis_params": ("params", _params),
+        "axis_params_column": ("of", lambda v: {"vision_params": "vision tower", "text_params": "text tower"}.get(
+            v, "whole model")),
+        "axis": "axis", "strategy": "strategy",
+        "full_tokens": ("full tokens", _tokens), "full_mean": (f"full {a.metric}", _num(2)),
         "min_tokens_measured": ("measured", _tokens), "min_tokens_fit": ("fitted", _num(1)),
         "ci_low": ("CI low", _num(1)), "ci_high": ("CI high", _num(1)), "ci_method": "CI from",
         "fit_r2": ("fit R²", _num(3)), "fit_rmse": ("RMSE (pp)", _num(2)), "fit_status": "fit",
@@ -207,9 +210,11 @@ def write_report(analysis, out: Path, figure_files: dict[str, list[Path] | None]
         f"far above the tolerance down-weighted by `1 / (1 + (drop / {FOCUS_FACTOR:g}·max_drop)²)`), `b` profiled "
         "on a grid and refined with scipy. R² and RMSE are on the seed means. A curve needs at least "
         f"{MIN_POINTS} reduced token lengths.",
-        "- **Interval**: bootstrap over seeds (resampled within each token length and within the baseline) when "
-        "every point has two or more seeds; at one seed, from the fit residuals pooled over every curve of the "
-        "axis (plus the baseline's own error). The interval "
+        f"- **Interval** (`CI from`): `seeds` when every point and the baseline have {MANY_SEEDS} or more seeds "
+        "(resampled within each token length and within the baseline); `seeds-pooled` with 2 to "
+        f"{MANY_SEEDS - 1} seeds (each cell's mean drawn from the within-cell spread pooled over the curve and its "
+        "baseline, with a chi-square draw for the uncertainty of that spread); `residuals` at one seed (the fit "
+        "residuals pooled over every curve of the axis, plus the baseline's own error). The interval "
         "is the hull of the percentile interval of the fitted crossing, that of a model-free crossing (linear in "
         "log t between the measured grid point and the next shorter one), and that observed grid bracket: honest "
         "when the functional form is not exactly right.",

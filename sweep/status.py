@@ -184,10 +184,23 @@ def run_state(run_dir: str | Path, job_id: str | None, scheduler: dict[str, dict
     return "pending", ""
 
 
+RUN_KEYS = ("model", "image_strategy", "image_tokens", "text_strategy", "text_tokens", "seed")  # what status shows
+
+
+def _check_entries(manifest: dict[str, Any], path: Path) -> dict[str, Any]:
+    """ConfigError for a run entry that status cannot show (hand-edited, or damaged); a relaunch rewrites it."""
+    for run_id, entry in manifest["runs"].items():
+        config = entry.get("config") if isinstance(entry, dict) else None
+        lacking = [k for k in RUN_KEYS if k not in config] if isinstance(config, dict) else ["config"]
+        if lacking:
+            raise ConfigError(f"runs.{run_id}", f"has no {lacking[0]!r}; relaunch the grid to write it again", path)
+    return manifest
+
+
 def collect(path: str | Path) -> list[dict[str, Any]]:
     """One row per run of every sweep under `path`, asking the scheduler once."""
     path = Path(path)
-    manifests = [(p.parent, read_manifest(p)) for p in find_manifests(path)]
+    manifests = [(p.parent, _check_entries(read_manifest(p), p)) for p in find_manifests(path)]
     job_ids = [j for _, m in manifests for entry in m["runs"].values() if (j := latest_slurm_job(entry))]
     scheduler = scheduler_states(job_ids)
     now = time.time()
@@ -198,26 +211,28 @@ def collect(path: str | Path) -> list[dict[str, Any]]:
             job_id = latest_slurm_job(entry)
             state, reason = run_state(os.path.join(sweep_path, run_id), job_id, scheduler, now)
             rows.append({"sweep": manifest["sweep"], "run_id": run_id, "state": state, "reason": one_line(reason),
-                         "model": cfg["model"], "image_strategy": cfg["image_strategy"],
-                         "image_tokens": cfg["image_tokens"], "text_strategy": cfg["text_strategy"],
-                         "text_tokens": cfg["text_tokens"], "seed": cfg["seed"],
+                         **{key: cfg[key] for key in RUN_KEYS},
                          "job_id": jobs[-1]["job_id"] if jobs else None, "jobs": [j["job_id"] for j in jobs],
                          "trials": entry.get("trials", [])})  # `sweep tune`: the trials (study#number) it served
     return rows
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    """One line per run, most urgent first; runs of a tuning sweep also name their trials."""
+    """One line per run, most urgent first; runs of a tuning sweep also name their trials, and runs of several
+    sweeps their sweep."""
     width = max([len(r["run_id"]) for r in rows] + [6])
-    trials = {r["run_id"]: ",".join(r.get("trials") or []) for r in rows}
-    tw = max(len(t) for t in trials.values())
+    trials = {(r["sweep"], r["run_id"]): ",".join(r.get("trials") or []) for r in rows}
+    tw = max((len(t) for t in trials.values()), default=0)
     tw = max(tw, 5) if tw else 0
-    head = f"{'trial':<{tw}}  " if tw else ""
-    lines = [f"{'run_id':<{width}}  {'state':<9}  {head}reason"]
+    sweeps = {r["sweep"] for r in rows}
+    sw = max(max(map(len, sweeps)), 5) if len(sweeps) > 1 else 0
+    head = (f"{'sweep':<{sw}}  " if sw else "") + f"{'run_id':<{width}}  {'state':<9}  "
+    lines = [head + (f"{'trial':<{tw}}  " if tw else "") + "reason"]
     order = {s: i for i, s in enumerate(("failed", "stale", "running", "requeued", "pending", "pruned", "completed"))}
-    for r in sorted(rows, key=lambda r: (order[r["state"]], r["run_id"])):
-        trial = f"{trials[r['run_id']]:<{tw}}  " if tw else ""
-        lines.append(f"{r['run_id']:<{width}}  {r['state']:<9}  {trial}{r['reason']}".rstrip())
+    for r in sorted(rows, key=lambda r: (order[r["state"]], r["sweep"], r["run_id"])):
+        sweep = f"{r['sweep']:<{sw}}  " if sw else ""
+        trial = f"{trials[r['sweep'], r['run_id']]:<{tw}}  " if tw else ""
+        lines.append(f"{sweep}{r['run_id']:<{width}}  {r['state']:<9}  {trial}{r['reason']}".rstrip())
     return "\n".join(lines)
 
 

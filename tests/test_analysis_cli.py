@@ -75,7 +75,7 @@ def test_default_output_is_beside_the_results_with_tables_figures_and_report(ana
 def test_min_tokens_csv_starts_with_the_agreed_columns(analysed):
     out, _, _ = analysed
     header = (out / "min_tokens.csv").read_text().splitlines()[0].split(",")
-    assert header[:11] == ["model", "params", "axis", "strategy", "full_tokens", "full_top1", "min_tokens_measured",
+    assert header[:11] == ["model", "params", "axis", "strategy", "full_tokens", "full_mean", "min_tokens_measured",
                            "min_tokens_fit", "ci_low", "ci_high", "max_drop"]
     table = pd.read_csv(out / "min_tokens.csv")
     assert set(table["axis"]) == {"image", "text"} and len(table) == 3 * 8

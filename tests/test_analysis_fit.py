@@ -87,7 +87,7 @@ def analyse(table: pd.DataFrame, max_drop: float = 1.0, n_boot: int = 400):
 
 def test_min_tokens_table_has_the_promised_columns_first():
     result, _, _ = analyse(synthetic.make_table(seeds=2, stages=("pretrain",)), n_boot=50)
-    assert list(result.columns[:11]) == ["model", "params", "axis", "strategy", "full_tokens", "full_top1",
+    assert list(result.columns[:11]) == ["model", "params", "axis", "strategy", "full_tokens", "full_mean",
                                          "min_tokens_measured", "min_tokens_fit", "ci_low", "ci_high", "max_drop"]
     assert list(result.columns) == MIN_TOKENS_COLUMNS
     assert set(result.axis) == {"image", "text"} and len(result) == 3 * 8

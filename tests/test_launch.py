@@ -180,6 +180,32 @@ def test_status_of_a_directory_without_a_sweep_exits_2(tmp_path, capsys):
     assert "manifest.json" in capsys.readouterr().err
 
 
+def manifest(results, sweep, runs):
+    (results / sweep).mkdir(parents=True, exist_ok=True)
+    (results / sweep / "manifest.json").write_text(json.dumps({"sweep": sweep, "launches": [], "runs": runs}))
+
+
+def test_status_names_the_sweep_of_each_run_when_there_are_several_and_shows_an_empty_one(tmp_path, capsys):
+    cfg = config_from_dict({"model": "cpu-s"}).to_dict()
+    manifest(tmp_path, "queued", {})  # a `sweep tune` whose trials have not started: no runs yet
+    assert main(["status", str(tmp_path / "queued")]) == 0
+    assert "0 runs" in capsys.readouterr().out
+    manifest(tmp_path, "first", {"x": {"config": cfg}})
+    manifest(tmp_path, "second", {"x": {"config": cfg}})
+    assert main(["status", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:3] == ["sweep", "run_id", "state"]
+    assert [line.split()[:3] for line in lines[1:3]] == [["first", "x", "pending"], ["second", "x", "pending"]]
+
+
+@pytest.mark.parametrize("entry", ["just a string", {"config": {"model": "cpu-s"}}])
+def test_a_manifest_run_entry_status_cannot_show_is_one_line_naming_it(tmp_path, capsys, entry):
+    manifest(tmp_path, "s", {"x": entry})
+    assert main(["status", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "manifest.json: runs.x: has no" in err
+
+
 def test_collect_reads_many_runs(tmp_path):
     sweep = tmp_path / "many"
     runs = {}
