@@ -335,7 +335,9 @@ def paper_data(tmp_path_factory):
     for i in range(1000):  # ImageNet's 1000 wnid folders (the load-time check lists them), one image each
         (root / "imagenet" / "val" / f"n{i:08d}").mkdir(parents=True)
         (root / "imagenet" / "val" / f"n{i:08d}" / "a.JPEG").touch()
-    (root / "coco").mkdir()
+    (root / "coco" / "val2014").mkdir(parents=True)  # the retrieval table's images must exist at load
+    for i in range(2):
+        (root / "coco" / "val2014" / f"{i}.jpg").touch()
     (root / "coco" / "test_5k.csv").write_text("filepath\ttitle\n" + "".join(
         f"val2014/{i}.jpg\ta caption {j} of image {i}\n" for i in range(2) for j in range(5)))
     return root
