@@ -313,7 +313,8 @@ def pareto_front(flops: np.ndarray, accuracy: np.ndarray) -> np.ndarray:
 
 
 def plot_accuracy_vs_compute(cells: pd.DataFrame, stage: str = "pretrain") -> Figure | None:
-    """Metric against training compute per grid cell (mean over seeds) with the Pareto front; None without FLOPs."""
+    """Metric against training compute per grid cell (mean over seeds) with the Pareto front; None without FLOPs.
+    The compute is that of the stages up to `stage` (`analysis.load.stage_compute`)."""
     if "train_flops" not in cells.columns:
         return None
     data = cells[np.isfinite(cells["train_flops"].astype(float)) & (cells["train_flops"] > 0)]
@@ -339,7 +340,8 @@ def plot_accuracy_vs_compute(cells: pd.DataFrame, stage: str = "pretrain") -> Fi
         ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: _human_flops(v)))
         ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.set_xlabel("training compute (FLOPs, log scale)")
+        spent = "pre-training" if stage.startswith("pretrain") else "pre-training and fine-tuning"
+        ax.set_xlabel(f"training compute of {spent} (FLOPs, log scale)")
         ax.set_ylabel(f"{metric_label(metric)} (%)")
         ax.set_title(f"{metric_label(metric).capitalize()} against training compute ({stage})")
         handles = [Line2D([], [], color=colors[m], marker="o", linestyle="none",

@@ -168,9 +168,27 @@ def parse_result_record(record: Any, file: str | Path = "<record>") -> list[dict
         base[key] = getattr(rec.compute, key)
     # Each stage also records its own settings (a fine-tune runs at full length); the run's settings are the
     # top-level ones, so only the stage's metrics are taken from it.
-    rows = [dict(base, stage=stage, **{k: v for k, v in metrics.values().items() if _is_number(v)})
+    rows = [dict(base, stage=stage, **stage_compute(rec, stage),
+                 **{k: v for k, v in metrics.values().items() if _is_number(v)})
             for stage, metrics in rec.stage_metrics().items()]
     return rows or [dict(base, stage="")]
+
+
+# The training behind each stage's metrics: the pre-trained model evaluated at full length is the pre-trained one.
+_TRAINED_BY = {"pretrain": ("pretrain",), "pretrain_full_length": ("pretrain",), "finetune": ("pretrain", "finetune")}
+
+
+def stage_compute(rec: ResultRecord, stage: str) -> dict[str, Any]:
+    """`train_flops`, `samples_seen` and `train_seconds` of the stages up to `stage`, from the record's per-stage
+    compute: a pre-training row is placed at the compute of pre-training alone, not of the whole run. Empty (the
+    run's totals stand) where the record lacks a stage's breakdown."""
+    parts = [rec.compute.stages.get(name) for name in _TRAINED_BY.get(stage, ())]
+    if not parts or any(p is None or p.flops_per_step is None or p.steps is None or p.samples is None
+                        or p.train_seconds is None for p in parts):
+        return {}
+    return {"train_flops": sum(p.flops_per_step * p.steps for p in parts),
+            "samples_seen": sum(p.samples for p in parts),
+            "train_seconds": round(sum(p.train_seconds for p in parts), 3)}
 
 
 def setup_id(config: dict[str, Any]) -> str:

@@ -215,6 +215,9 @@ class RunConfig(Settings):
                         self.csv_separator)) not in _FOUND:  # a grid's runs share their training set: look once
             paths = expand_paths(self.train_data)
             _files_exist("train_data", paths)
+            if self.dataset == "webdataset" and (table := next((p for p in paths if not is_shard(p)), None)):
+                raise invalid("train_data", f"{table} is not a shard (.tar, .tar.gz, .tgz): dataset webdataset "
+                              "reads shards, dataset csv a table")
             if self.dataset == "csv":
                 if len(paths) != 1:
                     raise invalid("train_data", f"a csv training set is one table, got {len(paths)} paths")
@@ -403,17 +406,26 @@ def _span(values) -> str:
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """``["lr=1e-3", "model=cpu-m"]`` -> ``{"lr": 0.001, "model": "cpu-m"}``; values parse as YAML scalars."""
+    """``["lr=0.001", "model=cpu-m"]`` -> ``{"lr": 0.001, "model": "cpu-m"}``; values parse as YAML, except
+    where YAML would not read them as written: a separator such as `,` or `|`, a tab, `#` are taken as text."""
     out = {}
     for pair in pairs:
         key, sep, raw = pair.partition("=")
         if not sep or not key.strip():
             raise ConfigError("--set", f"expected key=value, got {pair!r}")
-        try:
-            out[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError:
-            raise ConfigError(f"--set {key.strip()}", f"not a YAML value: {raw!r}") from None
+        out[key.strip()] = _override_value(raw)
     return out
+
+
+def _override_value(raw: str) -> Any:
+    if not raw:
+        return None
+    if not raw.strip() or raw.strip()[0] in "|>#,":  # whitespace, YAML's block scalars and comments, a comma
+        return raw
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
 
 
 def config_from_dict(raw: dict[str, Any], source: str | Path | None = None) -> RunConfig:

@@ -179,3 +179,24 @@ def test_the_report_says_how_each_interval_was_made(tmp_path):
     assert set(result.min_tokens["ci_method"]) == {"seeds-pooled"}
     text = write_report(result, tmp_path, {}).read_text()
     assert "`seeds-pooled` with 2 to 7 seeds" in text and "`residuals` at one seed" in text
+
+
+def test_a_stage_row_carries_the_compute_of_the_stages_up_to_it(tmp_path):
+    from analysis.load import parse_result_record
+
+    record = {"run_id": "r", "status": "completed", "model": "cpu-s", "image_strategy": "random",
+              "image_tokens": 17, "text_strategy": "none", "text_tokens": 16, "seed": 0,
+              "metrics": {stage: {"zeroshot_top1": 10.0} for stage in ("pretrain", "pretrain_full_length",
+                                                                        "finetune")},
+              "compute": {"samples_seen": 3000, "train_flops": 7e12, "train_seconds": 9.0, "wall_seconds": 12.0,
+                          "stages": {"pretrain": {"flops_per_step": 1e11, "steps": 50, "samples": 2500,
+                                                  "train_seconds": 6.0},
+                                     "finetune": {"flops_per_step": 4e11, "steps": 5, "samples": 500,
+                                                  "train_seconds": 3.0}}}}
+    rows = {row["stage"]: row for row in parse_result_record(record)}
+    assert rows["pretrain"]["train_flops"] == rows["pretrain_full_length"]["train_flops"] == 5e12
+    assert rows["pretrain"]["samples_seen"] == 2500 and rows["pretrain"]["train_seconds"] == 6.0
+    assert (rows["finetune"]["train_flops"], rows["finetune"]["samples_seen"]) == (7e12, 3000)
+    assert rows["pretrain"]["wall_seconds"] == 12.0  # the run's: its stages' wall times are not recorded apart
+    del record["compute"]["stages"]  # an older record, or another tool's: the run's totals stand
+    assert parse_result_record(record)[0]["train_flops"] == 7e12

@@ -2,7 +2,7 @@
 import pytest
 
 from sweep.cli import main
-from sweep.config import ConfigError, RunConfig, config_from_dict, field_docs, load_run_config
+from sweep.config import ConfigError, RunConfig, config_from_dict, field_docs, load_run_config, parse_overrides
 
 
 def write(tmp_path, text):
@@ -71,6 +71,14 @@ def test_overrides_are_checked_like_file_values(tmp_path):
     assert err.field == "image_tokens"
     err = error_of(tmp_path, "model: cpu-s\n", "nonsense")
     assert err.field == "--set"
+
+
+@pytest.mark.parametrize("separator", [",", "|", "\t", ";", "#", " "])
+def test_an_override_is_taken_as_written_where_yaml_would_read_it_otherwise(separator):
+    # YAML refuses `,` and a tab, reads `|` as a block scalar and `#` as a comment: a separator is meant as text
+    assert parse_overrides([f"csv_separator={separator}"]) == {"csv_separator": separator}
+    assert parse_overrides(["lr=0.5", "eval_embedded=false", "image_tokens=", "model=cpu-m"]) == {
+        "lr": 0.5, "eval_embedded": False, "image_tokens": None, "model": "cpu-m"}
 
 
 def test_missing_spacy_model_fails_at_load_time(tmp_path):

@@ -276,6 +276,8 @@ def test_a_thousand_class_folders_are_taken_in_wnid_order_only_when_they_are_wni
     assert read_zeroshot(str(tmp_path / "wnids"), "imagenet").classnames[0] == "tench"
     with pytest.raises(ValueError, match="'class_0000' .* is not an ImageNet class name"):
         read_zeroshot(str(tmp_path / "named"), "imagenet")  # not silently paired with tench, goldfish, ...
+    with pytest.raises(ValueError, match="WordNet ids .*set zeroshot_classnames"):
+        read_zeroshot(str(tmp_path / "wnids"))  # not prompted as "a photo of a n00000000."
 
 
 def _fails(file: bytes | Path) -> bool:
@@ -525,6 +527,7 @@ def test_retrieval_shard_samples_without_an_image_or_a_caption_are_counted_as_sk
     ({"eval_sets": [{"name": "a", "type": "zeroshot", "data": "DIR", "zeroshot_classnames": "none.txt"}]},
      "eval_sets.0.zeroshot_classnames"),
     ({"eval_embedded": False}, "eval_sets"),
+    ({"dataset": "webdataset", "train_data": "TSV"}, "train_data"),  # a table is no shard
     ({"decode": "gpu"}, "decode"),
     ({"dataset": "csv", "train_data": "TSV", "csv_separator": "\\t"}, "csv_separator"),  # YAML's '\t'
     ({"eval_sets": [{"name": "a", "type": "retrieval", "data": "TSV", "csv_separator": "||"}]},
@@ -641,12 +644,14 @@ def test_a_stray_quote_in_a_table_is_refused_naming_its_line_instead_of_swallowi
     assert [caption for _, caption in source.rows] == [caption for _, caption in rows]
 
 
-def test_a_training_table_that_is_not_utf8_or_has_no_data_row_is_refused_at_load(demo, tmp_path):
+def test_a_training_table_that_is_not_utf8_has_no_data_row_or_a_column_twice_is_refused_at_load(demo, tmp_path):
     lines = (demo / "train.tsv").read_text().splitlines()
     (tmp_path / "header.tsv").write_text(lines[0] + "\n\n")
+    (tmp_path / "twice.tsv").write_text(lines[0] + "\ttitle\n" + "\n".join(line + "\tother" for line in lines[1:5]))
     (tmp_path / "latin1.tsv").write_bytes("\n".join(lines[:40] + [lines[40] + " caf\u00e9"] + lines[41:100])
                                           .encode("latin-1") + b"\n")
-    for table, why in [("header.tsv", "has a header but no rows"), ("latin1.tsv", "line 41 is not UTF-8")]:
+    for table, why in [("header.tsv", "has a header but no rows"), ("latin1.tsv", "line 41 is not UTF-8"),
+                       ("twice.tsv", "has 2 columns named 'title'")]:
         with pytest.raises(ConfigError, match=why) as err:
             config_from_dict({"dataset": "csv", "train_data": str(tmp_path / table)}, "run.yaml")
         assert err.value.field == "train_data" and table in str(err.value)

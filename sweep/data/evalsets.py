@@ -1,7 +1,8 @@
 """Evaluation sets on disk: zero-shot classification folders and image-text retrieval sets.
 
 - `zeroshot`: an ImageNet-style folder, `<class>/<image files>`; classes in sorted folder order. Class names are
-  the folder names (`_` read as a space), or one per line from a file, or open_clip's ImageNet names
+  the folder names (`_` read as a space; folders named by WordNet ids are refused: they need names), or one per
+  line from a file, or open_clip's ImageNet names
   (`zeroshot_classnames: imagenet`: a folder of 1000 classes is taken in the standard sorted-wnid order, a smaller
   folder must name its classes with ImageNet class names, as `folder_name` writes them). Prompt templates
   likewise: a file of lines with `{}` once, or `imagenet` (open_clip's 80 OpenAI templates, the default with
@@ -89,6 +90,10 @@ def read_zeroshot(folder: str, classnames: str | None = None, templates: str | N
         names = _lines(classnames)
         if len(names) != len(classes):
             raise ValueError(f"{classnames} names {len(names)} classes, {folder} has {len(classes)} class folders")
+    elif all(re.fullmatch(r"n\d{8}", c) for c in classes):  # prompts naming wnids would score at chance
+        raise ValueError(f"the class folders of {folder} are WordNet ids ({classes[0]}, ...), not names for a "
+                         "prompt: set zeroshot_classnames to imagenet (a folder of all 1000 classes) or to a file "
+                         "of class names")
     else:
         names = tuple(c.replace("_", " ") for c in classes)
     if templates == "imagenet":

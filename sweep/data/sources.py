@@ -239,6 +239,9 @@ def read_columns(path: str, columns: tuple[str, ...], separator: str) -> Iterato
             if missing:
                 raise ValueError(f"{path} has no column {missing[0]!r} (header: {separator.join(header)[:80]!r}, "
                                  f"separator {separator!r})")
+            twice = [c for c in columns if header.count(c) > 1]
+            if twice:  # which of them holds the data cannot be told
+                raise ValueError(f"{path} has {header.count(twice[0])} columns named {twice[0]!r}")
             where = [header.index(c) for c in columns]
             line = reader.line_num + 1
             for row in reader:
