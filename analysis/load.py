@@ -114,10 +114,16 @@ def _records_to_frame(source: Path, files: list[Path], *, progress: bool | None,
     rows: list[dict[str, Any]] = []
     skipped: list[tuple[str, str]] = []
     trials = 0
+    launched: dict[Path, set[str]] = {}  # per sweep directory, the runs its manifest says a launch asked for
     for file in _progress(files, progress):
         try:
             record = read_record(file)
-            if record.trial and skip_trials:  # a `sweep tune` trial: tuning, not a result of the study
+            sweep_dir = file.parent.parent
+            if sweep_dir not in launched:
+                launched[sweep_dir] = _launched_runs(sweep_dir)
+            # a `sweep tune` trial is tuning, not a result of the study, unless a launch of the study asked for
+            # that very run (`launch --from-tune` into the tuning sweep: the best trial's run is the study's)
+            if record.trial and skip_trials and file.parent.name not in launched[sweep_dir]:
                 trials += 1
                 continue
             rows.extend(parse_result_record(record, file))
@@ -130,6 +136,14 @@ def _records_to_frame(source: Path, files: list[Path], *, progress: bool | None,
     df = _normalise(pd.DataFrame.from_records(rows))
     df.attrs["skipped"] = skipped
     return df
+
+
+def _launched_runs(sweep_dir: Path) -> set[str]:
+    try:
+        runs = json.loads((sweep_dir / "manifest.json").read_text()).get("runs", {})
+        return {run_id for run_id, entry in runs.items() if isinstance(entry, dict) and entry.get("launched")}
+    except (OSError, ValueError, AttributeError):  # no manifest, or not one: records speak for themselves
+        return set()
 
 
 def _progress(files: list[Path], progress: bool | None) -> Iterable[Path]:

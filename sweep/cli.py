@@ -10,6 +10,7 @@ import dataclasses
 import os
 import sys
 import textwrap
+from pathlib import Path
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -59,7 +60,6 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _make_data(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
     from sweep.config import ConfigError
     from sweep.data.generate import make_data
@@ -234,7 +234,6 @@ def _launch(args: argparse.Namespace) -> int:
 
 
 def _tune(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
     from sweep.config import ConfigError
     from sweep.grid import Run, load_grid
@@ -262,13 +261,14 @@ def _tune(args: argparse.Namespace) -> int:
     if executor == "slurm" and not slurm_available():
         raise ConfigError("--executor", "slurm was asked for, but sbatch/sinfo do not work here", "command line")
     studies = studies_of(grid)
-    todo = remaining(grid, folder) if (folder / JOURNAL).exists() else grid.tune.trials * len(studies)
+    left = remaining(grid, folder)
+    todo = sum(left.values())
     print(f"{grid.sweep}: {len(studies)} studies (scope {grid.tune.scope}) x {grid.tune.trials} trials; "
           f"{todo} trials to run with the {executor} executor -> {folder}")
     if args.dry_run:
         from sweep.plan import estimate, format_plan, group_rows
 
-        configs = [s.base for s in studies for _ in range(grid.tune.trials)]
+        configs = [s.base for s in studies for _ in range(left[s.name])]
         costs = estimate(configs, threads_per_run(executor, args.max_parallel, slurm, todo or 1), args.tflops, 1)
         print(format_plan(group_rows(configs, costs), args.max_parallel))
         print("dry run: nothing written, nothing submitted (costs assume every trial runs to its end)")
@@ -292,12 +292,11 @@ def _tune(args: argparse.Namespace) -> int:
         return 0
     counts = progress(grid, folder)
     print(show(grid, args.results, figures=not args.no_figures))
-    return 0 if remaining(grid, folder) == 0 and not counts.get("running") else 1
+    return 0 if not any(remaining(grid, folder).values()) and not counts.get("running") else 1
 
 
 def _status(args: argparse.Namespace) -> int:
     import json
-    from pathlib import Path
 
     from sweep.config import ConfigError
     from sweep.status import collect, find_manifests, format_table, summary
@@ -587,6 +586,10 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
+        results = getattr(args, "results", None)  # launch, search, tune write under it
+        if results and (file := next((p for p in (Path(results), *Path(results).parents) if p.is_file()), None)):
+            raise ConfigError("--results", f"{results} cannot be a results directory: {file} is a file",
+                              "command line")
         return args.func(args)
     except ConfigError as err:
         print(f"sweep {args.command}: error: {err}", file=sys.stderr)

@@ -110,7 +110,10 @@ def write_manifest(grid: Grid, results: str | Path, launch: dict[str, Any] | Non
             entry = manifest["runs"].setdefault(run.run_id, {})
             jobs = jobs_of(entry)  # reads the older single-`job` form too
             entry.pop("job", None)
-            entry.update(config=run.config.to_dict(), baseline=run.baseline, grid=str(grid.path), jobs=jobs)
+            # launched: a run of the study, also where a `sweep tune` trial trained it first (its record then names
+            # the trial, and the analysis still counts it)
+            entry.update(config=run.config.to_dict(), baseline=run.baseline, grid=str(grid.path), jobs=jobs,
+                         launched=True)
         manifest.pop("analysis", None)  # the latest launch's grid says how the sweep is read
         if grid.analysis is not None:
             manifest["analysis"] = grid.analysis.to_dict()

@@ -118,7 +118,11 @@ def check_search(raw: Any, grid_runs: list, source: str | Path, analysis: Analys
         if cfg.image_strategy != "none" and cfg.text_strategy != "none":
             raise ConfigError("axes", f"{run.run_id} reduces both axes; a search follows one axis per curve",
                               source)
-    seeds = max(len(c.seeds) for c in curves_of(grid_runs))
+    curves = curves_of(grid_runs)
+    if not curves:
+        raise ConfigError("search", "the grid has no reduced-length runs, so no drop curve to search: give an axis "
+                          "of image or text token lengths", source)
+    seeds = max(len(c.seeds) for c in curves)
     if spec.max_seeds < seeds:
         raise ConfigError("search.max_seeds", f"{spec.max_seeds} is fewer than the grid's {seeds} seeds per cell",
                           source)

@@ -249,10 +249,12 @@ def load_study(study: Study, spec: TuneSpec, store):
 
 
 def counted(trial) -> bool:
-    """Whether a trial uses up one of the study's `trials`: every one but those a killed worker left (retried)."""
+    """Whether a trial uses up one of the study's `trials`: every one but those a killed worker left (retried), and
+    the retries waiting to be asked for (the next `ask` takes one, and it counts from then on)."""
     from optuna.trial import TrialState
 
-    return not (trial.state == TrialState.FAIL and trial.user_attrs.get("interrupted"))
+    return not (trial.state == TrialState.FAIL and trial.user_attrs.get("interrupted")) \
+        and trial.state != TrialState.WAITING
 
 
 # ----------------------------------------------------------------------------------------------------- workers
@@ -344,9 +346,15 @@ def run_trial(grid, folder: Path, study: Study, opened, trial, threads: int) -> 
     rid = id_of(cfg)
     run_dir = folder / rid
     trial.set_user_attr("run_id", rid)
-    add_to_manifest(folder, grid, rid, cfg, f"{study.label}#{trial.number}")
+    add_to_manifest(folder, grid, rid, cfg, f"{study.name}#{trial.number}")
+
+    # reports come every eval_every steps of both stages, the fine-tune's counting on from the pre-training's; once
+    # the objective's stage has ended its value is final, and a later prune would only throw it away
+    last = None if objective.stage == "finetune" else cfg.pretrain_samples // cfg.batch_size
 
     def report(step: int, metrics: dict[str, Any]) -> bool:
+        if last is not None and step >= last:
+            return False
         value = metrics.get(objective.metric)
         if not isinstance(value, (int, float)) or not math.isfinite(value):
             return False
@@ -358,7 +366,9 @@ def run_trial(grid, folder: Path, study: Study, opened, trial, threads: int) -> 
         while held_elsewhere(run_dir):  # another trial drew the same settings and trains them now: its result
             time.sleep(2.0)
         try:
-            if status_of(run_dir) is not None:  # ended before: under another trial, or this one's killed worker's
+            # ended before, under another trial or this one's killed worker; a pruned run is no result (another
+            # study's pruner, or another history, stopped it): it trains on from its checkpoint under this trial
+            if status_of(run_dir) in ("completed", "failed"):
                 record = read_record(run_dir)
             else:
                 record = run(cfg, run_dir, progress=False, report=report,
@@ -413,25 +423,46 @@ class SlurmTuneWorker(submitit.helpers.Checkpointable):
 
 # ----------------------------------------------------------------------------------------------- launch, show
 
-def progress(grid, folder: Path) -> dict[str, int]:
-    """Trials of the grid's studies by state (complete, pruned, fail, running, waiting), and `goal`."""
+def trial_states(grid, folder: Path) -> dict[str, dict[str, int]]:
+    """Each study of the grid: its trials by state (complete, pruned, fail, running; `interrupted`: failed by a
+    worker that found them abandoned; `abandoned`: RUNNING, but no worker holds their lock; `waiting`: their
+    retries, enqueued for the next worker)."""
+    from sweep.results import held
+
     store = storage(folder)
     names = {s.name for s in studies_of(grid)}
-    counts = {"goal": grid.tune.trials * len(names)}
+    out: dict[str, dict[str, int]] = {name: {} for name in names}
     for summary in store.get_all_studies():
         if summary.study_name not in names:
             continue
+        counts = out[summary.study_name]
         for trial in store.get_all_trials(store.get_study_id_from_name(summary.study_name), deepcopy=False):
             key = trial.state.name.lower()
             if key == "fail" and trial.user_attrs.get("interrupted"):
                 key = "interrupted"
+            elif key == "running" and not held(trial_lock_path(folder, summary.study_name, trial.number)):
+                key = "abandoned"
             counts[key] = counts.get(key, 0) + 1
+    return out
+
+
+def progress(grid, folder: Path) -> dict[str, int]:
+    """Trials of all the grid's studies by state (`trial_states`), and `goal`."""
+    counts = {"goal": grid.tune.trials * len(studies_of(grid))}
+    for states in trial_states(grid, folder).values():
+        for key, n in states.items():
+            counts[key] = counts.get(key, 0) + n
     return counts
 
 
-def remaining(grid, folder: Path) -> int:
-    counts = progress(grid, folder)
-    return max(0, counts["goal"] - sum(v for k, v in counts.items() if k not in ("goal", "interrupted")))
+def remaining(grid, folder: Path) -> dict[str, int]:
+    """Trials each study still needs; abandoned ones and their waiting retries are among them (a worker fails an
+    abandoned trial and runs its settings again). Every study's trials where nothing was tuned yet."""
+    if not (folder / JOURNAL).exists():
+        return {study.name: grid.tune.trials for study in studies_of(grid)}
+    return {name: max(0, grid.tune.trials - sum(n for key, n in states.items()
+                                                if key not in ("interrupted", "abandoned", "waiting")))
+            for name, states in trial_states(grid, folder).items()}
 
 
 def launch_tune(grid, results: str | Path, executor: str, workers: list[dict[str, Any]], threads: int, slurm,
@@ -482,17 +513,18 @@ def show(grid, results: str | Path, figures: bool = True) -> str:
     store = storage(folder)
     objective = grid.tune.objective
     lines = []
+    every = trial_states(grid, folder)
     for study in studies_of(grid):
-        opened = load_study(study, grid.tune, store)
-        trials = opened.get_trials(deepcopy=False)
-        states = {s: sum(t.state == s for t in trials) for s in TrialState}
-        interrupted = sum(1 for t in trials if not counted(t))
+        states = every[study.name]
+        trials = opened.get_trials(deepcopy=False) if (opened := _existing_study(study, store)) else []
         lines.append(f"{study.name}  ({study.label}; {objective.direction} {objective.metric} at "
                      f"{objective.stage})")
-        lines.append(f"  {sum(map(counted, trials))} of {grid.tune.trials} trials: "
-                     f"{states[TrialState.COMPLETE]} complete, {states[TrialState.PRUNED]} pruned, "
-                     f"{states[TrialState.FAIL] - interrupted} failed, {states[TrialState.RUNNING]} running"
-                     + (f" ({interrupted} interrupted and retried)" if interrupted else ""))
+        lines.append(f"  {sum(map(counted, trials)) - states.get('abandoned', 0)} of {grid.tune.trials} trials: "
+                     f"{states.get('complete', 0)} complete, {states.get('pruned', 0)} pruned, "
+                     f"{states.get('fail', 0)} failed, {states.get('running', 0)} running"
+                     + (f", {states['abandoned']} abandoned by a stopped worker (run again at the next sweep tune)"
+                        if states.get("abandoned") else "")
+                     + (f" ({states['interrupted']} interrupted and retried)" if states.get("interrupted") else ""))
         complete = [t for t in trials if t.state == TrialState.COMPLETE]
         if complete:
             best = opened.best_trial
@@ -505,6 +537,16 @@ def show(grid, results: str | Path, figures: bool = True) -> str:
             for path in write_figures(opened, folder / "figures"):
                 lines.append(f"  figure: {path}")
     return "\n".join(lines)
+
+
+def _existing_study(study: Study, store):
+    """The study as the journal holds it, or None: looking does not add it (a changed grid's new study)."""
+    import optuna
+
+    try:
+        return optuna.load_study(study_name=study.name, storage=store)
+    except KeyError:
+        return None
 
 
 def _fmt(value: Any) -> str:
@@ -585,7 +627,7 @@ def apply_best(grid, tune_dir: str | Path) -> tuple[Any, list[str]]:
     from sweep.grid import Run, run_id
 
     found = best_settings(tune_dir)
-    runs, used = {}, {}
+    runs, used, origin = {}, {}, {}
     for run in grid.runs:
         cfg = run.config
         match = None
@@ -603,7 +645,11 @@ def apply_best(grid, tune_dir: str | Path) -> tuple[Any, list[str]]:
                               f"tuned: {', '.join(models)})", "command line")
         tuned = config_from_dict({**cfg.to_dict(), **match["best"]}, source=f"{tune_dir} ({match['name']})")
         new = Run(run_id(tuned), tuned, run.baseline)
-        runs.setdefault(new.run_id, new)
+        if new.run_id in runs:  # two runs of the grid told apart only by a setting the study tuned
+            raise ConfigError("--from-tune", f"the grid's runs {origin[new.run_id]} and {run.run_id} differ only "
+                              f"in {', '.join(sorted(match['best']))}, which {match['name']} tuned: a setting is "
+                              "either swept or tuned", "command line")
+        runs[new.run_id], origin[new.run_id] = new, run.run_id
         settings = ", ".join(f"{k}={_fmt(v)}" for k, v in sorted(match["best"].items()))
         used[match["name"]] = f"{match['name']}: {settings} (trial {match['number']}, value {match['value']:.2f})"
     ordered = sorted(runs.values(), key=lambda r: (not r.baseline, r.run_id))

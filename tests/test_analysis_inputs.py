@@ -200,3 +200,14 @@ def test_a_stage_row_carries_the_compute_of_the_stages_up_to_it(tmp_path):
     assert rows["pretrain"]["wall_seconds"] == 12.0  # the run's: its stages' wall times are not recorded apart
     del record["compute"]["stages"]  # an older record, or another tool's: the run's totals stand
     assert parse_result_record(record)[0]["train_flops"] == 7e12
+
+
+def test_a_trials_run_is_analysed_only_where_a_launch_of_the_study_asked_for_it(tmp_path):
+    root = results(tmp_path / "r", "study", CONFIG)
+    baseline = next(p for p in (root / "study").glob("*/result.json") if "none65" in p.parent.name)
+    record = json.loads(baseline.read_text())
+    baseline.write_text(json.dumps({**record, "trial": {"study": "cpu-s.abc", "number": 3}}))
+    assert record["run_id"] not in set(load_results(root)["run_id"])  # tuning, not the study
+    (root / "study" / "manifest.json").write_text(json.dumps(
+        {"runs": {baseline.parent.name: {"launched": True, "trials": ["cpu-s#3"]}}, "launches": []}))
+    assert record["run_id"] in set(load_results(root)["run_id"])  # `launch --from-tune` asked for that run

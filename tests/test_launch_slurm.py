@@ -196,7 +196,7 @@ def test_tune_with_the_slurm_executor_completes_a_small_study_through_a_job_arra
     (array,) = json.loads((folder / "manifest.json").read_text())["launches"][-1]["arrays"]
     assert len(scheduler_tasks(array)) == 2  # two Optuna workers, one array
     grid = load_grid(path)
-    wait_for(lambda: remaining(grid, folder) == 0 and not progress(grid, folder).get("running"), 300,
+    wait_for(lambda: not any(remaining(grid, folder).values()) and not progress(grid, folder).get("running"), 300,
              "the study's 4 trials")
     counts = progress(grid, folder)
     assert counts.get("complete", 0) + counts.get("pruned", 0) == 4 and counts.get("complete", 0) >= 1

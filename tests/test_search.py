@@ -140,6 +140,12 @@ def test_fewer_max_seeds_than_the_grid_has_is_refused(tmp_path):
         load_grid(write(tmp_path, grid))
 
 
+def test_a_search_on_a_grid_without_reduced_runs_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="no reduced-length runs") as err:
+        load_grid(write(tmp_path, {**TINY, "axes": {"seed": [0, 1]}}))
+    assert err.value.field == "search"
+
+
 # ------------------------------------------------------------------------------------------------ end to end
 
 @pytest.mark.slow

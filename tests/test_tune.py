@@ -1,6 +1,7 @@
 """`sweep tune`: the tune: section, studies run by local workers, pruning from inside the trainer, a worker killed
 mid-trial, and the best settings used by a launch."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -146,6 +147,10 @@ def test_launch_from_tune_gives_each_model_its_best_learning_rate(tmp_path, caps
                  str(tmp_path / "results")]) == 0
     assert "tuned settings from" in capsys.readouterr().out
     assert main(["launch", str(study.path), "--from-tune", str(tmp_path / "nothing"), "--dry-run"]) == 2
+    swept = yaml.safe_load(study.path.read_text())
+    swept["axes"]["lr"] = [1e-3, 2e-3]  # tuned and swept: the axis would collapse into one run per cell
+    assert main(["launch", str(write(tmp_path, swept)), "--from-tune", str(folder), "--dry-run"]) == 2
+    assert "differ only in lr" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------- running studies
@@ -182,7 +187,7 @@ def test_a_study_of_eight_trials_with_two_local_workers_completes(finished_study
             assert t.intermediate_values  # what the pruner saw
     assert main(["status", str(folder)]) == 0
     out = capsys.readouterr().out
-    assert "trial" in out.splitlines()[0] and "cpu-s#0" in out
+    assert "trial" in out.splitlines()[0] and f"{studies_of(load_grid(path))[0].name}#0" in out  # its study, named
     assert main(["tune", str(path), "--results", str(tmp / "results"), "--show"]) == 0
     out = capsys.readouterr().out
     assert "8 of 8 trials" in out and "best:" in out
@@ -226,9 +231,54 @@ def test_a_diverging_range_ends_in_failed_or_pruned_trials_not_a_crash(tmp_path)
     assert all("loss became" in t.user_attrs["reason"] for t in failed), [t.user_attrs for t in failed]
 
 
+class Trial:
+    """An Optuna trial as `run_trial` uses it, whose pruner says prune from step `prune_from` on."""
+
+    def __init__(self, prune_from: float, number: int = 0):
+        self.prune_from, self.number, self.params, self.user_attrs, self.reported = prune_from, number, {}, {}, []
+
+    def set_user_attr(self, key, value):
+        self.user_attrs[key] = value
+
+    def report(self, value, step):
+        self.reported.append(step)
+
+    def should_prune(self):
+        return self.reported[-1] >= self.prune_from
+
+
+class Study:
+    def tell(self, trial, value=None, state=None):
+        self.told = state or value
+
+
+@pytest.mark.parametrize("stage, ends", [("pretrain", "completed"), ("finetune", "pruned")])
+def test_a_trial_is_pruned_only_until_its_objective_stage_has_been_evaluated(tmp_path, stage, ends):
+    from sweep.tune import run_trial
+
+    grid = load_grid(write(tmp_path, with_tune(**{"tune.objective": {"stage": stage, "metric": "i2t_r1"}})))
+    trial = Trial(prune_from=8)  # 256 samples / 32 per step: the fine-tune's reports count on from step 8
+    assert run_trial(grid, tmp_path / "r", studies_of(grid)[0], Study(), trial, 1) == ends
+    assert trial.reported == ([2, 4, 6] if stage == "pretrain" else [2, 4, 6, 8])
+
+
+def test_a_run_pruned_under_one_trial_trains_on_under_the_next_that_draws_it(tmp_path):
+    from sweep.tune import run_trial
+
+    grid = load_grid(write(tmp_path, with_tune(**{"settings.checkpoint_every": 2})))
+    study, folder = studies_of(grid)[0], tmp_path / "r"
+    assert run_trial(grid, folder, study, Study(), Trial(prune_from=4), 1) == "pruned"
+    told = Study()  # another study (say, a pruner changed) draws the same settings: the pruned run is no result
+    assert run_trial(grid, folder, study, told, Trial(prune_from=math.inf, number=1), 1) == "completed"
+    record = read_record(next(d for d in folder.iterdir() if (d / "result.json").exists()))
+    # on from its last checkpoint, step 2: the prune came at the evaluation of step 4, before that step's checkpoint
+    assert record.status == "completed" and record.resumed[0].step == 2 and told.told > 0
+
+
 @pytest.mark.slow
-def test_a_worker_killed_mid_trial_leaves_it_failed_and_a_relaunch_finishes_the_study(tmp_path):
-    grid = with_tune(**{"tune.trials": 3, "tune.pruner": "none"})
+def test_a_worker_killed_mid_trial_leaves_it_failed_and_a_relaunch_finishes_the_study(tmp_path, capsys):
+    # the last trial is killed: the relaunch must still find it to do (it holds none of the study's trials)
+    grid = with_tune(**{"tune.trials": 2, "tune.pruner": "none"})
     grid["settings"].update(pretrain_samples=1024, checkpoint_every=4, eval_every=0)
     path = write(tmp_path, grid)
     results, folder = tmp_path / "results", tmp_path / "results" / "tiny_tune"
@@ -250,6 +300,8 @@ def test_a_worker_killed_mid_trial_leaves_it_failed_and_a_relaunch_finishes_the_
     assert "worker ended with an error" in launcher.stderr.read()
     running = [t for t in trials_of(folder) if t.state == TrialState.RUNNING]
     assert [t.number for t in running] == [1]
+    assert main(["tune", str(path), "--results", str(results), "--show", "--no-figures"]) == 0
+    assert "1 of 2 trials" in capsys.readouterr().out  # and one abandoned, to be run again
 
     assert subprocess.run(command, capture_output=True).returncode == 0  # the relaunch finishes the study
     trials = {t.number: t for t in trials_of(folder)}
@@ -260,8 +312,8 @@ def test_a_worker_killed_mid_trial_leaves_it_failed_and_a_relaunch_finishes_the_
     record = read_record(folder / retry[0].user_attrs["run_id"])
     assert record.resumed and record.resumed[0].step >= 4  # the retry resumed the killed run from its checkpoint
     counted = [t for t in trials.values() if not t.user_attrs.get("interrupted")]
-    assert len(counted) == 3 and all(t.state == TrialState.COMPLETE for t in counted)
-    assert len({t.user_attrs["run_id"] for t in counted}) == 3  # no trial counted twice
+    assert len(counted) == 2 and all(t.state == TrialState.COMPLETE for t in counted)
+    assert len({t.user_attrs["run_id"] for t in counted}) == 2  # no trial counted twice
     assert (folder / JOURNAL).exists()
 
 
@@ -271,4 +323,8 @@ def test_tune_refuses_a_grid_without_a_tune_section_and_show_before_any_study(tm
     assert "no tune: section" in capsys.readouterr().err
     assert main(["tune", str(write(tmp_path, TINY)), "--results", str(tmp_path / "results"), "--show"]) == 2
     assert "nothing tuned yet" in capsys.readouterr().err
+    (tmp_path / "file").write_text("")
+    for command in ("tune", "launch"):
+        assert main([command, str(tmp_path / "grid.yaml"), "--results", str(tmp_path / "file" / "r")]) == 2
+        assert "--results" in capsys.readouterr().err  # one line, not a NotADirectoryError traceback
     assert not (tmp_path / "results").exists()
