@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import sys
 import textwrap
@@ -586,6 +587,11 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
+        tflops = getattr(args, "tflops", None)  # what the cost estimates divide by
+        if tflops is not None and not (math.isfinite(tflops) and tflops > 0):
+            raise ConfigError("--tflops", f"{tflops} must be a positive number", "command line")
+        if getattr(args, "max_parallel", 1) < 1:
+            raise ConfigError("--max-parallel", "must be at least 1", "command line")
         results = getattr(args, "results", None)  # launch, search, tune write under it
         if results and (file := next((p for p in (Path(results), *Path(results).parents) if p.is_file()), None)):
             raise ConfigError("--results", f"{results} cannot be a results directory: {file} is a file",

@@ -359,3 +359,10 @@ def test_every_paper_recipe_plans_and_dry_runs_at_its_stated_cost(recipe, paper_
     where = ["--executor", "slurm"] if slurm_available() else ["--executor", "local", "--nodes", "1"]
     assert main(["tune" if tuning else "launch", str(recipe), "--results", str(tmp_path), *where, "--dry-run"]) == 0
     assert "nothing written, nothing submitted" in capsys.readouterr().out and not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("option", [["--tflops", "0"], ["--tflops", "nan"], ["--tflops", "-5"],
+                                    ["--max-parallel", "0"]])
+def test_plan_refuses_a_throughput_or_parallelism_it_cannot_divide_by(option, capsys):
+    assert main(["plan", "grids/smoke.yaml", *option]) == 2
+    assert option[0] in capsys.readouterr().err

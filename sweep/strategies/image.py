@@ -76,8 +76,9 @@ def grid(images, image_tokens, patch_size, generator):
     """side x side patches on a regular lattice: evenly spaced rows and columns with a random phase per sample."""
     n, g, side = images.shape[0], images.shape[-1] // patch_size, side_of(image_tokens)
     spacing = g / side  # >= 1, so the floors below are distinct and stay inside the grid
-    phase = torch.rand(n, 2, 1, generator=generator, device=images.device) * spacing
-    lines = (phase + spacing * torch.arange(side, device=images.device)).floor().long()  # [B, 2, side]
+    # in float64: in float32 a draw within 2^-23 of 1 rounds the last line up to g, outside the grid
+    phase = torch.rand(n, 2, 1, generator=generator, device=images.device).double() * spacing
+    lines = (phase + spacing * torch.arange(side, device=images.device, dtype=torch.float64)).floor().long()
     keep = lines[:, 0, :, None] * g + lines[:, 1, None, :]
     return images, keep.reshape(n, side * side)
 
