@@ -1,9 +1,9 @@
 """Minimum token length per (model, axis, strategy) at a tolerance, measured and fitted, with a bootstrap interval.
 
-* **measured**: the shortest grid length whose seed-mean drop is at most ``max_drop`` (the definition in analysis/README.md:
-  longer lengths are *not* required to qualify too, so a noisy non-monotone curve can give a short answer). The
-  full length always qualifies (its drop is 0 by definition), so a curve where nothing qualifies answers the full
-  length.
+* **measured**: the shortest grid length whose seed-mean drop is at most ``max_drop`` (the definition in
+  analysis/README.md: longer lengths are *not* required to qualify too, so a noisy non-monotone curve can give a
+  short answer). The full length always qualifies (its drop is 0 by definition), so a curve where nothing qualifies
+  answers the full length.
 * **fitted**: where the fitted drop curve (`analysis.fit`) crosses ``max_drop``; a real number, NaN when the fit is
   not usable. The fit down-weights points whose drop is far above the tolerance (``focus`` of `fit_drop_curve`,
   `FOCUS_FACTOR` x ``max_drop``): a two-parameter form cannot follow both the 1-point drops and the 30-point drops of

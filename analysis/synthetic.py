@@ -62,7 +62,8 @@ def make_table(
     text_tokens: tuple[int, ...] = TEXT_TOKENS,
     random_state: int = 0,
 ) -> pd.DataFrame:
-    """A flat result table (the columns of docs/results.md plus compute) with Gaussian seed noise of ``noise`` points."""
+    """A flat result table (the columns of docs/results.md plus compute) with Gaussian seed noise of ``noise``
+    points."""
     rng = np.random.default_rng(random_state)
     cells = []
     for model, params in models.items():

@@ -97,8 +97,8 @@ def main() -> None:
     print(f"{'check':<24} {'items':>7} {'seconds':>8} {'target':>7} {'time/target':>12}")
     for r in rows_out:
         verdict = "PASS" if r["seconds"] <= r["target_s"] else "FAIL"
-        print(f"{r['check']:<24} {r['items']:>7} {r['seconds']:>8.3f} {r['target_s']:>6.1f}s {r['ratio_to_target']:>12.3f}"
-              f"  {verdict}")
+        print(f"{r['check']:<24} {r['items']:>7} {r['seconds']:>8.3f} {r['target_s']:>6.1f}s "
+              f"{r['ratio_to_target']:>12.3f}  {verdict}")
 
 
 if __name__ == "__main__":

@@ -97,15 +97,20 @@ def _make_data(args: argparse.Namespace) -> int:
 
 def _slurm_options(args: argparse.Namespace, grid):
     """The grid's (already validated) Slurm options with the command line's overrides, validated again."""
-    from sweep.config import SlurmOptions, parse_overrides
+    from sweep.config import ConfigError, SlurmOptions, parse_overrides
 
     given = {key: getattr(args, key) for key in SlurmOptions.model_fields
              if key != "sbatch" and getattr(args, key) is not None}
-    if args.sbatch:
-        given["sbatch"] = {**grid.slurm.sbatch, **parse_overrides(args.sbatch)}
-    if not given:
-        return grid.slurm
-    return SlurmOptions.from_mapping({**grid.slurm.to_dict(), **given}, "command line")
+    try:
+        if args.sbatch:
+            given["sbatch"] = {**grid.slurm.sbatch, **parse_overrides(args.sbatch, "--sbatch")}
+        if not given:
+            return grid.slurm
+        return SlurmOptions.from_mapping({**grid.slurm.to_dict(), **given})
+    except ConfigError as err:  # the grid's own values passed at load: name the flag that was given
+        field = err.field.removeprefix("slurm.")
+        flag = f"--{field.replace('_', '-')}" if field in given else err.field
+        raise ConfigError(flag, err.message, "command line") from None
 
 
 def _executor(args: argparse.Namespace, grid):
@@ -186,7 +191,8 @@ def _search(args: argparse.Namespace) -> int:
 
 def _launch(args: argparse.Namespace) -> int:
     from sweep.grid import load_grid
-    from sweep.launch import launch, threads_per_run, to_do
+    from sweep.launch import launch, sweep_dir, threads_per_run, to_do
+    from sweep.record import read_status
 
     grid = load_grid(args.grid)
     if args.from_tune:
@@ -199,8 +205,12 @@ def _launch(args: argparse.Namespace) -> int:
     todo, skipped = to_do(grid, args.results, args.rerun_failed)
     where = f"{args.results}/{grid.sweep}"
     live = f"{len(skipped['live'])} queued or running; " if skipped["live"] else ""
-    print(f"{grid.sweep}: {len(grid.runs)} runs; {len(skipped['completed'])} completed and "
-          f"{len(skipped['failed'])} failed already{' (rerun)' if args.rerun_failed else ''}; {live}"
+    if args.rerun_failed:  # the failed runs are among those to run
+        failed = f"{sum(1 for r in todo if read_status(sweep_dir(args.results, grid.sweep) / r.run_id))} failed " \
+                 "(run again)"
+    else:
+        failed = f"{len(skipped['failed'])} failed already"
+    print(f"{grid.sweep}: {len(grid.runs)} runs; {len(skipped['completed'])} completed and {failed}; {live}"
           f"{len(todo)} to run with the {executor} executor -> {where}")
     for run, why in skipped["live"][:10]:
         print(f"  skipped {run.run_id}: {why}")
@@ -343,10 +353,12 @@ def _mask_image(args: argparse.Namespace) -> int:
     from sweep.config import ConfigError, config_from_dict
     from sweep.preview import save_mask_image
 
-    config_from_dict({"model": args.model, "image_strategy": args.strategy, "image_tokens": args.tokens},
-                     source="command line")  # the same checks as a config file, so bad counts list allowed ones
+    config_from_dict({"model": args.model, "image_strategy": args.strategy, "image_tokens": args.tokens,
+                      "seed": args.seed}, source="command line")  # as in a config file: bad counts list allowed ones
     if args.samples < 1:
         raise ConfigError("--samples", "must be at least 1", "command line")
+    if Path(args.out).suffix.lower() != ".png" or Path(args.out).is_dir():
+        raise ConfigError("--out", f"must name a .png file, got {args.out}", "command line")
     out = save_mask_image(args.out, strategy=args.strategy, image_tokens=args.tokens, model=args.model,
                           samples=args.samples, seed=args.seed)
     print(f"wrote {out}")
@@ -358,7 +370,7 @@ def _mask_text(args: argparse.Namespace) -> int:
     from sweep.strategies.text import mask_text
 
     cfg = config_from_dict({"text_strategy": args.strategy, "text_tokens": args.tokens,
-                            "spacy_model": args.spacy_model}, source="command line")
+                            "spacy_model": args.spacy_model, "seed": args.seed}, source="command line")
     for line in mask_text(args.captions, cfg.text_strategy, cfg.text_tokens, seed=args.seed,
                           spacy_model=cfg.spacy_model):
         print(line)
@@ -439,9 +451,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "launch", help="run every cell of a grid file (locally or on Slurm), skipping what is done",
         description="Expand and validate a grid file, write the sweep manifest under RESULTS/<sweep>/, and run "
-                    "every run that has no completed result: locally (worker processes, waiting to the end with "
-                    "a progress bar) or as Slurm job arrays through submitit (returning after submission). "
-                    "Relaunching is always safe: completed runs are skipped and no result is ever duplicated.")
+                    "every run that has no result yet (and the failed ones with --rerun-failed): locally (worker "
+                    "processes, waiting to the end with a progress bar) or as Slurm job arrays through submitit "
+                    "(returning after submission). Relaunching is always safe: finished runs and runs still queued "
+                    "or training are skipped, and no result is ever duplicated.")
     p.add_argument("grid", help="grid YAML file (e.g. grids/smoke.yaml)")
     p.add_argument("--results", default="results", help="results directory (default: results)")
     p.add_argument("--executor", default="auto", choices=["auto", "local", "slurm", "debug"],
@@ -518,7 +531,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Expand a grid and print its runs grouped by model and strategies with their "
                                    "token lengths, training FLOPs and estimated time (nothing is written).")
     p.add_argument("grid", help="grid YAML file")
-    p.add_argument("--max-parallel", type=int, default=os.cpu_count() or 1, help="parallel runs assumed")
+    p.add_argument("--max-parallel", type=int, default=os.cpu_count() or 1,
+                   help="local runs at once assumed for the time; the cores are split between them (default: number "
+                        "of cores)")
     _add_cost_options(p)
     _add_slurm_options(p)
     p.set_defaults(func=_plan)
@@ -600,6 +615,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"sweep {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: local workers are cancelled, runs keep their checkpoints
+        print(f"\nsweep {args.command}: interrupted", file=sys.stderr)
+        return 130
     except BrokenPipeError:  # output piped into `head`: not an error of ours
         sys.stderr.close()
         return 0

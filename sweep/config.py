@@ -405,14 +405,15 @@ def _span(values) -> str:
     return ", ".join(map(str, values))
 
 
-def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+def parse_overrides(pairs: list[str], flag: str = "--set") -> dict[str, Any]:
     """``["lr=0.001", "model=cpu-m"]`` -> ``{"lr": 0.001, "model": "cpu-m"}``; values parse as YAML, except
-    where YAML would not read them as written: a separator such as `,` or `|`, a tab, `#` are taken as text."""
+    where YAML would not read them as written: a separator such as `,` or `|`, a tab, `#` are taken as text.
+    `flag` is the option a malformed pair is reported against."""
     out = {}
     for pair in pairs:
         key, sep, raw = pair.partition("=")
         if not sep or not key.strip():
-            raise ConfigError("--set", f"expected key=value, got {pair!r}")
+            raise ConfigError(flag, f"expected key=value, got {pair!r}")
         out[key.strip()] = _override_value(raw)
     return out
 

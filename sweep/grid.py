@@ -29,8 +29,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pydantic import ConfigDict, TypeAdapter, ValidationError
+
 from sweep.analysis_spec import check_analysis
 from sweep.config import ConfigError, RunConfig, SlurmOptions, config_from_dict, identity, read_yaml_mapping
+from sweep.models import MODELS
 from sweep.settings import check_keys
 
 GRID_KEYS = ("sweep", "settings", "axes", "include", "exclude", "baselines", "slurm", "tune", "analysis",
@@ -109,6 +112,27 @@ def _axis_cells(name: str, values: Any) -> list[dict[str, Any]]:
     return cells
 
 
+def _as_run_reads(key: str, value: Any, model: Any) -> Any:
+    """A value as a run reads it (1e-3 and 0.001 alike, an empty image_tokens as the model's full length), so an
+    exclude entry matches a cell however either is written; a value the field refuses stays as written."""
+    field = RunConfig.model_fields[key]
+    try:
+        value = TypeAdapter(field.rebuild_annotation(), config=ConfigDict(strict=True)).validate_python(value)
+    except ValidationError:
+        return value
+    if value is None and key in ("image_tokens", "text_tokens") and model in MODELS:
+        return getattr(MODELS[model], key)
+    return value
+
+
+def _matches(cell: dict[str, Any], entry: dict[str, Any]) -> bool:
+    """Whether a cell (settings included) has every value of an exclude entry; unset settings take defaults."""
+    def value(mapping: dict[str, Any], key: str) -> Any:
+        raw = mapping[key] if key in mapping else cell.get(key, RunConfig.model_fields[key].default)
+        return _as_run_reads(key, raw, cell.get("model", RunConfig.model_fields["model"].default))
+    return all(value(entry, k) == value(cell, k) for k in entry)
+
+
 def _cell_label(cell: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in cell.items())
 
@@ -155,22 +179,28 @@ def _expand(raw: dict[str, Any]) -> tuple[str, list[Run]]:
             raise ConfigError(key, "must be a list of non-empty mappings of settings")
         for i, entry in enumerate(entries):
             _product(entry, f"{key}[{i}]")  # checks the keys
-    for entry in raw.get("exclude") or []:
-        cells = [c for c in cells if not all(c.get(k, settings.get(k)) == v for k, v in entry.items())]
+    for i, entry in enumerate(raw.get("exclude") or []):
+        matching = _product(entry, f"exclude[{i}]")  # a list of values matches any of them
+        kept = [c for c in cells if not any(_matches({**settings, **c}, m) for m in matching)]
+        if len(kept) == len(cells):
+            raise ConfigError(f"exclude[{i}]", f"matches no cell of the grid ({_cell_label(entry)})")
+        cells = kept
+    origins = ["axes"] * len(cells)  # where each cell comes from, for a duplicate's message
     for i, entry in enumerate(raw.get("include") or []):
-        cells += _product(entry, f"include[{i}]")
+        extra = _product(entry, f"include[{i}]")
+        cells, origins = cells + extra, origins + [f"include[{i}]"] * len(extra)
     if not cells:
         raise ConfigError("exclude", "removes every cell of the grid")
 
     runs: dict[str, Run] = {}
-    for cell in cells:
+    for cell, origin in zip(cells, origins):
         try:
             cfg = config_from_dict({**settings, **cell})
         except ConfigError as err:
             raise ConfigError(err.field, f"{err.message} (in the cell {_cell_label(cell)})") from None
         rid = run_id(cfg)
         if rid in runs:
-            raise ConfigError("axes", f"duplicate cell: {_cell_label(cell)} is the same run as one before it")
+            raise ConfigError(origin, f"duplicate cell: {_cell_label(cell)} is the same run as one before it")
         runs[rid] = Run(rid, cfg, baseline=False)
     if baselines:
         seen = set()
@@ -203,7 +233,7 @@ def load_grid(path: str | Path) -> Grid:
 
         swept = {key for cell in [raw["axes"], *(raw.get("include") or [])] for key in cell if key in FIELDS}
         swept |= {key for name, groups in raw["axes"].items() if name not in FIELDS
-                  for group in groups for key in group}
+                  for group in _as_list(groups, name) for key in group}  # one sub-grid may be written alone
         tune = check_tune(raw["tune"], runs, swept, path)
     analysis = check_analysis(raw["analysis"], runs, path) if "analysis" in raw else None
     search = None

@@ -261,19 +261,31 @@ def run_local_workers(folder: Path, workers: list[dict[str, Any]], fn, args: tup
     from tqdm import tqdm
 
     jobs = []
-    for params in workers:
-        executor = submitit.LocalExecutor(folder=folder)
-        executor.update_parameters(timeout_min=7 * 24 * 60, **params)
-        jobs.append(executor.submit(fn, *args))
+    folder.mkdir(parents=True, exist_ok=True)
+    # submitit's local controller prints a traceback whenever its job is cancelled (by our SIGINT or a Ctrl-C); its
+    # own messages go to a log in the jobs folder instead of the terminal (the runs' output has files of its own)
+    terminal = os.dup(2)
+    try:
+        with open(folder / "controllers.log", "a") as log:
+            os.dup2(log.fileno(), 2)
+            for params in workers:
+                executor = submitit.LocalExecutor(folder=folder)
+                executor.update_parameters(timeout_min=7 * 24 * 60, **params)
+                jobs.append(executor.submit(fn, *args))
+    finally:
+        os.dup2(terminal, 2)
+        os.close(terminal)
     bar = tqdm(total=total, desc=unit + "s", unit=unit, disable=None if progress else True,
                dynamic_ncols=True)  # None: only on a terminal
+    cancelled = False
     try:
         while True:
             cancel = tick(bar)
             bar.refresh()
             if all(job.done() for job in jobs):
                 break
-            if cancel:
+            if cancel and not cancelled:  # once: a second SIGINT would cut short the controller's own clean-up
+                cancelled = True
                 for job in jobs:
                     job.cancel()
             time.sleep(1.0)

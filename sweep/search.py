@@ -2,7 +2,8 @@
 
 A curve is one (model, axis, strategy) of a grid: its candidate lengths are the grid's lengths for it, its seeds
 the grid's seeds, so every run a search trains is a run of the grid (same id; `sweep analyze` reads a searched
-directory like any other, and `sweep launch` later completes it into the full grid without retraining). The
+directory like any other, and `sweep launch` later completes it into the full grid without retraining), except
+the further seeds up to `max_seeds` that a length within noise of the tolerance gets. The
 question per curve is the shortest length whose drop stays within `max_drop`. Under the drop curve's monotonicity
 (shorter never loses less) a length whose drop passes settles every longer one, and one that fails every shorter
 one, so the search bisects:
@@ -353,8 +354,11 @@ def report(grid, results: str | Path, found: Plan) -> str:
         fit = fitted.get((curve.model, curve.axis, curve.strategy), "-")
         lines.append(f"{curve.label:<24} {bracket:>10} {v.measured:>8g} {fit:>20} {len(cells):>4} "
                      f"{len(curve.lengths) * len(curve.seeds):>4}  {state}")
-    share = 100 * len(trained) / len(grid.runs)
-    lines.append(f"runs: {len(trained)} trained of the grid's {len(grid.runs)} ({share:.0f}%), budget {found.budget}; "
+    in_grid = trained & {r.run_id for r in grid.runs}  # a length given more seeds than the grid has adds runs
+    extra = f" and {len(trained - in_grid)} more with seeds the grid lacks" if trained - in_grid else ""
+    share = 100 * len(in_grid) / len(grid.runs)
+    lines.append(f"runs: {len(in_grid)} trained of the grid's {len(grid.runs)} ({share:.0f}%){extra}, budget "
+                 f"{found.budget}; "
                  f"tolerance {spec.max_drop:g} pp of {spec.metric} at {spec.stage}, seed noise {found.sigma:.2f} pp")
     return "\n".join(lines)
 

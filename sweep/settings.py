@@ -183,7 +183,7 @@ def read_yaml_mapping(path: str | Path, what: str = "settings") -> dict[str, Any
     if "\x00" in text:
         raise ConfigError("file", f"holds NUL bytes: binary, not a YAML file of {what}", path)
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark else "file"
@@ -196,6 +196,23 @@ def read_yaml_mapping(path: str | Path, what: str = "settings") -> dict[str, Any
         raise ConfigError("top level", f"must be a mapping of {what}, got {type(raw).__name__}", path)
     check_keys(raw, "top level", path)
     return raw
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the last one silently, so a
+    second `lr:` further down a file would quietly overrule the first)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` then a key overriding it is no repeat
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice in one mapping", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 def check_keys(mapping: dict, where: str, source: str | Path | None = None) -> None:

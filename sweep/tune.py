@@ -15,7 +15,7 @@ or per grid cell:
       sampler: tpe                 # tpe or random, seeded by `seed`, the study and the trial's number
       seed: 0
       pruner: median               # median, hyperband or none; prunes on the evaluations every settings.eval_every
-      startup_trials: 4            # trials sampled at random and never pruned before TPE and the pruner start
+      startup_trials: 4            # trials sampled at random before TPE starts (and never pruned by median)
 
 Where it lives (`<results>/<sweep>/`, on a filesystem every worker shares):
 
@@ -90,8 +90,9 @@ class TuneSpec(Settings):
                         "and studies sample apart).", ge=0)
     pruner: str = setting("median", "median, hyperband or none; a pruner stops trials whose intermediate metric "
                           "trails, using the evaluations every settings.eval_every steps.")
-    startup_trials: int = setting(4, "Trials of each study sampled at random and never pruned, before TPE "
-                                  "models the history and the pruner compares.", ge=0)
+    startup_trials: int = setting(4, "Trials of each study sampled at random before TPE models the history; "
+                                  "the median pruner never prunes them either. Hyperband has no such count: its "
+                                  "brackets compare a trial only with the trials beside it in its rung.", ge=0)
 
 
 @dataclass(frozen=True)

@@ -117,3 +117,13 @@ def test_mask_image_writes_a_png_and_rejects_impossible_counts(tmp_path, capsys)
     assert main(["mask-image", "--strategy", "grid", "--tokens", "18", "--out", str(tmp_path / "x.png")]) == 2
     assert "17, 26" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize("extra,needle", [(["--seed", "-1"], "seed"), (["--out", "{tmp}"], "--out"),
+                                          (["--out", "{tmp}/x.txt"], "--out")])
+def test_mask_image_refuses_a_negative_seed_or_an_output_that_is_no_png(tmp_path, capsys, extra, needle):
+    args = ["mask-image", "--strategy", "random", "--tokens", "17", "--out", str(tmp_path / "x.png")]
+    assert main(args + [e.format(tmp=tmp_path) for e in extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err, err
+    assert list(tmp_path.iterdir()) == []

@@ -14,7 +14,8 @@ from sweep.config import load_run_config  # noqa: E402
 
 def test_the_gpu_benchmark_measures_every_strategy_against_full_length_and_checks_the_targets(capsys):
     assert main(["--device", "cpu", "--models", "cpu-s", "--batch", "32", "--steps", "1", "--tokens", "17",
-                 "--seconds", "60", "--compile", "off", "--open-clip-batch", "16", "--workers", "0", "--json", "--profile"]) == 0
+                 "--seconds", "60", "--compile", "off", "--open-clip-batch", "16", "--workers", "0", "--json",
+                 "--profile"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     # open_clip_train on the same model beside ours, at the comparison's batch
     comparison, = [r for r in rows if "ours_over_open_clip" in r]

@@ -38,6 +38,39 @@ def test_include_and_exclude():
     assert cells == {("random", 17), ("random", 37), ("block", 5)}
 
 
+@pytest.mark.parametrize("entry", [
+    {"image_tokens": [26, 99]},                        # a list matches any of its values
+    {"lr": "1e-3", "image_tokens": 26},                # YAML's 1e-3 is the settings' 1.0e-3
+    {"weight_decay": 0.2, "image_tokens": 26.0},       # an unset setting is its default (0.2), 26.0 is 26
+])
+def test_exclude_matches_values_as_the_run_reads_them(entry):
+    raw = {**BASE, "settings": {**BASE["settings"], "lr": 1.0e-3},
+           "axes": {"image_strategy": ["random"], "image_tokens": [17, 26]}, "exclude": [entry], "baselines": False}
+    assert {r.config.image_tokens for r in expand(raw, "g.yaml")[1]} == {17}
+
+
+def test_exclude_of_an_empty_token_count_is_the_full_length():
+    raw = {**BASE, "axes": {"image_tokens": [None, 65 - 16 + 1]}, "settings": {**BASE["settings"],
+           "image_strategy": "random"}, "exclude": [{"image_tokens": 65}], "baselines": False}
+    assert [r.config.image_tokens for r in expand(raw, "g.yaml")[1]] == [50]
+
+
+def test_an_exclude_entry_matching_nothing_is_a_mistake():
+    raw = {**BASE, "axes": {"seed": [0, 1]}, "exclude": [{"seed": 1}, {"seed": 7}]}
+    with pytest.raises(ConfigError, match=r"exclude\[1\]: matches no cell"):
+        expand(raw, "g.yaml")
+
+
+def test_a_key_given_twice_is_refused_with_its_line(tmp_path):
+    grid = tmp_path / "g.yaml"
+    grid.write_text("sweep: s\nsettings:\n  lr: 0.1\n  lr: 0.2\naxes:\n  seed: [0]\n")
+    with pytest.raises(ConfigError, match="line 4.*'lr' is given twice"):
+        load_grid(grid)
+    grid.write_text("base: &b {lr: 0.1}\nsweep: s\nsettings:\n  <<: *b\n  lr: 0.2\naxes:\n  seed: [0]\n")
+    with pytest.raises(ConfigError, match="base: unknown key"):  # an override of a merged key is no repeat
+        load_grid(grid)
+
+
 def test_a_baseline_already_in_the_grid_is_not_added_twice():
     raw = {**BASE, "axes": {"image": [{"image_strategy": "none"}, {"image_strategy": "random", "image_tokens": 17}]}}
     assert len(ids(raw)) == 2
@@ -75,6 +108,7 @@ def test_run_ids_are_stable_readable_and_change_with_any_setting():
     ({**BASE, "axes": {"seed": [0]}, "extra": 1}, "extra"),
     ({**BASE, "axes": {"seed": [0]}, "exclude": [{"seed": 0}]}, "exclude"),
     ({**BASE, "axes": {"seed": [0]}, "include": ["x"]}, "include"),
+    ({**BASE, "axes": {"seed": [0]}, "include": [{"seed": 1}, {"seed": 0}]}, "include[1]"),
     ({**BASE, "axes": {"seed": [0]}, "baselines": "yes"}, "baselines"),
     ({**BASE, "axes": {"seed": [[0, 1]]}}, "axes.seed"),
 ])
@@ -125,6 +159,13 @@ def test_shipped_grids_load():
         assert grid.analysis.stage == "finetune", name
 
 
+@pytest.mark.parametrize("flags,field", [(["--sbatch", "constraint"], "--sbatch"), (["--nodes", "0"], "--nodes"),
+                                         (["--mem-gb", "lots"], "--mem-gb")])
+def test_a_bad_resource_flag_is_named_as_given(capsys, flags, field):
+    assert main(["plan", "grids/smoke.yaml", *flags]) == 2
+    assert capsys.readouterr().err.startswith(f"sweep plan: error: command line: {field}: ")
+
+
 def test_plan_prints_groups_with_flops_and_time(capsys):
     assert main(["plan", "grids/smoke.yaml"]) == 0
     out = capsys.readouterr().out
@@ -139,3 +180,23 @@ def test_run_id_depends_on_every_scientific_setting():
     base = config_from_dict({"model": "cpu-s"})
     assert run_id(base) != run_id(config_from_dict({"model": "cpu-s", "weight_decay": 0.1}))
     assert run_id(base) != run_id(config_from_dict({"model": "cpu-s", "data_seed": 1}))
+
+
+@pytest.mark.parametrize("name", ["smoke", "image_strategies", "text_strategies", "seed_noise", "run-example"])
+def test_a_recipe_header_states_the_flops_that_plan_computes(name):
+    import re
+
+    from sweep.config import load_run_config
+    from sweep.plan import run_flops
+
+    path = f"grids/{name}.yaml"
+    header = "".join(line for line in open(path) if line.startswith("#"))
+    stated = re.search(r"Cost:.*?([\d.]+) ([GTP])FLOP", header, re.S)
+    assert stated, f"{path} states no FLOPs in its Cost line"
+    stated_flops = float(stated.group(1)) * {"G": 1e9, "T": 1e12, "P": 1e15}[stated.group(2)]
+    try:
+        configs = [r.config for r in load_grid(path).runs]
+    except ConfigError:  # a single-run recipe for `sweep train`
+        configs = [load_run_config(path)]
+    planned = sum(run_flops(cfg) for cfg in configs)
+    assert stated_flops == pytest.approx(planned, rel=0.02), (path, planned)

@@ -88,8 +88,44 @@ def test_failed_runs_say_why_and_rerun_only_when_asked(tmp_path, capsys):
     before = results_of(results)
     assert main(["launch", str(grid), "--results", str(results), "--executor", "local", "--quiet",
                  "--rerun-failed"]) == 1
+    assert "0 completed and 3 failed (run again); 3 to run" in capsys.readouterr().out
     after = results_of(results)
     assert set(after) == set(before) and all(after[k] > before[k] for k in before)
+
+
+@pytest.mark.slow
+def test_fail_fast_stops_the_launch_cleanly_at_the_first_failure(tmp_path, capfd):
+    grid = grid_file(tmp_path, "  lr: 1.0e+30")
+    # 12 runs that all fail; one worker would train them one after the other
+    grid.write_text(grid.read_text().replace("image_tokens: 17}", "image_tokens: 17}\n  seed: [0, 1, 2, 3]"))
+    results = tmp_path / "results"
+    assert main(["launch", str(grid), "--results", str(results), "--executor", "local", "--max-parallel", "1",
+                 "--quiet", "--fail-fast"]) == 1
+    out, err = capfd.readouterr()
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err  # the cancelled worker is quiet
+    assert 1 <= len(results_of(results)) < 12 and "pending" in out
+
+
+@pytest.mark.slow
+def test_ctrl_c_cancels_the_local_workers_in_one_line(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    grid = grid_file(tmp_path)
+    grid.write_text(grid.read_text().replace("pretrain_samples: 256", "pretrain_samples: 65536"))  # minutes
+    launch = subprocess.Popen([sys.executable, "-m", "sweep.cli", "launch", str(grid), "--results",
+                               str(tmp_path / "results"), "--executor", "local", "--max-parallel", "2", "--quiet"],
+                              start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list(tmp_path.glob("results/tiny/*/heartbeat")) and time.time() < deadline:
+        time.sleep(0.5)  # the workers are training
+    os.killpg(launch.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole foreground group
+    _, err = launch.communicate(timeout=120)
+    assert launch.returncode == 130 and err.strip() == "sweep launch: interrupted", err
+    time.sleep(2)
+    alive = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True).stdout.split()
+    assert not alive, "a worker outlived the launch"
 
 
 def test_a_run_held_by_another_process_is_not_trained_twice(tmp_path, capsys):

@@ -77,7 +77,8 @@ def test_status_is_the_one_field_a_record_must_have():
 
 
 def test_settings_fall_back_to_config_and_unknown_fields_are_kept():
-    record = parse_record({"status": "completed", "config": {"model": "cpu-m", "image_tokens": 26}, "vision_params": 12345,
+    record = parse_record({"status": "completed", "config": {"model": "cpu-m", "image_tokens": 26},
+                           "vision_params": 12345,
                            "metrics": {"pretrain": {"zeroshot_top1": 3.0, "zeroshot_acc_macro": 2.5},
                                        "finetune": None}})
     assert (record.model, record.image_tokens) == ("cpu-m", 26)
@@ -91,7 +92,8 @@ def test_settings_fall_back_to_config_and_unknown_fields_are_kept():
     ('{"status": "completed", "run_id": "x"}', ("completed", "")),
     ('{"status": "failed", "error": "loss became nan at pretrain step 3"}',
      ("failed", "loss became nan at pretrain step 3")),
-    ('{"status": "failed", "error": "Traceback\\n  line 1\\nValueError: x"}', ("failed", "Traceback line 1 ValueError: x")),
+    ('{"status": "failed", "error": "Traceback\\n  line 1\\nValueError: x"}',
+     ("failed", "Traceback line 1 ValueError: x")),
     ('{"status": "failed"}', ("failed", "failed without a reason")),
 ])
 def test_status_reads_only_what_it_needs(tmp_path, content, expected):

@@ -146,6 +146,19 @@ def test_a_search_on_a_grid_without_reduced_runs_is_refused(tmp_path):
     assert err.value.field == "search"
 
 
+def test_the_report_counts_extra_seeds_apart_from_the_grids_runs(tmp_path):
+    from sweep.grid import run_id
+    from sweep.search import plan, report
+
+    grid = load_grid(write(tmp_path, {**TINY, "search": {"max_seeds": 3, "noise": 1.0}}))
+    found = plan(grid, tmp_path / "results")
+    (c,) = found.curves
+    extra = {run_id(c.config(17, 1)), run_id(c.config(17, 2))}  # two more seeds at a length near the tolerance
+    found.ended[c.label] = {r.run_id for r in grid.runs} | extra
+    totals = report(grid, tmp_path / "results", found).splitlines()[-1]
+    assert totals.startswith("runs: 7 trained of the grid's 7 (100%) and 2 more with seeds the grid lacks,"), totals
+
+
 # ------------------------------------------------------------------------------------------------ end to end
 
 @pytest.mark.slow

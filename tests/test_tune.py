@@ -93,6 +93,10 @@ def test_a_swept_setting_cannot_also_be_tuned(tmp_path):
     grid["axes"]["lr"] = [1e-3, 2e-3]
     with pytest.raises(ConfigError, match="either swept or tuned"):
         load_grid(write(tmp_path, grid))
+    del grid["axes"]["lr"]
+    grid["axes"]["optimizer"] = {"lr": [1e-3, 2e-3]}  # a group of one sub-grid, written without its list
+    with pytest.raises(ConfigError, match="either swept or tuned"):
+        load_grid(write(tmp_path, grid))
 
 
 def test_studies_are_per_model_on_the_full_length_run_and_named_by_their_search(tmp_path):
