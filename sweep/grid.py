@@ -10,7 +10,8 @@ A grid file is YAML with these keys (only `sweep` and `axes` are required):
         - {image_strategy: [random, grid, block], image_tokens: [50, 37, 26, 17]}   # strategies with their
         - {image_strategy: resize, image_tokens: [50, 17]}                          # own token lengths
     include: [{model: cpu-s, image_strategy: random, image_tokens: 33}]   # extra cells (over settings)
-    exclude: [{model: cpu-l, image_tokens: 5}]   # drop expanded cells that match every key of an entry
+    exclude: [{model: cpu-l, image_tokens: 5}]   # drop expanded cells that match every key of an entry (values
+                                     # compared as the run reads them; a list matches any; matching nothing: error)
     baselines: true                  # add each model's full-length run once (default true)
     slurm: {partition: gpu, gpus_per_node: 8, nodes: 2, cpus: 8, mem_gb: 400, time_min: 600}   # SlurmOptions
     tune: {params: {lr: {low: 3.0e-4, high: 1.0e-2, log: true}}, trials: 8}   # for `sweep tune` (sweep/tune.py)
@@ -179,12 +180,14 @@ def _expand(raw: dict[str, Any]) -> tuple[str, list[Run]]:
             raise ConfigError(key, "must be a list of non-empty mappings of settings")
         for i, entry in enumerate(entries):
             _product(entry, f"{key}[{i}]")  # checks the keys
+    excluded = [False] * len(cells)
     for i, entry in enumerate(raw.get("exclude") or []):
         matching = _product(entry, f"exclude[{i}]")  # a list of values matches any of them
-        kept = [c for c in cells if not any(_matches({**settings, **c}, m) for m in matching)]
-        if len(kept) == len(cells):
+        hits = [any(_matches({**settings, **c}, m) for m in matching) for c in cells]
+        if not any(hits):  # judged on every expanded cell, so an entry overlapping another one is no mistake
             raise ConfigError(f"exclude[{i}]", f"matches no cell of the grid ({_cell_label(entry)})")
-        cells = kept
+        excluded = [a or b for a, b in zip(excluded, hits)]
+    cells = [c for c, out in zip(cells, excluded) if not out]
     origins = ["axes"] * len(cells)  # where each cell comes from, for a duplicate's message
     for i, entry in enumerate(raw.get("include") or []):
         extra = _product(entry, f"include[{i}]")

@@ -56,9 +56,11 @@ def test_exclude_of_an_empty_token_count_is_the_full_length():
 
 
 def test_an_exclude_entry_matching_nothing_is_a_mistake():
-    raw = {**BASE, "axes": {"seed": [0, 1]}, "exclude": [{"seed": 1}, {"seed": 7}]}
+    raw = {**BASE, "axes": {"seed": [0, 1, 2]}, "exclude": [{"seed": 1}, {"seed": 7}], "baselines": False}
     with pytest.raises(ConfigError, match=r"exclude\[1\]: matches no cell"):
         expand(raw, "g.yaml")
+    raw["exclude"][1] = {"seed": 1, "model": "cpu-s"}  # within the first entry: overlapping, not a mistake
+    assert [r.config.seed for r in expand(raw, "g.yaml")[1]] == [0, 2]
 
 
 def test_a_key_given_twice_is_refused_with_its_line(tmp_path):
