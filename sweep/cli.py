@@ -21,8 +21,8 @@ def _train(args: argparse.Namespace) -> int:
     from sweep.results import AlreadyRunning
 
     cfg = load_run_config(args.config, args.set)
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise ConfigError("--out", f"{args.out} is a file; a run directory was expected", "command line")
+    if file := next((p for p in (Path(args.out), *Path(args.out).parents) if p.is_file()), None):
+        raise ConfigError("--out", f"{args.out} cannot be a run directory: {file} is a file", "command line")
     where = f"{args.out}/result.json"
     try:
         record = run(cfg, args.out, progress=not args.quiet)
@@ -68,6 +68,8 @@ def _make_data(args: argparse.Namespace) -> int:
     for name in ("train_samples", "shard_size", "image_size", "retrieval_images", "captions_per_image"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')}", "must be at least 1", "command line")
+    if args.image_size > 1024:  # rendered in memory a shard at a time: 1024 px is ~3 MB per image already
+        raise ConfigError("--image-size", f"{args.image_size} is more than 1024 pixels", "command line")
     if args.zeroshot_samples < 2:
         raise ConfigError("--zeroshot-samples", "must be at least 2 (zero-shot needs two classes)", "command line")
     if args.data_seed < 0:
@@ -344,8 +346,14 @@ def _prepare_text(args: argparse.Namespace) -> int:
     from sweep.launch import prepare_text
 
     grid = load_grid(args.grid)
-    count = prepare_text(grid.runs)
-    print(f"{count} distinct captions tagged and cached" if count else "no run of this grid uses the syntax strategy")
+    prepared, tagged = prepare_text(grid.runs)
+    on_files = sum(r.config.text_strategy == "syntax" and r.config.dataset != "synthetic" for r in grid.runs)
+    if prepared:
+        print(f"{prepared} distinct captions in the cache ({tagged} tagged now, {prepared - tagged} found there)")
+    if on_files:
+        print(f"{on_files} syntax runs read files: they tag their captions as they stream them, into the same cache")
+    if not prepared and not on_files:
+        print("no run of this grid uses the syntax strategy")
     return 0
 
 
@@ -540,9 +548,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prepare-text",
                        help="tag a grid's captions with spaCy into the shared cache (launch does it too)",
-                       description="Tag every caption that the grid's syntax-strategy runs read into the shared "
-                                   "spaCy cache ($SWEEP_CACHE_DIR or ~/.cache/inverse-scaling-sweep), so that no run "
-                                   "waits on tagging. `sweep launch` does this before it starts any run.")
+                       description="Tag every caption that the grid's syntax-strategy runs on the embedded data "
+                                   "read into the shared spaCy cache ($SWEEP_CACHE_DIR or "
+                                   "~/.cache/inverse-scaling-sweep), so that no run waits on tagging. `sweep launch` "
+                                   "does this before it starts any run. Runs on files (webdataset, csv) tag their "
+                                   "captions as they stream them, into the same cache.")
     p.add_argument("grid", help="grid YAML file")
     p.set_defaults(func=_prepare_text)
 
@@ -602,6 +612,10 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
+        cache = os.environ.get("SWEEP_CACHE_DIR")  # spaCy tags and rendered data are kept there
+        if cache and (file := next((p for p in (Path(cache), *Path(cache).parents) if p.is_file()), None)):
+            raise ConfigError("SWEEP_CACHE_DIR", f"{cache} cannot be a cache directory: {file} is a file",
+                              "environment")
         tflops = getattr(args, "tflops", None)  # what the cost estimates divide by
         if tflops is not None and not (math.isfinite(tflops) and tflops > 0):
             raise ConfigError("--tflops", f"{tflops} must be a positive number", "command line")

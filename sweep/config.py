@@ -438,7 +438,12 @@ def load_run_config(path: str | Path, overrides: list[str] | None = None) -> Run
     """A single-run YAML config with ``--set key=value`` overrides applied, validated."""
     raw = read_yaml_mapping(path, "run settings")
     try:
-        raw.update(parse_overrides(overrides or []))
+        given = parse_overrides(overrides or [])
     except ConfigError as err:
         raise ConfigError(err.field, err.message, path) from None
-    return config_from_dict(raw, path)
+    try:
+        return config_from_dict({**raw, **given}, path)
+    except ConfigError as err:  # a value given with --set is not the file's: say where it came from
+        if err.field.split(".")[0] in given:
+            raise ConfigError(err.field, err.message, f"{path} (--set)") from None
+        raise

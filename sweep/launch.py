@@ -139,14 +139,16 @@ def prepare_run_dirs(grid: Grid, results: str | Path, runs: list[Run], threads: 
     return dirs
 
 
-def prepare_text(runs: list[Run], progress: bool = True) -> int:
-    """Tag every caption the runs' `syntax` text strategy reads (training pool, retrieval captions, zero-shot
-    prompts) into the shared spaCy cache, once, before any run starts: no run then waits on spaCy, and parallel
-    runs do not tag the same captions side by side. Returns how many distinct captions were prepared."""
+def prepare_text(runs: list[Run], progress: bool = True) -> tuple[int, int]:
+    """Tag every caption the runs' `syntax` text strategy reads on the embedded data (training pool, retrieval
+    captions, zero-shot prompts) into the shared spaCy cache, once, before any run starts: no run then waits on
+    spaCy, and parallel runs do not tag the same captions side by side. Runs on files (webdataset, csv) tag their
+    captions as they stream them, into the same cache. Returns (distinct captions prepared, how many of them
+    spaCy tagged now; the others were cached)."""
     from sweep.data import load_data
     from sweep.strategies.text import TextReducer
 
-    prepared = 0
+    prepared = tagged = 0
     datasets = {(c.dataset, c.data_seed, c.train_scenes, c.spec.image_size, c.eval_zeroshot_samples,
                  c.eval_retrieval_samples, c.spacy_model, c.spec.text_tokens)
                 for c in (r.config for r in runs) if c.text_strategy == "syntax" and c.dataset == "synthetic"}
@@ -156,9 +158,10 @@ def prepare_text(runs: list[Run], progress: bool = True) -> int:
         data = load_data(dataset, data_seed, scenes, size, zeroshot, retrieval)
         prompts = [t.replace("{}", c) for t in data.templates for c in data.classnames]
         captions = list(dict.fromkeys(data.train_captions + data.retrieval_captions + prompts))
-        TextReducer("syntax", context, context_length=context, spacy_model=spacy_model).prepare(captions)
-        prepared += len(captions)
-    return prepared
+        reducer = TextReducer("syntax", context, context_length=context, spacy_model=spacy_model)
+        reducer.prepare(captions)
+        prepared, tagged = prepared + len(captions), tagged + reducer.tagged_texts
+    return prepared, tagged
 
 
 # ------------------------------------------------------------------------------------------ what a job executes

@@ -68,7 +68,9 @@ def test_overrides_are_checked_like_file_values(tmp_path):
     assert load_run_config(write(tmp_path, "model: cpu-s\n"), ["image_strategy=resize", "image_tokens=17"]
                            ).image_tokens == 17
     err = error_of(tmp_path, "model: cpu-s\n", "image_strategy=grid", "image_tokens=18")
-    assert err.field == "image_tokens"
+    assert err.field == "image_tokens" and str(err.source).endswith("(--set)")  # the file holds no such value
+    err = error_of(tmp_path, "model: cpu-s\nimage_tokens: 18\n", "image_strategy=grid")
+    assert err.field == "image_tokens" and str(err.source).endswith(".yaml")  # the file's value is the wrong one
     err = error_of(tmp_path, "model: cpu-s\n", "nonsense")
     assert err.field == "--set"
 
@@ -127,3 +129,16 @@ def test_mask_image_refuses_a_negative_seed_or_an_output_that_is_no_png(tmp_path
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and needle in err, err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_cache_directory_under_a_file_is_one_line_exit_2(tmp_path, capsys, monkeypatch):
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setenv("SWEEP_CACHE_DIR", str(tmp_path / "a_file" / "cache"))
+    assert main(["mask-text", "--strategy", "syntax", "--tokens", "4", "a red dog"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "SWEEP_CACHE_DIR" in err and "a_file is a file" in err
+
+
+def test_make_data_refuses_an_image_size_it_could_not_hold_and_writes_nothing(tmp_path, capsys):
+    assert main(["make-data", str(tmp_path / "data"), "--image-size", "100000"]) == 2
+    assert "--image-size" in capsys.readouterr().err and not (tmp_path / "data").exists()

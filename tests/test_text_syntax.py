@@ -131,3 +131,43 @@ def test_two_processes_tagging_into_one_cache(tmp_path: Path) -> None:
 def test_cache_key_is_stable() -> None:
     assert cache_key("a red dog") == cache_key("a red dog") != cache_key("a red cat")
     assert len(cache_key("x")) == 32
+
+
+def _pipeline_folder(root: Path, weights: bytes, pipeline=("tok2vec", "tagger", "attribute_ruler")) -> str:
+    folder = root / "model-best"  # what `spacy train` names every trained pipeline, at version 0.0.0
+    folder.mkdir(parents=True)
+    (folder / "meta.json").write_text(f'{{"version": "0.0.0", "pipeline": {list(pipeline)!r}}}'.replace("'", '"'))
+    (folder / "tagger").mkdir()
+    (folder / "tagger" / "model").write_bytes(weights)
+    return str(folder)
+
+
+def test_pipelines_given_as_folders_of_one_name_and_version_have_their_own_cache(tmp_path: Path) -> None:
+    first = _pipeline_folder(tmp_path / "a", b"weights of one training")
+    other = _pipeline_folder(tmp_path / "b", b"weights of another")
+    same = _pipeline_folder(tmp_path / "c", b"weights of one training")
+    assert pipeline_id(first) != pipeline_id(other)
+    assert pipeline_id(first) == pipeline_id(same) and pipeline_id(first).startswith("model-best-0.0.0-")
+    (tmp_path / "a" / "model-best" / "tagger" / "model").write_bytes(b"retrained in place")
+    assert pipeline_id(first) not in (pipeline_id(same), pipeline_id(other))
+
+
+def test_a_tagger_without_a_mapping_to_parts_of_speech_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(SpacyModelMissing, match="has no attribute_ruler to map its tags"):
+        check_spacy_model(_pipeline_folder(tmp_path, b"x", pipeline=("tok2vec", "tagger")))
+    check_spacy_model(_pipeline_folder(tmp_path / "m", b"x", pipeline=("tok2vec", "morphologizer")))
+
+
+@pytest.mark.parametrize("damage", ["[1, 2]", "null", '"VERB"', "5", "too many"])
+def test_a_damaged_cache_entry_is_tagged_again(tmp_path: Path, damage: str) -> None:
+    caption = "a small red dog runs"
+    expected = TextReducer("syntax", 5, cache_dir=tmp_path)([caption])
+    [good] = (tmp_path / "spacy-pos").rglob("*.json")
+    key = cache_key(split_words(caption)[0])
+    value = '"NOUN NOUN NOUN NOUN NOUN NOUN NOUN NOUN"' if damage == "too many" else damage  # 5 words
+    good.with_name("entry.json").write_text(f'{{"{key}": {value}}}')
+    good.with_name("file.json").write_text(damage if damage != "too many" else "[]")  # a file that is no mapping
+    good.unlink()
+    reducer = TextReducer("syntax", 5, cache_dir=tmp_path)
+    assert reducer([caption]).equal(expected)
+    assert reducer.tagged_texts == 1

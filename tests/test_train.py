@@ -128,12 +128,14 @@ def test_completed_run_is_not_trained_again_and_a_changed_config_is_refused(tmp_
     assert "seed" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("what", ["a file as --out", "a broken config.yaml"])
+@pytest.mark.parametrize("what", ["a file as --out", "a file above --out", "a broken config.yaml"])
 def test_a_run_directory_that_cannot_be_used_is_a_one_line_error(tmp_path, capsys, what):
     out = tmp_path / "r"
-    if what == "a file as --out":
+    if what.startswith("a file"):
         out.write_text("not a directory")
         needle = "--out: "
+        if what == "a file above --out":
+            out = out / "sub"
     else:
         out.mkdir()
         (out / "config.yaml").write_text("model: [cpu-s\n")
@@ -141,7 +143,7 @@ def test_a_run_directory_that_cannot_be_used_is_a_one_line_error(tmp_path, capsy
     assert main(["train", "grids/run-example.yaml", "--out", str(out), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and needle in err and "run failed" not in err
-    assert not (out / "result.json").exists() if out.is_dir() else out.read_text() == "not a directory"
+    assert not (out / "result.json").exists() if out.is_dir() else (tmp_path / "r").read_text() == "not a directory"
 
 
 def test_text_reduced_run_pretrains_at_its_context_and_finetunes_at_full(tmp_path):

@@ -11,7 +11,7 @@ original case (case matters: "central park" is tagged NOUN NOUN, "Central Park" 
 found on the lowercased copy, whose character offsets are the same. In the rare case that lowercasing changes the
 length (e.g. "İ"), the lowercased text is tagged instead so the offsets still line up.
 
-Disk cache. `<cache_dir>/spacy-pos/<pipeline>-<version>-<scheme>/<2 hex>/<uuid>.json`: each file holds
+Disk cache. `<cache_dir>/spacy-pos/<pipeline id>-<scheme>/<2 hex>/<uuid>.json` (`pipeline_id`): each file holds
 {key: "POS POS ..."} for some captions (key = BLAKE2b of the tagged text), one POS per CLIP word. Files are
 immutable and appear atomically (written to a temporary name, then `os.replace`), so any number of processes, on one
 machine or on a shared file system, can fill the cache at once: the worst case is that two of them tag the same
@@ -95,17 +95,29 @@ def check_spacy_model(name: str = DEFAULT_SPACY_MODEL) -> None:
         )
     meta = _model_meta(name)
     components = set(meta.get("pipeline", [])) | set(meta.get("components", []))
-    if not components & {"tagger", "morphologizer"}:
-        raise SpacyModelMissing(
-            f"spaCy model '{name}' has no tagger, so it gives no parts of speech; {_install_hint(DEFAULT_SPACY_MODEL)}"
-        )
+    # universal POS (token.pos_) comes from a morphologizer, or from a tagger's fine tags mapped by an attribute ruler
+    if "morphologizer" not in components and not {"tagger", "attribute_ruler"} <= components:
+        missing = "attribute_ruler to map its tags" if "tagger" in components else "a tagger"
+        raise SpacyModelMissing(f"spaCy model '{name}' has no {missing}, so it gives no parts of speech; "
+                                f"{_install_hint(DEFAULT_SPACY_MODEL)}")
 
 
 def pipeline_id(name: str) -> str:
-    """`<name>-<version>`: the part of the cache key that says which tagger produced the tags."""
+    """The part of the cache key that says which tagger produced the tags: `<package>-<version>` for an installed
+    pipeline; `<folder>-<version>-<hash of its files>` for one given as a folder, since a trained pipeline is
+    `model-best` version 0.0.0 unless someone sets them, and may be retrained in place."""
     meta = _model_meta(name)
-    label = Path(name).name if Path(name).is_dir() else name
-    return f"{label}-{meta.get('version', 'unknown')}"
+    version = meta.get("version", "unknown")
+    if not Path(name).is_dir():
+        return f"{name}-{version}"
+    folder = Path(name).resolve()
+    digest = hashlib.blake2b(digest_size=8)
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(folder)).encode() + b"\0")
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+    return f"{folder.name}-{version}-{digest.hexdigest()}"
 
 
 @functools.lru_cache(maxsize=4)
@@ -186,9 +198,11 @@ class PosCache:
             try:
                 for path in files:
                     try:
-                        merged.update(json.loads(path.read_text(encoding="utf-8")))
+                        entries = json.loads(path.read_text(encoding="utf-8"))
                     except ValueError:  # a file cut short by a crash: ignore it, its captions get tagged again
                         continue
+                    if isinstance(entries, dict):  # anything else is not ours: ignored the same way
+                        merged.update((k, v) for k, v in entries.items() if isinstance(v, str))
             except FileNotFoundError:
                 continue
             if len(files) >= _COMPACT_AT:
@@ -232,6 +246,8 @@ class SyntaxTagger:
         known = self.cache.get_many(set(keys))
         todo: dict[str, tuple[str, Sequence[int]]] = {}
         for key, item in zip(keys, items):
+            if key in known and len(known[key].split()) != len(item[1]):  # a damaged entry: tag again
+                del known[key]
             if key not in known and key not in todo:
                 todo[key] = item
         if todo:

@@ -296,6 +296,11 @@ class TextReducer:
         self._rows: dict[str, np.ndarray] = {}  # deterministic strategies: the encoded row per caption
         self._words: dict[str, CaptionWords] = {}  # random strategies: the words per caption
 
+    @property
+    def tagged_texts(self) -> int:
+        """How many texts spaCy tagged for this reducer (not found in the cache)."""
+        return self._tagger.tagged_texts if self._tagger is not None else 0
+
     def prepare(self, captions: Sequence[str]) -> None:
         """Split, tag (syntax) and, for deterministic strategies, encode every distinct new caption once."""
         store = self._rows if self.deterministic else self._words
