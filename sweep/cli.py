@@ -540,8 +540,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "token lengths, training FLOPs and estimated time (nothing is written).")
     p.add_argument("grid", help="grid YAML file")
     p.add_argument("--max-parallel", type=int, default=os.cpu_count() or 1,
-                   help="local runs at once assumed for the time; the cores are split between them (default: number "
-                        "of cores)")
+                   help="runs at once assumed for the time (default: number of cores, as a local launch; on a "
+                        "cluster, how many runs it will hold at once); locally the cores are split between them")
     _add_cost_options(p)
     _add_slurm_options(p)
     p.set_defaults(func=_plan)

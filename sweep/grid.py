@@ -231,17 +231,17 @@ def load_grid(path: str | Path) -> Grid:
     sweep, runs = expand(raw, path)
     slurm = SlurmOptions.from_mapping(raw.get("slurm") or {}, path)
     tune = None
-    if raw.get("tune") is not None:
+    if "tune" in raw:  # a bare `tune:` is an empty section, checked as such
         from sweep.tune import check_tune
 
         swept = {key for cell in [raw["axes"], *(raw.get("include") or [])] for key in cell if key in FIELDS}
         swept |= {key for name, groups in raw["axes"].items() if name not in FIELDS
                   for group in _as_list(groups, name) for key in group}  # one sub-grid may be written alone
-        tune = check_tune(raw["tune"], runs, swept, path)
+        tune = check_tune(raw["tune"] if raw["tune"] is not None else {}, runs, swept, path)
     analysis = check_analysis(raw["analysis"], runs, path) if "analysis" in raw else None
     search = None
-    if raw.get("search") is not None:
+    if "search" in raw:  # a bare `search:` means every default
         from sweep.search import check_search
 
-        search = check_search(raw["search"], runs, path, analysis)
+        search = check_search(raw["search"] if raw["search"] is not None else {}, runs, path, analysis)
     return Grid(path, sweep, runs, slurm, raw, tune, search, analysis)

@@ -60,16 +60,18 @@ def cpu_flops_per_second(model: str, threads: int) -> float:
     return step_flops(model, "none", spec.image_tokens, spec.text_tokens, batch) / seconds
 
 
-def estimate(runs: list[RunConfig], threads: int, tflops: float, gpus: int = 1) -> list[dict[str, Any]]:
-    """Per run: FLOPs, estimated seconds and GPU-hours (0 for the CPU sizes) on `gpus` GPUs per run."""
+def estimate(runs: list[RunConfig], threads: int, tflops: float, processes: int = 1) -> list[dict[str, Any]]:
+    """Per run: FLOPs, estimated seconds and GPU-hours (0 for the CPU sizes) with `processes` per run (one per GPU;
+    on the CPU, `threads` torch threads each), which share its steps."""
     out = []
     for cfg in runs:
         flops = run_flops(cfg)
         if cfg.spec.scale == "cpu":
-            seconds, gpu_hours = flops / cpu_flops_per_second(cfg.model, threads) + RUN_OVERHEAD_S, 0.0
+            seconds = flops / (cpu_flops_per_second(cfg.model, threads) * max(1, processes)) + RUN_OVERHEAD_S
+            gpu_hours = 0.0
         else:
             gpu_hours = flops / (tflops * 1e12) / 3600
-            seconds = gpu_hours * 3600 / max(1, gpus)
+            seconds = gpu_hours * 3600 / max(1, processes)
         out.append({"flops": flops, "seconds": seconds, "gpu_hours": gpu_hours})
     return out
 
@@ -78,7 +80,7 @@ def group_rows(runs: list[RunConfig], costs: list[dict[str, Any]]) -> list[dict[
     """Runs grouped by model and strategies, with their token lengths and summed cost."""
     groups: dict[tuple, dict[str, Any]] = defaultdict(lambda: {"runs": 0, "image_tokens": set(),
                                                                "text_tokens": set(), "flops": 0, "seconds": 0.0,
-                                                               "gpu_hours": 0.0})
+                                                               "gpu_hours": 0.0, "longest": 0.0})
     for cfg, cost in zip(runs, costs):
         g = groups[(cfg.model, cfg.image_strategy, cfg.text_strategy)]
         g["runs"] += 1
@@ -86,6 +88,7 @@ def group_rows(runs: list[RunConfig], costs: list[dict[str, Any]]) -> list[dict[
         g["text_tokens"].add(cfg.text_tokens)
         g["flops"] += cost["flops"]
         g["seconds"] += cost["seconds"]
+        g["longest"] = max(g["longest"], cost["seconds"])
         g["gpu_hours"] += cost["gpu_hours"]
     return [{"model": m, "image_strategy": i, "text_strategy": t, **g,
              "image_tokens": sorted(g["image_tokens"], reverse=True),
@@ -124,7 +127,9 @@ def format_plan(rows: list[dict[str, Any]], parallel: int) -> str:
     flops = sum(r["flops"] for r in rows)
     seconds = sum(r["seconds"] for r in rows)
     gpu_hours = sum(r["gpu_hours"] for r in rows)
+    parallel = max(1, min(parallel, total_runs))  # never shorter than the longest run
+    wall = max(seconds / parallel, max((r["longest"] for r in rows), default=0.0))
     lines.append(f"total: {total_runs} runs, {human_flops(flops)}, {human_seconds(seconds)} of run time, "
-                 f"about {human_seconds(seconds / max(1, parallel))} with {parallel} in parallel"
+                 f"about {human_seconds(wall)} with {parallel} in parallel"
                  + (f", {human_gpu_hours(gpu_hours)} GPU-hours" if gpu_hours else ""))
     return "\n".join(lines)

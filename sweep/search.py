@@ -33,6 +33,7 @@ and returns, and the next call (once it has finished) plans the next from the re
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,7 +63,8 @@ class SearchSpec(Settings):
     budget: int | None = setting(None, "Runs in all, baselines included; empty: the grid's run count.", ge=1)
     metric: str = setting(DEFAULT_METRIC, "The metric whose drop is judged (default: the analysis: section's).")
     stage: str = setting("finetune", "The stage it is read at: pretrain, pretrain_full_length or finetune "
-                         "(default: the analysis: section's).")
+                         "(default: the analysis: section's, else finetune where the runs fine-tune, else "
+                         "pretrain).")
 
 
 @dataclass
@@ -77,10 +79,11 @@ class Curve:
     seeds: list[int]  # the grid's, ascending
     base: RunConfig  # one run of the curve, the template of extra seeds
     baseline: RunConfig  # the model's full-length run (seed of `base`)
+    variant: str = ""  # the settings that tell it from curves of the same model and strategy (e.g. "lr=0.001")
 
     @property
     def label(self) -> str:
-        return f"{self.model} {self.axis} {self.strategy}"
+        return f"{self.model} {self.axis} {self.strategy}" + (f" {self.variant}" if self.variant else "")
 
     def config(self, length: int, seed: int) -> RunConfig:
         """The run at `length` (the full length: the baseline) and `seed`: the grid's own where it has it."""
@@ -109,10 +112,12 @@ class Verdict:
 def check_search(raw: Any, grid_runs: list, source: str | Path, analysis: AnalysisSpec | None = None) -> SearchSpec:
     """The grid's validated `search:` section; the tolerance, metric and stage it leaves out are the grid's
     `analysis:` section's, where it has one."""
+    base = grid_runs[0].config
     if analysis is not None and isinstance(raw, dict):
         raw = {"max_drop": analysis.max_drop, "metric": analysis.metric, "stage": analysis.stage, **raw}
+    elif isinstance(raw, dict):  # the analysis' default stage: the fine-tune where the runs have one
+        raw = {"stage": "finetune" if base.finetune_samples else "pretrain", **raw}
     spec = SearchSpec.from_mapping(raw, source)
-    base = grid_runs[0].config
     check_readout(spec.stage, spec.metric, base, "search", source)
     for run in grid_runs:
         cfg = run.config
@@ -120,6 +125,11 @@ def check_search(raw: Any, grid_runs: list, source: str | Path, analysis: Analys
             raise ConfigError("axes", f"{run.run_id} reduces both axes; a search follows one axis per curve",
                               source)
     curves = curves_of(grid_runs)
+    for curve in curves:
+        if curve.full in curve.lengths:
+            raise ConfigError("axes", f"{curve.axis}_tokens {curve.full} is {curve.model}'s full length: a search "
+                              f"measures the {curve.strategy} curve's shorter lengths against the full-length "
+                              "baseline; leave it out of the axis", source)
     if not curves:
         raise ConfigError("search", "the grid has no reduced-length runs, so no drop curve to search: give an axis "
                           "of image or text token lengths", source)
@@ -142,15 +152,19 @@ def curves_of(runs: list) -> list[Curve]:
         key = tuple(p for p in identity(cfg) if p[0] not in ("image_tokens", "text_tokens", "seed"))
         groups.setdefault(key, []).append(cfg)
     curves = []
-    for configs in groups.values():
+    for key, configs in groups.items():
         first = configs[0]
         axis = "image" if first.image_strategy != "none" else "text"
         full = first.spec.image_tokens if axis == "image" else first.spec.text_tokens
-        baseline = full_length(first)
+        # another setting swept beside the lengths (e.g. lr) makes curves of one model and strategy: name it
+        siblings = [dict(k) for k in groups if dict(k)["model"] == first.model
+                    and dict(k)[f"{axis}_strategy"] == getattr(first, f"{axis}_strategy")]
+        variant = ", ".join(f"{name}={value}" for name, value in key
+                            if len({json.dumps(s.get(name), sort_keys=True) for s in siblings}) > 1)
         curves.append(Curve(first.model, axis, getattr(first, f"{axis}_strategy"), full,
                             sorted({getattr(c, f"{axis}_tokens") for c in configs}), sorted({c.seed for c in configs}),
-                            first, baseline))
-    return sorted(curves, key=lambda c: (c.model, c.axis, c.strategy))
+                            first, full_length(first), variant))
+    return sorted(curves, key=lambda c: (c.model, c.axis, c.strategy, c.variant))
 
 
 # --------------------------------------------------------------------------------------------------- the decision
@@ -250,7 +264,7 @@ def read_values(curve: Curve, folder: Path, spec: SearchSpec) -> tuple[dict[int,
     """Per length, the metric of each completed run of the curve (the grid's seeds first); the ids of those runs;
     and the run id -> status of every run that ended without a value (failed, pruned, or no metric)."""
     from sweep.grid import run_id
-    from sweep.record import read_record, read_status
+    from sweep.record import RecordError, read_record, read_status
 
     values: dict[int, list[float]] = {}
     completed: set[str] = set()
@@ -264,7 +278,11 @@ def read_values(curve: Curve, folder: Path, spec: SearchSpec) -> tuple[dict[int,
             if status[0] != "completed":
                 ended[rid] = status[1] or status[0]
                 continue
-            stage = read_record(folder / rid).metrics.get(spec.stage)
+            try:
+                stage = read_record(folder / rid).metrics.get(spec.stage)
+            except RecordError as err:
+                ended[rid] = f"unreadable result.json ({err})"
+                continue
             value = stage.values().get(spec.metric) if stage is not None else None
             if value is None or not math.isfinite(value):
                 ended[rid] = f"no {spec.metric} at stage {spec.stage}"
@@ -334,28 +352,35 @@ def report(grid, results: str | Path, found: Plan) -> str:
     spec: SearchSpec = grid.search
     folder = Path(results) / grid.sweep
     fitted = _fitted(folder, spec)
-    starting = {r.config.model for r in found.runs} | {r.run_id for r in found.runs}
-    lines = [f"{'curve':<24} {'bracket':>10} {'measured':>8} {'fitted [interval]':>20} {'runs':>4} {'grid':>4}  state"]
-    trained = set()
+    starting = {r.run_id for r in found.runs}
+    width = max(24, *(len(c.label) for c in found.curves))
+    lines = [f"{'curve':<{width}} {'bracket':>10} {'measured':>8} {'fitted [interval]':>20} {'runs':>4} {'grid':>4}  "
+             "state"]
+    trained, baselines = set(), set()
     for curve in found.curves:
         v = found.verdicts[curve.label]
-        ids = {run_id(curve.config(t, s)) for t in curve.lengths for s in curve.seed_list(spec.max_seeds)}
+        seeds = curve.seed_list(spec.max_seeds)
+        ids = {run_id(curve.config(t, s)) for t in curve.lengths for s in seeds}
+        baseline_ids = {run_id(curve.config(curve.full, s)) for s in seeds}
+        baselines |= baseline_ids
         cells = found.ended[curve.label] & ids  # the baseline's runs are the model's, not the curve's
         trained |= found.ended[curve.label]
         if v.resolved:
             state = "resolved"
         elif v.why:
             state = v.why
-        elif v.train and (starting & ids or curve.model in starting):
+        elif v.train and starting & (ids | baseline_ids):
             state = "searching"
         else:
             state = "budget spent"
         bracket = f"({v.lower:g}, {v.upper:g}]"
-        fit = fitted.get((curve.model, curve.axis, curve.strategy), "-")
-        lines.append(f"{curve.label:<24} {bracket:>10} {v.measured:>8g} {fit:>20} {len(cells):>4} "
+        fit = fitted.get((setup_of(curve.base), curve.axis, curve.strategy), "-")
+        lines.append(f"{curve.label:<{width}} {bracket:>10} {v.measured:>8g} {fit:>20} {len(cells):>4} "
                      f"{len(curve.lengths) * len(curve.seeds):>4}  {state}")
-    in_grid = trained & {r.run_id for r in grid.runs}  # a length given more seeds than the grid has adds runs
-    extra = f" and {len(trained - in_grid)} more with seeds the grid lacks" if trained - in_grid else ""
+    in_grid = trained & {r.run_id for r in grid.runs}
+    outside = {"full-length baselines the grid leaves out": len((trained - in_grid) & baselines),
+               "with seeds the grid lacks": len(trained - in_grid - baselines)}  # a length given more seeds
+    extra = "".join(f" and {n} more {what}" for what, n in outside.items() if n)
     share = 100 * len(in_grid) / len(grid.runs)
     lines.append(f"runs: {len(in_grid)} trained of the grid's {len(grid.runs)} ({share:.0f}%){extra}, budget "
                  f"{found.budget}; "
@@ -363,24 +388,36 @@ def report(grid, results: str | Path, found: Plan) -> str:
     return "\n".join(lines)
 
 
+def setup_of(cfg: RunConfig) -> str:
+    """The analysis' `setup_id` of a run: its settings but the seed and the token reduction."""
+    from analysis.load import setup_id
+
+    return setup_id(cfg.to_dict())
+
+
 def _fitted(folder: Path, spec: SearchSpec) -> dict[tuple[str, str, str], str]:
-    """The analysis' fitted minimum and interval per curve of the searched directory, as text."""
+    """The analysis' fitted minimum and interval per curve of the searched directory, as text, keyed by (setup_id,
+    axis, strategy): each setup is analysed alone, so curves that differ in another setting are not pooled."""
     import warnings
 
     from analysis.errors import AnalysisInputError
     from analysis.load import load_results
     from analysis.pipeline import analyze
 
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            result = analyze(load_results(folder, progress=False), metric=spec.metric, stage=spec.stage,
-                             max_drop=spec.max_drop, n_boot=200)
-    except (AnalysisInputError, ValueError, KeyError):
-        return {}
     out = {}
-    for row in result.min_tokens.itertuples():
-        fit = f"{row.min_tokens_fit:.1f}" if np.isfinite(row.min_tokens_fit) else "n/a"
-        interval = f" [{row.ci_low:.1f}, {row.ci_high:.1f}]" if np.isfinite(row.ci_low) else ""
-        out[(row.model, row.axis, row.strategy)] = fit + interval
+    try:
+        table = load_results(folder, progress=False)
+    except (AnalysisInputError, ValueError, KeyError):
+        return out
+    for setup, runs in table.groupby("setup_id"):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                result = analyze(runs, metric=spec.metric, stage=spec.stage, max_drop=spec.max_drop, n_boot=200)
+        except (AnalysisInputError, ValueError, KeyError):
+            continue
+        for row in result.min_tokens.itertuples():
+            fit = f"{row.min_tokens_fit:.1f}" if np.isfinite(row.min_tokens_fit) else "n/a"
+            interval = f" [{row.ci_low:.1f}, {row.ci_high:.1f}]" if np.isfinite(row.ci_low) else ""
+            out[(setup, row.axis, row.strategy)] = fit + interval
     return out

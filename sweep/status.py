@@ -206,11 +206,12 @@ def collect(path: str | Path) -> list[dict[str, Any]]:
     now = time.time()
     rows = []
     for sweep_path, manifest in manifests:
+        sweep = sweep_path.resolve().name  # its folder: a copied sweep keeps its manifest's name, yet is another
         for run_id, entry in manifest["runs"].items():
             cfg, jobs = entry["config"], jobs_of(entry)
             job_id = latest_slurm_job(entry)
             state, reason = run_state(os.path.join(sweep_path, run_id), job_id, scheduler, now)
-            rows.append({"sweep": manifest["sweep"], "run_id": run_id, "state": state, "reason": one_line(reason),
+            rows.append({"sweep": sweep, "run_id": run_id, "state": state, "reason": one_line(reason),
                          **{key: cfg[key] for key in RUN_KEYS},
                          "job_id": jobs[-1]["job_id"] if jobs else None, "jobs": [j["job_id"] for j in jobs],
                          "trials": entry.get("trials", [])})  # `sweep tune`: the trials (study#number) it served

@@ -168,6 +168,26 @@ def test_a_bad_resource_flag_is_named_as_given(capsys, flags, field):
     assert capsys.readouterr().err.startswith(f"sweep plan: error: command line: {field}: ")
 
 
+def test_the_planned_time_is_never_shorter_than_the_longest_run_nor_split_among_absent_runs():
+    from sweep.plan import format_plan
+
+    row = {"model": "cpu-s", "image_strategy": "none", "text_strategy": "none", "image_tokens": [65],
+           "text_tokens": [32], "flops": 1e12, "gpu_hours": 0.0}
+    one = format_plan([{**row, "runs": 1, "seconds": 60.0, "longest": 60.0}], parallel=8)
+    assert one.splitlines()[-1].endswith("about 60 s with 1 in parallel")
+    three = format_plan([{**row, "runs": 3, "seconds": 80.0, "longest": 60.0}], parallel=2)
+    assert three.splitlines()[-1].endswith("about 60 s with 2 in parallel")  # not 40 s: one run alone takes 60
+
+
+def test_a_run_of_several_processes_on_the_cpu_shares_its_steps_among_them():
+    from sweep.config import config_from_dict
+    from sweep.plan import RUN_OVERHEAD_S, estimate
+
+    cfg = config_from_dict({"model": "cpu-s", "pretrain_samples": 1024})
+    (alone,), (pair,) = estimate([cfg], 1, 100.0, 1), estimate([cfg], 1, 100.0, 2)  # the same timed step, cached
+    assert pair["seconds"] - RUN_OVERHEAD_S == pytest.approx((alone["seconds"] - RUN_OVERHEAD_S) / 2)
+
+
 def test_plan_prints_groups_with_flops_and_time(capsys):
     assert main(["plan", "grids/smoke.yaml"]) == 0
     out = capsys.readouterr().out

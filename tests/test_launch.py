@@ -1,6 +1,7 @@
 """Launching grids locally: every cell runs once, relaunching is a no-op, failures say why, status tells all."""
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -242,6 +243,17 @@ def test_a_manifest_run_entry_status_cannot_show_is_one_line_naming_it(tmp_path,
     assert len(err.strip().splitlines()) == 1 and "manifest.json: runs.x: has no" in err
 
 
+def test_a_copied_sweep_is_told_apart_by_its_folder(tmp_path, capsys):
+    import shutil
+
+    cfg = config_from_dict({"model": "cpu-s"}).to_dict()
+    manifest(tmp_path, "g1", {"cpu-s_none65_none32_s0_0000": {"config": cfg}})
+    shutil.copytree(tmp_path / "g1", tmp_path / "g1_copy")  # its manifest still says sweep g1
+    assert sorted(r["sweep"] for r in collect(tmp_path)) == ["g1", "g1_copy"]
+    assert main(["status", str(tmp_path)]) == 0
+    assert "g1_copy" in capsys.readouterr().out
+
+
 def test_collect_reads_many_runs(tmp_path):
     sweep = tmp_path / "many"
     runs = {}
@@ -264,8 +276,13 @@ def test_prepare_text_tags_the_syntax_runs_captions_before_launch(tmp_path, monk
     grid.write_text(TINY.format(extra="  train_scenes: 200").replace("  train_scenes: 500\n", "").replace(
         "{image_strategy: [random, resize], image_tokens: 17}", "{text_strategy: [syntax, block], text_tokens: 6}"))
     assert main(["prepare-text", str(grid)]) == 0
-    assert "distinct captions tagged" in capsys.readouterr().out
+    first = re.search(r"(\d+) distinct captions in the cache \((\d+) tagged now, 0 found there\)",
+                      capsys.readouterr().out)
+    assert first and first[1] == first[2] and int(first[1]) > 0
     assert list((tmp_path / "cache").rglob("*.json")), "nothing was written to the spaCy cache"
+    assert main(["prepare-text", str(grid)]) == 0  # all of them are there now
+    assert f"{first[1]} distinct captions in the cache (0 tagged now, {first[1]} found there)" in \
+        capsys.readouterr().out
     plain = grid_file(tmp_path)
     assert main(["prepare-text", str(plain)]) == 0
     assert "no run of this grid uses the syntax strategy" in capsys.readouterr().out

@@ -159,6 +159,53 @@ def test_the_report_counts_extra_seeds_apart_from_the_grids_runs(tmp_path):
     assert totals.startswith("runs: 7 trained of the grid's 7 (100%) and 2 more with seeds the grid lacks,"), totals
 
 
+def test_curves_that_differ_in_another_setting_are_searched_apart(tmp_path):
+    from sweep.search import plan
+
+    grid = load_grid(write(tmp_path, {**TINY, "axes": {**TINY["axes"], "lr": [1.0e-3, 4.0e-3]}}))
+    found = plan(grid, tmp_path / "results")
+    labels = sorted(c.label for c in found.curves)
+    assert labels == ["cpu-s image random lr=0.001", "cpu-s image random lr=0.004"]
+    assert sorted(found.verdicts) == labels and sorted(found.ended) == labels
+    assert len({r.config.lr for r in found.runs}) == 2  # each curve starts its own search
+
+
+def test_a_grid_length_at_the_full_length_is_refused_for_a_search(tmp_path):
+    with pytest.raises(ConfigError, match="image_tokens 65 is cpu-s's full length"):
+        load_grid(write(tmp_path, {**TINY, "axes": {**TINY["axes"], "image_tokens": [65, 37, 17]}}))
+
+
+def test_an_unreadable_completed_record_ends_its_run_without_a_value(tmp_path):
+    from sweep.search import plan
+
+    grid = load_grid(write(tmp_path, TINY))
+    baseline = next(r for r in plan(grid, tmp_path / "results").runs if r.baseline)
+    (tmp_path / "results" / grid.sweep / baseline.run_id).mkdir(parents=True)
+    (tmp_path / "results" / grid.sweep / baseline.run_id / "result.json").write_text(
+        '{"status": "completed", "metrics": {"finetune": {"zeroshot_top1": NaN}}}')  # NaN: refused by the parser
+    found = plan(grid, tmp_path / "results")
+    assert "unreadable result.json" in found.failed[baseline.run_id]
+
+
+@pytest.mark.parametrize("section", [{}, None])
+def test_the_search_stage_defaults_to_the_analysis_default_and_a_bare_section_is_every_default(tmp_path, section):
+    raw = {k: v for k, v in TINY.items() if k != "analysis"}
+    raw = {**raw, "settings": {**raw["settings"], "finetune_samples": 0}, "search": section}
+    assert load_grid(write(tmp_path, raw)).search.stage == "pretrain"  # no fine-tune: what the analysis reads
+
+
+def test_a_baseline_the_grid_leaves_out_is_not_called_an_extra_seed(tmp_path):
+    from sweep.grid import run_id
+    from sweep.search import plan, report
+
+    grid = load_grid(write(tmp_path, {**TINY, "baselines": False}))
+    found = plan(grid, tmp_path / "results")
+    (c,) = found.curves
+    found.ended[c.label] = {run_id(c.config(c.full, 0)), run_id(c.config(17, 0))}
+    totals = report(grid, tmp_path / "results", found).splitlines()[-1]
+    assert "1 trained of the grid's 6 (17%) and 1 more full-length baselines the grid leaves out," in totals
+
+
 # ------------------------------------------------------------------------------------------------ end to end
 
 @pytest.mark.slow
