@@ -222,7 +222,8 @@ def status_of(run_dir: str | Path) -> str | None:
 
 
 def one_line(text: Any, width: int = 160) -> str:
-    line = " ".join(str(text).split())
+    """`text` on one line of at most `width` characters; a mapping or list as JSON (as result.json holds it)."""
+    line = " ".join(str(json.dumps(text, default=str) if isinstance(text, (dict, list)) else text).split())
     return line if len(line) <= width else line[: width - 1] + "…"
 
 

@@ -239,4 +239,6 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 def summary(rows: list[dict[str, Any]]) -> str:
     counts = {s: sum(r["state"] == s for r in rows) for s in STATES}
+    if not rows:
+        return "0 runs (none launched yet)"
     return f"{len(rows)} runs: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n)

@@ -226,7 +226,7 @@ def test_status_names_the_sweep_of_each_run_when_there_are_several_and_shows_an_
     cfg = config_from_dict({"model": "cpu-s"}).to_dict()
     manifest(tmp_path, "queued", {})  # a `sweep tune` whose trials have not started: no runs yet
     assert main(["status", str(tmp_path / "queued")]) == 0
-    assert "0 runs" in capsys.readouterr().out
+    assert "0 runs (none launched yet)" in capsys.readouterr().out
     manifest(tmp_path, "first", {"x": {"config": cfg}})
     manifest(tmp_path, "second", {"x": {"config": cfg}})
     assert main(["status", str(tmp_path)]) == 0

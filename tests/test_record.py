@@ -95,6 +95,7 @@ def test_settings_fall_back_to_config_and_unknown_fields_are_kept():
     ('{"status": "failed", "error": "Traceback\\n  line 1\\nValueError: x"}',
      ("failed", "Traceback line 1 ValueError: x")),
     ('{"status": "failed"}', ("failed", "failed without a reason")),
+    ('{"status": "failed", "error": {"msg": "loss is nan"}}', ("failed", '{"msg": "loss is nan"}')),  # as JSON
 ])
 def test_status_reads_only_what_it_needs(tmp_path, content, expected):
     if content is not None:
