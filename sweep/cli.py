@@ -126,6 +126,10 @@ def _executor(args: argparse.Namespace, grid):
     executor = choose_executor(args.executor)
     if executor == "slurm" and not slurm_available():
         raise ConfigError("--executor", "slurm was asked for, but sbatch/sinfo do not work here", "command line")
+    world = slurm.world_size
+    if bad := next((r.config for r in grid.runs if r.config.batch_size % world), None):
+        raise ConfigError("settings.batch_size", f"{bad.batch_size} does not split into the {world} processes of a "
+                          f"run (nodes x tasks per node); give a multiple of {world}", args.grid)
     if executor == "local":
         if slurm.nodes > 1:
             raise ConfigError("slurm.nodes", f"{slurm.nodes} nodes per run need the Slurm executor", args.grid)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -204,6 +205,10 @@ def work_queue(run_dirs: list[str], fail_fast: bool = False) -> dict[str, str]:
             raise
         except Exception as err:  # recorded in the run's result.json by the trainer; go on with the next run
             outcome[run_dir] = f"failed: {type(err).__name__}: {err}"
+            if submitit.JobEnvironment().num_tasks > 1:
+                # the run's processes may be out of step or their group broken (a peer died): this worker ends and
+                # the runs it did not reach stay pending for the next launch, rather than each failing in turn
+                break
     return outcome
 
 
@@ -302,8 +307,12 @@ def run_local_workers(folder: Path, workers: list[dict[str, Any]], fn, args: tup
         try:
             job.results()  # one per task
         except Exception as err:  # noqa: BLE001 - reported; the runs' own records say the rest
-            print(f"sweep {command}: a local worker ended with an error: {str(err).splitlines()[-1]}",
-                  file=sys.stderr)
+            # submitit's message is the worker's traceback then its log files: name the exception it ended with
+            lines = str(err).splitlines()
+            exception = re.compile(r"[\w.]+(Error|Exception|Interrupt\w*)\b")
+            cause = next((line for line in reversed(lines) if exception.match(line)),
+                         lines[0] if lines else type(err).__name__)
+            print(f"sweep {command}: a local worker ended with an error: {cause} (logs: {folder})", file=sys.stderr)
 
 
 def launch_local(run_dirs: list[Path], folder: Path, workers: list[dict[str, Any]], fail_fast: bool,

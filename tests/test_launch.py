@@ -181,6 +181,20 @@ def test_status_tells_running_stale_and_pending_apart(tmp_path):
     assert state == "failed" and reason.startswith("result.json is unreadable")
 
 
+def test_a_fresh_heartbeat_of_a_run_nobody_holds_is_stale(tmp_path):
+    from sweep.results import exclusive
+
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    (run_dir / "heartbeat").touch()  # beaten a moment ago by a trainer that has just stopped
+    with exclusive(run_dir):
+        assert run_state(run_dir, None, {}, time.time())[0] == "running"
+    state, reason = run_state(run_dir, None, {}, time.time())
+    assert state == "stale" and "trainer has stopped" in reason and reason.endswith("start it again")
+    (run_dir / "checkpoint.pt").touch()
+    assert run_state(run_dir, None, {}, time.time())[1].endswith("resume from the checkpoint")
+
+
 def test_the_scheduler_decides_before_the_heartbeat(tmp_path):
     run_dir = tmp_path / "r"
     run_dir.mkdir()
@@ -339,6 +353,66 @@ def test_a_local_worker_of_two_tasks_trains_each_run_on_both(tmp_path, capsys):
     assert [r["compute"]["world_size"] for r in records] == [2, 2, 2]
     manifest = json.loads((results / "tiny" / "manifest.json").read_text())
     assert manifest["launches"][-1]["workers"] == 1 and manifest["launches"][-1]["tasks_per_worker"] == 2
+
+
+@pytest.mark.slow
+def test_an_evaluation_failing_on_rank_0_stops_both_ranks_and_the_worker(tmp_path, capsys):
+    for i in range(3):  # files that exist (checked at load) but do not decode (found at the first evaluation)
+        (tmp_path / f"{i}.jpg").write_bytes(bytes(range(256)) * 2)
+    (tmp_path / "bad.tsv").write_text("filepath\ttitle\n" + "".join(f"{i}.jpg\ta caption {i}\n" for i in range(3)))
+    grid = grid_file(tmp_path, f"  eval_sets: [{{name: bad, type: retrieval, data: {tmp_path / 'bad.tsv'}}}]\n"
+                               "slurm: {tasks_per_node: 2}")
+    results = tmp_path / "results"
+    started = time.time()
+    assert main(["launch", str(grid), "--results", str(results), "--executor", "local", "--quiet"]) == 1
+    assert time.time() - started < 240  # rank 1 waited for rank 0 until gloo's timeout (an hour) before
+    out = capsys.readouterr().out
+    assert "3 runs: 1 failed, 2 pending" in out and "none of its 3 images" in out, out  # the rest: next launch
+
+
+@pytest.mark.slow
+def test_a_run_whose_peer_process_dies_is_not_failed_and_a_relaunch_resumes_it(tmp_path, capsys):
+    import signal
+    import subprocess
+    import sys
+
+    grid = grid_file(tmp_path, "slurm: {tasks_per_node: 2}")
+    grid.write_text(grid.read_text().replace("pretrain_samples: 256", "pretrain_samples: 6400"))  # 100 steps
+    results = tmp_path / "results"
+    launch = subprocess.Popen([sys.executable, "-m", "sweep.cli", "launch", str(grid), "--results", str(results),
+                               "--executor", "local", "--quiet"], start_new_session=True, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not list(results.glob("tiny/*/checkpoint.pt")) and time.time() < deadline:
+        time.sleep(0.2)
+    (interrupted,) = [p.parent for p in results.glob("tiny/*/checkpoint.pt")]
+    rank_1 = [int(p.parent.name) for p in Path("/proc").glob("[0-9]*/environ")
+              if _reads(p, b"SUBMITIT_LOCAL_GLOBALID=1\0") and str(results).encode() in _reads(p.parent / "cmdline")]
+    assert rank_1, "no second process of the run was found"
+    os.kill(rank_1[0], signal.SIGKILL)  # the run's other process dies (OOM killer, a lost node, ...)
+    launch.communicate(timeout=300)
+    assert not (interrupted / "result.json").exists()  # not a failure of the run: a relaunch resumes it
+    assert main(["launch", str(grid), "--results", str(results), "--executor", "local", "--quiet"]) == 0
+    assert "3 runs: 3 completed" in capsys.readouterr().out
+    record = json.loads((interrupted / "result.json").read_text())
+    assert record["status"] == "completed" and record["resumed"]
+
+
+def _reads(path: Path, needle: bytes = b"") -> bytes:
+    try:
+        data = path.read_bytes()
+    except OSError:  # a process that ended meanwhile, or another user's
+        return b""
+    return data if needle in data else b""
+
+
+@pytest.mark.parametrize("world,field", [(3, "settings.batch_size")])
+def test_a_batch_that_does_not_split_into_a_runs_processes_is_refused_before_launch(tmp_path, capsys, world, field):
+    grid, results = grid_file(tmp_path, f"slurm: {{tasks_per_node: {world}}}"), tmp_path / "results"
+    for extra in ([], ["--dry-run"]):
+        assert main(["launch", str(grid), "--results", str(results), "--executor", "local", *extra]) == 2
+        assert f"{field}: 64 does not split into the {world} processes" in capsys.readouterr().err
+    assert not results.exists()
 
 
 @pytest.mark.parametrize("gpus,options,expected", [

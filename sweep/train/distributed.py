@@ -23,7 +23,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -58,6 +58,22 @@ class Distributed:
         box = [value]
         dist.broadcast_object_list(box, src=0, group=_control())
         return box[0]
+
+    def on_main(self, work: Callable[[], Any]) -> Any:
+        """`work()` on rank 0 alone, its result there (None on the others); a failure is raised on every rank,
+        which would otherwise wait for rank 0 at their next collective and fall out of step with it."""
+        result, failure = None, None
+        if self.main:
+            try:
+                result = work()
+            except Exception as err:  # noqa: BLE001 - raised again below, on every rank
+                failure = err
+        why = self.broadcast(None if failure is None else f"{type(failure).__name__}: {failure}")
+        if failure is not None:
+            raise failure
+        if why is not None:
+            raise RuntimeError(f"rank 0 failed: {why}")
+        return result
 
     def gather(self, value: Any) -> list[Any]:
         """Every rank's `value`, in rank order, on every rank."""
@@ -113,6 +129,12 @@ def join(device_type: str) -> Distributed:
         dist.init_process_group(backend, timeout=TIMEOUT)
         _CONTROL[:] = [dist.new_group(backend="gloo", timeout=TIMEOUT) if backend == "nccl" else None]
     return here
+
+
+def lost_peer(err: BaseException) -> bool:
+    """Whether `err` is a collective that failed because another process of the run is gone (killed, out of
+    memory, its node lost): not a fault of the run, which keeps its checkpoint and resumes on a relaunch."""
+    return isinstance(err, dist.DistError) or "gloo/transport" in str(err) or "NCCL" in str(err)
 
 
 def local_device(local_rank: int) -> torch.device:

@@ -39,7 +39,7 @@ from sweep.record import Compute, ResultRecord, read_record, status_of, write_re
 from sweep.results import AlreadyRunning, atomic_write, exclusive
 from sweep.strategies.image import reduce_images, side_of
 from sweep.strategies.text import TextReducer
-from sweep.train.distributed import Distributed, join, wrap
+from sweep.train.distributed import Distributed, join, lost_peer, wrap
 from sweep.train.signals import Interrupted, StopSignals, heartbeat
 from sweep.train.state import TrainState
 from sweep.train.step import (ContrastiveStep, Encoders, Runtime, compile_blocks, device_name, eager, lr_at,
@@ -225,9 +225,7 @@ def train_stage(model, encoders, cfg: RunConfig, runtime: Runtime, here: Distrib
         stats["skipped_samples"] = sum(skipped for _, skipped in positions)
         if state.data:
             stats["broken_shards"] = sum(p["broken_shards"] for p in state.data)
-        if here.main:
-            state.save(run_dir, model, optimizer, cfg.to_dict(), started)
-        here.barrier()
+        here.on_main(lambda: state.save(run_dir, model, optimizer, cfg.to_dict(), started))  # the others wait
         window = time.perf_counter()
 
     # the fine-tune's steps count on from the pre-training's, so that a trial's reports are one increasing series
@@ -237,11 +235,13 @@ def train_stage(model, encoders, cfg: RunConfig, runtime: Runtime, here: Distrib
         """Rank 0 evaluates after `done` steps of the stage and tells `report`; a prune stops every rank."""
         nonlocal window
         read_back()  # a diverged model is not evaluated
-        found, prune = {}, False
-        if here.main:
+
+        def on_main() -> tuple[dict[str, Any], bool]:
             found = evaluate(model, cfg, runtime, cfg.stage_settings(stage), stage_id, data, eval_sets, pixels)
             state.evals.append({"stage": stage, "step": done, "metrics": found})
-            prune = bool(report and report(offset + done, found)) and may_prune
+            return found, bool(report and report(offset + done, found)) and may_prune
+
+        found, prune = here.on_main(on_main) or ({}, False)  # an evaluation that fails stops every rank
         if here.broadcast(prune):
             raise Pruned(stage, done)
         window = time.perf_counter()  # evaluation is not training time
@@ -294,10 +294,9 @@ def train_stage(model, encoders, cfg: RunConfig, runtime: Runtime, here: Distrib
     stats["micro_batch_size"] = min(step_fn.micro_batch_size or rows, rows)
     # the other ranks wait for rank 0's metrics; a run whose training is over is not pruned
     found = {stage: evaluate_now(steps, may_prune=stage == "pretrain" and cfg.finetune_samples > 0)}
-    if here.main:
-        if stage == "pretrain" and cfg.eval_full_length:  # the pre-trained model at full length, as a fine-tune
-            found["pretrain_full_length"] = evaluate(model, cfg, runtime, cfg.stage_settings("finetune"),
-                                                     STAGE_IDS[stage], data, eval_sets, pixels)
+    if stage == "pretrain" and cfg.eval_full_length:  # the pre-trained model at full length, as a fine-tune
+        found["pretrain_full_length"] = here.on_main(lambda: evaluate(
+            model, cfg, runtime, cfg.stage_settings("finetune"), STAGE_IDS[stage], data, eval_sets, pixels))
     state.metrics.update(here.broadcast(found))
     save()
 
@@ -425,7 +424,7 @@ def _run(cfg: RunConfig, run_dir: Path, here: Distributed, progress: bool, handl
                              cfg.eval_zeroshot_samples, cfg.eval_retrieval_samples)
             if data.train_images is not None:  # the pool on the device: a batch is a gather there, no host copy
                 data = dataclasses.replace(data, train_images=data.train_images.to(runtime.device))
-        eval_sets = load_eval_sets(cfg) if here.main else {}  # rank 0 evaluates
+        eval_sets = here.on_main(lambda: load_eval_sets(cfg)) or {}  # rank 0 evaluates
         torch.manual_seed(cfg.seed)
         model = build_model(cfg.model)  # initialised on the CPU: the same weights whatever the device
         record["params"] = count_params(model)
@@ -443,8 +442,7 @@ def _run(cfg: RunConfig, run_dir: Path, here: Distributed, progress: bool, handl
                 if samples and stage not in state.metrics:
                     train_stage(model, encoders, cfg, runtime, here, stage, data, eval_sets, pixels, state, run_dir,
                                 stop, progress, started, report)
-        if here.main:
-            torch.save(model.state_dict(), run_dir / "model.pt")
+        here.on_main(lambda: torch.save(model.state_dict(), run_dir / "model.pt"))
         record["weights"] = "model.pt"
     except Diverged as err:  # every rank sees the same losses, so every rank ends here at the same step
         record.update(status="failed", error=str(err))
@@ -453,12 +451,13 @@ def _run(cfg: RunConfig, run_dir: Path, here: Distributed, progress: bool, handl
     except (Interrupted, SystemExit, KeyboardInterrupt):
         raise
     except Exception as err:  # any other failure is recorded so `sweep status` can say why, then re-raised
+        if here.world_size > 1 and lost_peer(err):  # as a killed one-process run: no record, resumed on a relaunch
+            raise
         record.update(status="failed", error=f"{type(err).__name__}: {err}")
         if here.main:
             _finish(record, state, runtime, here, started, run_dir)
         raise
-    finished = _finish(record, state, runtime, here, started, run_dir) if here.main else None
-    here.barrier()  # the result is on disk
+    finished = here.on_main(lambda: _finish(record, state, runtime, here, started, run_dir))  # others wait for it
     return finished or read_record(run_dir)
 
 
