@@ -14,6 +14,11 @@ import textwrap
 from pathlib import Path
 
 
+def _file_above(path: str | Path) -> Path | None:
+    """The file at `path` or at one of its parents, which makes it no possible directory; None if there is none."""
+    return next((p for p in (Path(path), *Path(path).parents) if p.is_file()), None)
+
+
 def _train(args: argparse.Namespace) -> int:
     from sweep.config import ConfigError, load_run_config
     from sweep.train import Interrupted, run
@@ -21,7 +26,7 @@ def _train(args: argparse.Namespace) -> int:
     from sweep.results import AlreadyRunning
 
     cfg = load_run_config(args.config, args.set)
-    if file := next((p for p in (Path(args.out), *Path(args.out).parents) if p.is_file()), None):
+    if file := _file_above(args.out):
         raise ConfigError("--out", f"{args.out} cannot be a run directory: {file} is a file", "command line")
     where = f"{args.out}/result.json"
     try:
@@ -617,7 +622,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cache = os.environ.get("SWEEP_CACHE_DIR")  # spaCy tags and rendered data are kept there
-        if cache and (file := next((p for p in (Path(cache), *Path(cache).parents) if p.is_file()), None)):
+        if cache and (file := _file_above(cache)):
             raise ConfigError("SWEEP_CACHE_DIR", f"{cache} cannot be a cache directory: {file} is a file",
                               "environment")
         tflops = getattr(args, "tflops", None)  # what the cost estimates divide by
@@ -626,7 +631,7 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "max_parallel", 1) < 1:
             raise ConfigError("--max-parallel", "must be at least 1", "command line")
         results = getattr(args, "results", None)  # launch, search, tune write under it
-        if results and (file := next((p for p in (Path(results), *Path(results).parents) if p.is_file()), None)):
+        if results and (file := _file_above(results)):
             raise ConfigError("--results", f"{results} cannot be a results directory: {file} is a file",
                               "command line")
         return args.func(args)

@@ -152,16 +152,17 @@ def curves_of(runs: list) -> list[Curve]:
         key = tuple(p for p in identity(cfg) if p[0] not in ("image_tokens", "text_tokens", "seed"))
         groups.setdefault(key, []).append(cfg)
     curves = []
+    setups = [dict(key) for key in groups]
     for key, configs in groups.items():
         first = configs[0]
         axis = "image" if first.image_strategy != "none" else "text"
         full = first.spec.image_tokens if axis == "image" else first.spec.text_tokens
+        strategy = getattr(first, f"{axis}_strategy")
         # another setting swept beside the lengths (e.g. lr) makes curves of one model and strategy: name it
-        siblings = [dict(k) for k in groups if dict(k)["model"] == first.model
-                    and dict(k)[f"{axis}_strategy"] == getattr(first, f"{axis}_strategy")]
+        siblings = [s for s in setups if s["model"] == first.model and s[f"{axis}_strategy"] == strategy]
         variant = ", ".join(f"{name}={value}" for name, value in key
                             if len({json.dumps(s.get(name), sort_keys=True) for s in siblings}) > 1)
-        curves.append(Curve(first.model, axis, getattr(first, f"{axis}_strategy"), full,
+        curves.append(Curve(first.model, axis, strategy, full,
                             sorted({getattr(c, f"{axis}_tokens") for c in configs}), sorted({c.seed for c in configs}),
                             first, full_length(first), variant))
     return sorted(curves, key=lambda c: (c.model, c.axis, c.strategy, c.variant))

@@ -178,17 +178,21 @@ def run_state(run_dir: str | Path, job_id: str | None, scheduler: dict[str, dict
             return "failed", f"slurm job {job_id} {what}{code}"
         if state == "COMPLETED":
             return "failed", f"slurm job {job_id} completed without writing result.json"
-    checkpoint = os.path.exists(os.path.join(run_dir, "checkpoint.pt"))
-    resume = "resume from the checkpoint" if checkpoint else "start it again"
     if beat is not None and now - beat < STALE_AFTER_S:
         if not info and os.path.exists(os.path.join(run_dir, LOCK_FILE)) and not held_elsewhere(Path(run_dir)):
             # a local trainer holds the run's lock while it trains (the OS drops it when the process ends): the
             # heartbeat is younger than STALE_AFTER_S, but nobody trains the run, as `sweep launch` also sees it
-            return "stale", f"its trainer has stopped (nobody holds the run); relaunch to {resume}"
+            return "stale", f"its trainer has stopped (nobody holds the run); relaunch to {_resume(run_dir)}"
         return "running", ""
     if beat is not None:
-        return "stale", f"no heartbeat for {now - beat:.0f} s and no live job; relaunch to {resume}"
+        return "stale", f"no heartbeat for {now - beat:.0f} s and no live job; relaunch to {_resume(run_dir)}"
     return "pending", ""
+
+
+def _resume(run_dir: str) -> str:
+    """What a relaunch of a stale run does."""
+    has = os.path.exists(os.path.join(run_dir, "checkpoint.pt"))
+    return "resume from the checkpoint" if has else "start it again"
 
 
 RUN_KEYS = ("model", "image_strategy", "image_tokens", "text_strategy", "text_tokens", "seed")  # what status shows
