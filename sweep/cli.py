@@ -167,8 +167,10 @@ def _search(args: argparse.Namespace) -> int:
     # rounds count on over calls (on Slurm each call is one round)
     rounds = sum("search_round" in launch for launch in sweep_manifest(args.results, grid.sweep)["launches"])
     previous = None
+    # with --rerun-failed: the needed runs that had ended without a value, each trained once more by this call
+    retry = set(plan(grid, args.results).failed) if args.rerun_failed else set()
     while True:
-        found = plan(grid, args.results)
+        found = plan(grid, args.results, retry)
         if not found.runs:
             break
         ids = sorted(r.run_id for r in found.runs)
@@ -185,7 +187,8 @@ def _search(args: argparse.Namespace) -> int:
             print("dry run: nothing written, nothing submitted (later rounds depend on these runs' results)")
             return 0
         sub = dataclasses.replace(grid, runs=found.runs)
-        todo, skipped = to_do(sub, args.results, rerun_failed=False)
+        todo, skipped = to_do(sub, args.results, rerun_failed=bool(retry))
+        retry -= {run.run_id for run in todo}
         if not todo:
             print(f"waiting for {len(skipped['live'])} runs still queued or running (sweep status {where}); run "
                   f"sweep search {args.grid} again once they have ended")
@@ -197,6 +200,11 @@ def _search(args: argparse.Namespace) -> int:
                   f"(sweep status {where}), run sweep search {args.grid} again for the next round")
             return 0
     print(report(grid, args.results, found))
+    if found.failed:
+        again = "" if args.rerun_failed else f"; sweep search {args.grid} --rerun-failed trains the failed ones again"
+        print(f"sweep search: {len(found.failed)} needed runs ended without {grid.search.metric}, which stops their "
+              f"curves' search (sweep status {where}){again}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -506,6 +514,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print per curve the bracket, the measured and fitted minimum with its interval, the runs "
                         "spent and the grid's; run nothing")
     p.add_argument("--dry-run", action="store_true", help="print the next round's runs; do nothing")
+    p.add_argument("--rerun-failed", action="store_true",
+                   help="train once more the runs a curve needs that failed or were pruned (without it, such a run "
+                        "stops its curve's search, and the command exits 1)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_slurm_options(p)
     p.set_defaults(func=_search)

@@ -20,7 +20,9 @@ The search's measured minimum is the shortest length whose mean drop passes; its
 true minimum with the requested confidence (`upper` the shortest length that surely passes, `lower` the longest
 that surely fails, 0 below the grid). A round trains every curve's next runs at once, through `sweep launch`'s
 executors: locally the rounds follow each other in one command; on Slurm each `sweep search` submits one round
-and returns, and the next call (once it has finished) plans the next from the results on disk.
+and returns, and the next call (once it has finished) plans the next from the results on disk. A run a curve needs
+that ends without a value (failed, pruned, or no metric) stops that curve; `--rerun-failed` trains a failed or
+pruned one once more.
 
     search:
       confidence: 0.95
@@ -307,8 +309,9 @@ class Plan:
     ended: dict[str, set[str]]  # per curve: its runs (baseline included) that have a result, with or without a value
 
 
-def plan(grid, results: str | Path) -> Plan:
-    """The next round of the grid's search, from the results on disk."""
+def plan(grid, results: str | Path, retry: frozenset[str] | set[str] = frozenset()) -> Plan:
+    """The next round of the grid's search, from the results on disk. A needed run that ended without a value stops
+    its curve, unless its id is in `retry` and it failed or was pruned: it is then trained again."""
     from sweep.grid import Run, run_id
 
     spec: SearchSpec = grid.search
@@ -331,16 +334,26 @@ def plan(grid, results: str | Path) -> Plan:
             for seed in curve.seed_list(seeds):
                 cfg = curve.config(length, seed)
                 rid = run_id(cfg)
-                if rid in ended:  # needed, but it ended without a value: this curve stops here
-                    blocked[rid] = ended[rid]
+                if rid in ended and not (rid in retry and retrainable(folder / rid)):
+                    blocked[rid] = ended[rid]  # needed, but it ended without a value: this curve stops here
                     verdict.why = f"run {rid} ended without {spec.metric}: {ended[rid]}"
-                elif length not in values[curve.label] or len(values[curve.label][length]) < seeds:
+                elif rid in ended or length not in values[curve.label] \
+                        or len(values[curve.label][length]) < seeds:
                     wanted.setdefault(rid, Run(rid, cfg, baseline=length == curve.full and rid in grid_ids))
         verdicts[curve.label] = verdict
     todo = [run for rid, run in wanted.items() if rid not in done_ids]
     todo.sort(key=lambda r: (not r.baseline, r.run_id))  # baselines first when the budget runs short
     room = max(0, budget - spent)
     return Plan(todo[:room], verdicts, curves, spent, budget, blocked, sigma, per_curve)
+
+
+def retrainable(run_dir: Path) -> bool:
+    """A run that a new attempt may give a value: it failed or was pruned (a completed run without the metric
+    would complete the same way again)."""
+    from sweep.record import read_status
+
+    status = read_status(run_dir)
+    return status is not None and status[0] != "completed"
 
 
 # --------------------------------------------------------------------------------------------------- reporting

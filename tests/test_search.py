@@ -187,6 +187,30 @@ def test_an_unreadable_completed_record_ends_its_run_without_a_value(tmp_path):
     assert "unreadable result.json" in found.failed[baseline.run_id]
 
 
+def test_a_failed_run_stops_its_curve_and_rerun_failed_trains_it_once_more(tmp_path, capsys):
+    from sweep.search import plan
+
+    path = write(tmp_path, TINY)
+    grid, results = load_grid(path), tmp_path / "results"
+    first = plan(grid, results).runs  # the baseline and the middle length
+    for run in first:
+        (results / grid.sweep / run.run_id).mkdir(parents=True)
+        (results / grid.sweep / run.run_id / "result.json").write_text(
+            '{"status": "failed", "error": "loss became nan at pretrain step 3"}')
+    found = plan(grid, results)
+    assert not found.runs and set(found.failed) == {r.run_id for r in first}
+    assert "loss became nan" in found.verdicts["cpu-s image random"].why
+    assert {r.run_id for r in plan(grid, results, retry=set(found.failed)).runs} == {r.run_id for r in first}
+
+    command = ["search", str(path), "--results", str(results), "--executor", "local", "--quiet"]
+    assert main(command) == 1  # nothing left to train, but the curve is not resolved
+    captured = capsys.readouterr()
+    assert "2 needed runs ended without zeroshot_top1" in captured.err and "--rerun-failed" in captured.err
+    assert "loss became nan" in captured.out  # the report's state
+    assert main([*command, "--rerun-failed", "--dry-run"]) == 0
+    assert "round 1: 2 runs" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("section", [{}, None])
 def test_the_search_stage_defaults_to_the_analysis_default_and_a_bare_section_is_every_default(tmp_path, section):
     raw = {k: v for k, v in TINY.items() if k != "analysis"}
