@@ -363,14 +363,11 @@ def _prepare_text(args: argparse.Namespace) -> int:
     from sweep.launch import prepare_text
 
     grid = load_grid(args.grid)
-    prepared, tagged = prepare_text(grid.runs)
-    on_files = sum(r.config.text_strategy == "syntax" and r.config.dataset != "synthetic" for r in grid.runs)
-    if prepared:
-        print(f"{prepared} distinct captions in the cache ({tagged} tagged now, {prepared - tagged} found there)")
-    if on_files:
-        print(f"{on_files} syntax runs read files: they tag their captions as they stream them, into the same cache")
-    if not prepared and not on_files:
+    if not any(r.config.text_strategy == "syntax" for r in grid.runs):
         print("no run of this grid uses the syntax strategy")
+        return 0
+    prepared, tagged = prepare_text(grid.runs, progress=not args.quiet, files=not args.embedded_only)
+    print(f"{prepared} distinct captions in the cache ({tagged} tagged now, {prepared - tagged} found there)")
     return 0
 
 
@@ -568,12 +565,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prepare-text",
                        help="tag a grid's captions with spaCy into the shared cache (launch does it too)",
-                       description="Tag every caption that the grid's syntax-strategy runs on the embedded data "
-                                   "read into the shared spaCy cache ($SWEEP_CACHE_DIR or "
-                                   "~/.cache/inverse-scaling-sweep), so that no run waits on tagging. `sweep launch` "
-                                   "does this before it starts any run. Runs on files (webdataset, csv) tag their "
-                                   "captions as they stream them, into the same cache.")
+                       description="Tag every caption that the grid's syntax-strategy runs read into the shared "
+                                   "spaCy cache ($SWEEP_CACHE_DIR or ~/.cache/inverse-scaling-sweep), so that no "
+                                   "run waits on tagging: the embedded data's, and those of training and evaluation "
+                                   "sets on files (webdataset shards and tables are read once, images skipped; "
+                                   "spaCy runs in up to 8 processes). `sweep launch` does it for the embedded data "
+                                   "only, so as not to read a dataset before it submits; runs tag what is not "
+                                   "cached as they stream it, into the same cache.")
     p.add_argument("grid", help="grid YAML file")
+    p.add_argument("--embedded-only", action="store_true",
+                   help="tag the embedded data's captions only, as sweep launch does")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_prepare_text)
 
     p = sub.add_parser(

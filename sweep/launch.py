@@ -29,12 +29,12 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator
 
 import submitit
 import yaml
 
-from sweep.config import SlurmOptions, config_from_dict
+from sweep.config import RunConfig, SlurmOptions, config_from_dict
 from sweep.grid import Grid, Run
 from sweep.record import read_status, result_mtime, status_of
 from sweep.results import AlreadyRunning, atomic_write, held_elsewhere, write_json_atomic
@@ -140,29 +140,95 @@ def prepare_run_dirs(grid: Grid, results: str | Path, runs: list[Run], threads: 
     return dirs
 
 
-def prepare_text(runs: list[Run], progress: bool = True) -> tuple[int, int]:
-    """Tag every caption the runs' `syntax` text strategy reads on the embedded data (training pool, retrieval
-    captions, zero-shot prompts) into the shared spaCy cache, once, before any run starts: no run then waits on
-    spaCy, and parallel runs do not tag the same captions side by side. Runs on files (webdataset, csv) tag their
-    captions as they stream them, into the same cache. Returns (distinct captions prepared, how many of them
-    spaCy tagged now; the others were cached)."""
-    from sweep.data import load_data
+def prepare_text(runs: list[Run], progress: bool = True, files: bool = False) -> tuple[int, int]:
+    """Tag every caption that the runs' `syntax` text strategy reads into the shared spaCy cache, once, before any
+    run starts: no run then waits on spaCy, and parallel runs do not tag the same captions side by side. The
+    embedded data's captions (training pool, retrieval captions, zero-shot prompts) always; with `files`, also those
+    of training and evaluation sets on disk (every shard or table is read once, its images skipped). Runs tag what
+    is not cached as they read it, into the same cache. Returns (captions prepared, how many of them spaCy tagged
+    now; the others were cached)."""
     from sweep.strategies.text import TextReducer
 
+    groups: dict[tuple[str, int], list[RunConfig]] = {}  # a cache entry is a caption's tags under one pipeline
+    for c in (r.config for r in runs):
+        if c.text_strategy == "syntax":
+            groups.setdefault((c.spacy_model, c.spec.text_tokens), []).append(c)
     prepared = tagged = 0
-    datasets = {(c.dataset, c.data_seed, c.train_scenes, c.spec.image_size, c.eval_zeroshot_samples,
-                 c.eval_retrieval_samples, c.spacy_model, c.spec.text_tokens)
-                for c in (r.config for r in runs) if c.text_strategy == "syntax" and c.dataset == "synthetic"}
-    for dataset, data_seed, scenes, size, zeroshot, retrieval, spacy_model, context in sorted(datasets):
-        if progress:
-            print(f"tagging the captions of {dataset} (data_seed {data_seed}, {scenes} scenes) with {spacy_model}")
+    for (spacy_model, context), configs in sorted(groups.items()):
+        reducer = TextReducer("syntax", context, context_length=context, spacy_model=spacy_model)
+        for what, batches in _caption_sources(configs, files, progress):
+            if progress:
+                print(f"tagging the captions of {what} with {spacy_model}")
+            for batch in batches:
+                batch = list(dict.fromkeys(batch))
+                reducer.prepare(batch)
+                prepared += len(batch)
+        tagged += reducer.tagged_texts
+    return prepared, tagged
+
+
+CAPTION_BATCH = 50_000  # captions read from files are tagged this many at a time (spaCy in processes from 20,000)
+
+
+def _caption_sources(configs: list[RunConfig], files: bool, progress: bool
+                     ) -> Iterator[tuple[str, Iterable[list[str]]]]:
+    """(what, batches of its captions) for every distinct caption source the runs read: the embedded data and,
+    with `files`, training sets and evaluation sets on disk."""
+    from sweep.data import load_data
+    from sweep.data.evalsets import read_retrieval, read_zeroshot
+
+    embedded = {(c.dataset if c.dataset == "synthetic" else "files", c.data_seed, c.train_scenes,
+                 c.spec.image_size, c.eval_zeroshot_samples, c.eval_retrieval_samples)
+                for c in configs if c.dataset == "synthetic" or c.eval_embedded}
+    for dataset, data_seed, scenes, size, zeroshot, retrieval in sorted(embedded):
         data = load_data(dataset, data_seed, scenes, size, zeroshot, retrieval)
         prompts = [t.replace("{}", c) for t in data.templates for c in data.classnames]
-        captions = list(dict.fromkeys(data.train_captions + data.retrieval_captions + prompts))
-        reducer = TextReducer("syntax", context, context_length=context, spacy_model=spacy_model)
-        reducer.prepare(captions)
-        prepared, tagged = prepared + len(captions), tagged + reducer.tagged_texts
-    return prepared, tagged
+        what = f"{dataset} (data_seed {data_seed}, {scenes} scenes)" if dataset == "synthetic" else \
+            f"the embedded evaluation sets (data_seed {data_seed})"
+        yield what, [(data.train_captions or []) + data.retrieval_captions + prompts]
+    if not files:
+        return
+    training = {(c.dataset, c.train_data, c.csv_img_key, c.csv_caption_key, c.csv_separator)
+                for c in configs if c.dataset != "synthetic"}
+    for dataset, data, img_key, caption_key, separator in sorted(training):
+        yield data, _training_captions(dataset, data, img_key, caption_key, separator, progress)
+    evals = {(e.type, e.data, e.zeroshot_classnames, e.zeroshot_templates, e.csv_img_key, e.csv_caption_key,
+              e.csv_separator) for c in configs for e in c.eval_sets}
+    for kind, data, classnames, templates, img_key, caption_key, separator in sorted(evals, key=str):
+        if kind == "zeroshot":
+            found = read_zeroshot(data, classnames, templates)
+            yield data, [[t.replace("{}", c) for t in found.templates for c in found.classnames]]
+        else:
+            yield data, [read_retrieval(data, img_key, caption_key, separator).captions]
+
+
+def _training_captions(dataset: str, data: str, img_key: str, caption_key: str, separator: str, progress: bool
+                       ) -> Iterator[list[str]]:
+    """The captions of a training set on disk, CAPTION_BATCH at a time; a shard that breaks off gives those read
+    up to there (a run skips the rest of it too)."""
+    from tqdm import tqdm
+
+    from sweep.data.sources import expand_paths, open_source, read_shard
+
+    if dataset != "webdataset":
+        rows = open_source(dataset, data, img_key, caption_key, separator).rows
+        captions = [caption for _, caption in rows if caption.strip()]
+        for first in range(0, len(captions), CAPTION_BATCH):
+            yield captions[first:first + CAPTION_BATCH]
+        return
+    batch: list[str] = []
+    for path in tqdm(expand_paths(data), desc="shards", unit="shard", disable=None if progress else True):
+        try:
+            for sample in read_shard(path):
+                if sample.caption:
+                    batch.append(sample.caption)
+                if len(batch) == CAPTION_BATCH:
+                    yield batch
+                    batch = []
+        except OSError as err:
+            print(f"prepare-text: {err}", file=sys.stderr)
+    if batch:
+        yield batch
 
 
 # ------------------------------------------------------------------------------------------ what a job executes

@@ -595,6 +595,32 @@ def test_make_data_with_fewer_zeroshot_images_than_classes_names_only_the_folder
                for image, label in zip(shapes.images, shapes.labels.tolist()))
 
 
+def test_prepare_text_tags_every_caption_a_syntax_run_on_files_reads(demo, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SWEEP_CACHE_DIR", str(tmp_path / "cache"))
+    settings = {"model": "cpu-s", "dataset": "webdataset", "train_data": shards(demo), "eval_embedded": False,
+                "eval_sets": [{"name": "imagenet10", "type": "zeroshot", "data": str(demo / "imagenet"),
+                               "zeroshot_classnames": "imagenet"},
+                              {"name": "captions", "type": "retrieval", "data": str(demo / "retrieval.tsv")}]}
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(yaml.safe_dump({"sweep": "files_syntax", "settings": settings, "baselines": False,
+                                    "axes": {"text_strategy": ["syntax"], "text_tokens": [6]}}))
+    assert main(["prepare-text", str(grid), "--embedded-only", "--quiet"]) == 0  # nothing embedded to read
+    assert "0 distinct captions in the cache (0 tagged now, 0 found there)" in capsys.readouterr().out
+
+    assert main(["prepare-text", str(grid), "--quiet"]) == 0
+    training = list(dict.fromkeys(s.caption for path in expand_paths(shards(demo)) for s in read_shard(path)))
+    zeroshot = read_zeroshot(str(demo / "imagenet"), "imagenet")
+    prompts = [t.replace("{}", c) for t in zeroshot.templates for c in zeroshot.classnames]
+    retrieval = read_retrieval(str(demo / "retrieval.tsv"), "filepath", "title", "\t").captions
+    n = len(training) + len(set(prompts)) + len(set(retrieval))  # the three share no caption
+    assert f"{n} distinct captions in the cache ({n} tagged now, 0 found there)" in capsys.readouterr().out
+    reducer = TextReducer("syntax", 6)  # what a run reads: all of it found in the cache
+    reducer.prepare(training + prompts + retrieval)
+    assert reducer.tagged_texts == 0
+    assert main(["prepare-text", str(grid), "--quiet"]) == 0
+    assert f"{n} distinct captions in the cache (0 tagged now, {n} found there)" in capsys.readouterr().out
+
+
 def test_a_template_with_other_braces_is_filled_as_written(demo, tmp_path):
     (tmp_path / "templates.txt").write_text('a {} in JSON: {"kind": "photo"}\n{0} and {x} stay, {} is the name\n')
     zeroshot = read_zeroshot(str(demo / "zeroshot"), None, str(tmp_path / "templates.txt"))
