@@ -18,7 +18,8 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.collections import LineCollection
 from matplotlib.lines import Line2D
-from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullFormatter, NullLocator, ScalarFormatter
+from matplotlib.ticker import (FixedFormatter, FixedLocator, FuncFormatter, LogLocator, NullFormatter, NullLocator,
+                               ScalarFormatter)
 
 from .drop import AXES
 from .fit import DropCurveFit
@@ -34,6 +35,13 @@ AXIS_LABELS = {
     "text": "text tokens (incl. start/end)",
 }
 STRATEGY_ORDER = {"image": ["random", "grid", "block", "resize"], "text": ["truncation", "random", "block", "syntax"]}
+# What the x value of a reduced run is, and what was evaluated, per stage: after a fine-tune or at full length, the
+# model is evaluated at full length, so the x axis is the length it was pre-trained at.
+STAGE_PHRASES = {
+    "pretrain": "pre-trained and evaluated at the reduced length",
+    "finetune": "pre-trained at the reduced length, fine-tuned and evaluated at full length",
+    "pretrain_full_length": "pre-trained at the reduced length, evaluated at full length",
+}
 _STYLE = {
     **sns.axes_style("whitegrid"), **sns.plotting_context("paper"),
     "font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9, "legend.fontsize": 8, "xtick.labelsize": 8,
@@ -41,6 +49,12 @@ _STYLE = {
     "pdf.fonttype": 42,  # TrueType in the PDF: text stays text for journals
 }
 STRATEGY_PALETTE = sns.color_palette("colorblind")
+# A strategy keeps its colour in every figure and on both axes (random is random wherever it is drawn)
+STRATEGY_COLORS = {name: i for i, name in enumerate(["random", "grid", "block", "resize", "truncation", "syntax"])}
+# The built-in models keep their shade whichever of them an analysis holds (the paper's image and text studies are
+# separate sweeps with different models); each family spans the colour map, as the two are not drawn together.
+MODEL_SHADES = {"cpu-s": 0.15, "cpu-m": 0.52, "cpu-l": 0.9,
+                "ViT-S-16": 0.15, "ViT-B-16": 0.4, "ViT-L-16": 0.65, "ViT-H-14": 0.9}
 
 
 def metric_label(metric: str) -> str:
@@ -48,11 +62,44 @@ def metric_label(metric: str) -> str:
 
 
 def model_colors(cells: pd.DataFrame) -> dict[str, tuple]:
-    """One colour per model, ordered by parameter count (viridis, colour-blind safe: light = small, dark = large)."""
+    """One colour per model, ordered by parameter count (viridis, colour-blind safe: light = small, dark = large):
+    the built-in models' fixed shades when the analysis holds only those (one family of sizes), else spread evenly."""
     order = model_order(cells)
     cmap = colormaps["viridis_r"]
+    families = {m.startswith("cpu-") for m in order}
+    if all(m in MODEL_SHADES for m in order) and len(families) == 1:
+        return {model: cmap(MODEL_SHADES[model]) for model in order}
     shades = np.linspace(0.15, 0.9, len(order)) if len(order) > 1 else [0.6]
     return {model: cmap(s) for model, s in zip(order, shades)}
+
+
+def strategy_color(strategy: str) -> tuple:
+    """A strategy's colour, the same in every figure; strategies added by a user get the palette's later colours."""
+    index = STRATEGY_COLORS.get(strategy)
+    if index is None:
+        index = len(STRATEGY_COLORS) + sum(map(ord, strategy)) % (len(STRATEGY_PALETTE) - len(STRATEGY_COLORS))
+    return STRATEGY_PALETTE[index]
+
+
+def token_label(axis: str, stage: str = "pretrain", short: bool = False) -> str:
+    """The label of a token axis: after a fine-tune or at full length, the length the model was pre-trained at.
+    `short`: without what the count includes (a panel's x label; the legend says it once)."""
+    label = f"{axis} tokens" if short else AXIS_LABELS[axis]
+    return label if stage == "pretrain" else f"pre-training {label}"
+
+
+TOKENS_NOTE = "image tokens include the class token,\ntext tokens the start and end tokens"
+
+
+def _title(fig: Figure, text: str) -> None:
+    """A suptitle wrapped to the figure's width (a one-panel figure is narrow)."""
+    import textwrap
+
+    chars = max(30, int(fig.get_figwidth() * 13))  # ~13 characters of 10-pt text per inch
+    text = "\n".join(textwrap.fill(line, chars) for line in text.split("\n"))
+    fig.suptitle(text)
+    # room for every line above the panels and their titles (~0.2 in a line)
+    fig.subplots_adjust(top=min(fig.subplotpars.top, 1 - (0.35 + 0.2 * (text.count("\n") + 1)) / fig.get_figheight()))
 
 
 def model_order(table: pd.DataFrame) -> list[str]:
@@ -88,15 +135,30 @@ def _panels(cells: pd.DataFrame) -> list[tuple[str, list[str]]]:
     return [(axis, _strategies(cells, axis)) for axis in AXES if (cells["axis"] == axis).any()]
 
 
-def _token_axis(ax, ticks) -> None:
-    """Log token axis labelled with the grid's own lengths (e.g. 5, 10, 17, 26, 37, 50, 65)."""
+def _token_axis(ax, ticks, inches: float = 2.6) -> None:
+    """Log token axis labelled with the grid's own lengths (e.g. 5, 10, 17, 26, 37, 50, 65); a label too close to
+    the one before it (197 and 257, the full lengths of ViT-L-16 and ViT-H-14) goes one line lower.
+    `inches`: about how wide the panel is."""
     ax.set_xscale("log")
     ticks = sorted({float(t) for t in ticks if np.isfinite(t) and t > 0})
     ax.xaxis.set_major_locator(FixedLocator(ticks))
     ax.xaxis.set_minor_locator(NullLocator())
-    ax.xaxis.set_major_formatter(ScalarFormatter())
-    if ticks:
-        ax.set_xlim(ticks[0] / 1.15, ticks[-1] * 1.15)
+    if not ticks:
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        return
+    low, high = ticks[0] / 1.15, ticks[-1] * 1.15
+    ax.set_xlim(low, high)
+    per_inch = np.log10(high / low) / inches  # decades per inch
+    labels, last = [], None  # (tick, its label) of the last label on the first line
+    for t in ticks:
+        text = f"{t:g}"
+        # ~0.075 in per 8-pt digit, and a little air between two labels
+        crowded = last is not None and np.log10(t / last[0]) < ((len(text) + len(last[1])) / 2 * 0.075 + 0.04) \
+            * per_inch
+        labels.append("\n" + text if crowded else text)
+        if not crowded:
+            last = (t, text)
+    ax.xaxis.set_major_formatter(FixedFormatter(labels))
 
 
 _LEGEND_WIDTH = 2.6  # inches kept free on the right of panel figures for the legend
@@ -170,19 +232,23 @@ def plot_accuracy_vs_tokens(cells: pd.DataFrame, stage: str = "pretrain") -> Fig
     curves = _curves(cells)
     with _style():
         fig, axes = _grid_figure(panels)
+        drawn, bars = set(), False
         for (axis, strategy), ax in axes.items():
             items = curves.get((axis, strategy), [])
             for model, c in items:
                 ax.plot(c["tokens"], c["metric_mean"], marker="o", markersize=4, color=colors[model], linewidth=1.4)
+                drawn.add(model)
+                bars |= bool(np.any(np.isfinite(c["metric_std"]) & (c["metric_std"] > 0)))
             _error_bars(ax, [(c["tokens"], c["metric_mean"], c["metric_std"], colors[m]) for m, c in items])
             _token_axis(ax, _panel_ticks(items) if items else [])
             ax.set_title(f"{axis} · {strategy}")
-            ax.set_xlabel(AXIS_LABELS[axis] + " (log scale)")
+            ax.set_xlabel(token_label(axis, stage, short=True) + " (log scale)")
             if ax.get_subplotspec().is_first_col():
                 ax.set_ylabel(f"{metric_label(metric)} (%)")
-        _model_legend(fig, cells, colors)
-        fig.suptitle(f"{metric_label(metric).capitalize()} against token length ({stage}); "
-                     f"markers: mean over seeds, bars: ±1 std; rightmost point: full-length baseline")
+        extra = [_note("mean ± 1 std over seeds" if bars else "one seed per point"),
+                 _note("rightmost point: full-length run"), _note(TOKENS_NOTE)]
+        _model_legend(fig, cells, colors, extra, drawn)
+        _title(fig, f"{metric_label(metric).capitalize()} against token length\n{STAGE_PHRASES.get(stage, stage)}")
     return fig
 
 
@@ -198,28 +264,34 @@ def plot_drop_vs_tokens(
     curves = _curves(cells)
     with _style():
         fig, axes = _grid_figure(panels)
+        drawn, bars, fitted = set(), False, False
         for (axis, strategy), ax in axes.items():
             items = [(m, c) for m, c in curves.get((axis, strategy), []) if np.isfinite(c["drop"]).any()]
             for model, c in items:  # models without a baseline have no drop and are left out
                 ax.plot(c["tokens"], c["drop"], marker="o", markersize=4, color=colors[model], linestyle="none")
+                drawn.add(model)
+                bars |= bool(np.any(np.isfinite(c["drop_std"]) & (c["drop_std"] > 0)))
                 fit = fits.get((model, axis, strategy))
                 if fit is not None and fit.usable:
                     t = np.geomspace(np.nanmin(c["tokens"]), fit.full_tokens, 60)
                     ax.plot(t, fit.predict(t), color=colors[model], linewidth=1.4)
+                    fitted = True
             _error_bars(ax, [(c["tokens"], c["drop"], c["drop_std"], colors[m]) for m, c in items])
             ax.axhline(max_drop, color="crimson", linestyle="--", linewidth=1.2)
             ax.axhline(0.0, color="0.4", linewidth=0.8)
             _token_axis(ax, _panel_ticks(curves[(axis, strategy)]) if (axis, strategy) in curves else [])
             ax.set_title(f"{axis} · {strategy}")
-            ax.set_xlabel(AXIS_LABELS[axis] + " (log scale)")
+            ax.set_xlabel(token_label(axis, stage, short=True) + " (log scale)")
             if ax.get_subplotspec().is_first_col():
                 ax.set_ylabel(f"drop in {metric_label(metric)} (pp)")
-        extra = [Line2D([], [], color="0.3", marker="o", linestyle="none", label="mean ± std over seeds"),
-                 Line2D([], [], color="0.3", linewidth=1.4, label="fitted a·((t_full/t)^b − 1)"),
-                 Line2D([], [], color="crimson", linestyle="--", label=f"tolerance: {max_drop:g} pp")]
-        _model_legend(fig, cells, colors, extra)
-        fig.suptitle(f"Drop in {metric_label(metric)} against token length ({stage}), "
-                     f"relative to each model's full-length run")
+        extra = [Line2D([], [], color="0.3", marker="o", linestyle="none",
+                        label="mean ± 1 std over seeds" if bars else "one seed per point")]
+        if fitted:
+            extra.append(Line2D([], [], color="0.3", linewidth=1.4, label="fitted a·((t_full/t)^b − 1)"))
+        extra += [Line2D([], [], color="crimson", linestyle="--", label=f"tolerance: {max_drop:g} pp"),
+                  _note("drop: from the model's full-length run"), _note(TOKENS_NOTE)]
+        _model_legend(fig, cells, colors, extra, drawn)
+        _title(fig, f"Drop in {metric_label(metric)} against token length\n{STAGE_PHRASES.get(stage, stage)}")
     return fig
 
 
@@ -235,6 +307,7 @@ def plot_min_tokens_vs_params(min_tokens: pd.DataFrame, laws: pd.DataFrame) -> F
     metric = table["metric"].iloc[0]
     confidence = float(table["confidence"].iloc[0]) if "confidence" in table.columns else 0.95
     intervals = table["ci_low"].notna().any()  # none with --bootstrap 0
+    stage = table["stage"].iloc[0] if "stage" in table.columns else "pretrain"
     with _style():
         width = 4.6 * len(axes_present) + 0.6
         fig = Figure(figsize=(width, 5.4))
@@ -246,8 +319,17 @@ def plot_min_tokens_vs_params(min_tokens: pd.DataFrame, laws: pd.DataFrame) -> F
             sizes = sub.groupby("model")[[size, "params"]].first().sort_values([size, "params"])[size]
             # models of one size (the cpu sizes share a text tower) share a tick: their names joined, not overdrawn
             ticks = sizes.groupby(sizes, sort=True).apply(lambda same: " / ".join(same.index))
+            # Bars of crossings extrapolated far below the grid would stretch the axis to nonsense lengths; an
+            # interval reaching below the axis (or to 0) ends in an arrow there.
+            shortest = np.nanmin(pd.concat([sub["min_tokens_measured"], sub["min_tokens_fit"]]).to_numpy(float))
+            longest = np.nanmax(sub["full_tokens"].to_numpy(float))
+            lows = sub["ci_low"].to_numpy(float)
+            lows = lows[np.isfinite(lows) & (lows > 0)]
+            bottom = max(1.0, min(shortest / 2, lows.min() / 1.3 if len(lows) else np.inf)) \
+                if np.isfinite(shortest) else np.nan
+            open_ended = False
             for i, strategy in enumerate(strategies):
-                color = STRATEGY_PALETTE[i % len(STRATEGY_PALETTE)]
+                color = strategy_color(strategy)
                 rows = sub[sub["strategy"] == strategy].sort_values(size)
                 offset = 1.0 + 0.03 * (i - (len(strategies) - 1) / 2)  # keep error bars apart
                 ok = rows[np.isfinite(rows["min_tokens_fit"].astype(float))]
@@ -256,11 +338,17 @@ def plot_min_tokens_vs_params(min_tokens: pd.DataFrame, laws: pd.DataFrame) -> F
                 if len(law):
                     label += f" (slope {law['slope'].iloc[0]:.2f})"
                 if len(ok):
-                    low = np.clip(ok["min_tokens_fit"] - ok["ci_low"], 0, None)
-                    high = np.clip(ok["ci_high"] - ok["min_tokens_fit"], 0, None)
-                    low = np.minimum(low, ok["min_tokens_fit"] * 0.95)  # a log axis cannot show 0
-                    ax.errorbar(ok[size] * offset, ok["min_tokens_fit"], yerr=[low, high], color=color,
+                    fit = ok["min_tokens_fit"].to_numpy(float)
+                    ci_low = ok["ci_low"].to_numpy(float)
+                    open_low = np.isfinite(ci_low) & (ci_low < bottom)
+                    low = np.clip(fit - np.where(open_low, bottom, ci_low), 0, None)
+                    high = np.clip(ok["ci_high"].to_numpy(float) - fit, 0, None)
+                    ax.errorbar(ok[size] * offset, fit, yerr=[low, high], color=color,
                                 marker="o", markersize=5, capsize=3, linestyle="none", label=label)
+                    if open_low.any():
+                        open_ended = True
+                        ax.plot(ok[size][open_low] * offset, np.full(open_low.sum(), bottom), color=color,
+                                marker="v", markersize=6, linestyle="none")
                 meas = rows[np.isfinite(rows["min_tokens_measured"].astype(float))]
                 ax.plot(meas[size] * offset, meas["min_tokens_measured"], color=color, marker="s",
                         markerfacecolor="none", markersize=6, linestyle="none",
@@ -271,26 +359,26 @@ def plot_min_tokens_vs_params(min_tokens: pd.DataFrame, laws: pd.DataFrame) -> F
                             linestyle="--", linewidth=1.2)
             ax.set_xscale("log")
             ax.set_yscale("log")
-            # the models are the x ticks, named and sized as the paper labels them
-            ax.xaxis.set_major_locator(FixedLocator(ticks.index.to_numpy(float)))
-            ax.xaxis.set_major_formatter(FuncFormatter(
-                lambda v, pos, names=list(ticks), at=ticks.index.to_numpy(float):
-                f"{names[pos]}\n{_human(at[pos])}" if pos is not None and pos < len(names) else ""))
+            # the models are the x ticks, named and sized as the paper labels them; slanted where the names of
+            # close sizes would run into each other
+            at = ticks.index.to_numpy(float)
+            # a name is ~0.5 in wide; the panel ~3.6 in spans the sizes' range and 1.6x more each way
+            per_inch = np.log10(at.max() / at.min() * 1.6 ** 2) / 3.6 if len(at) else 1.0
+            slant = len(at) > 1 and np.min(np.log10(at[1:] / at[:-1])) < 0.55 * per_inch
+            ax.set_xticks(at, [f"{name}\n{_human(v)}" for name, v in zip(ticks, at)],
+                          **({"rotation": 30, "horizontalalignment": "right"} if slant else {}))
             ax.xaxis.set_minor_locator(NullLocator())
             if len(sizes):
                 ax.set_xlim(sizes.min() / 1.6, sizes.max() * 1.6)
             ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
             ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
             ax.yaxis.set_minor_formatter(NullFormatter())
-            # Bars of crossings extrapolated far below the grid would stretch the axis to nonsense lengths.
-            shortest = np.nanmin(pd.concat([sub["min_tokens_measured"], sub["min_tokens_fit"]]).to_numpy(float))
-            longest = np.nanmax(sub["full_tokens"].to_numpy(float))
-            if np.isfinite(shortest) and np.isfinite(longest):
-                ax.set_ylim(shortest / 2, longest * 1.15)
+            if np.isfinite(bottom) and np.isfinite(longest):
+                ax.set_ylim(bottom, longest * 1.15)
             column = sub["axis_params_column"].iloc[0] if "axis_params_column" in sub.columns else size
             tower = {"vision_params": "vision", "text_params": "text"}.get(column, "model")
             ax.set_xlabel(f"{tower} parameters (log scale)")
-            ax.set_ylabel(f"minimum {AXIS_LABELS[axis]}\nwith drop ≤ {max_drop:g} pp (log scale)")
+            ax.set_ylabel(f"minimum {token_label(axis, stage)}\nwith drop ≤ {max_drop:g} pp (log scale)")
             ax.set_title(f"{axis} tokens")
             handles, labels = ax.get_legend_handles_labels()
             handles += [Line2D([], [], color="0.3", marker="o", linestyle="none"),
@@ -298,9 +386,13 @@ def plot_min_tokens_vs_params(min_tokens: pd.DataFrame, laws: pd.DataFrame) -> F
                         Line2D([], [], color="0.3", linestyle="--")]
             labels += [f"fitted crossing, {confidence:.0%} interval" if intervals else "fitted crossing",
                        "measured (grid point)", "log-log fit"]
-            ax.legend(handles, labels, title="strategy", loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2,
-                      frameon=False)
-        fig.suptitle(f"Minimum token length against model size\n{metric_label(metric)}, tolerance {max_drop:g} pp")
+            if open_ended:
+                handles.append(Line2D([], [], color="0.3", marker="v", linestyle="none"))
+                labels.append("interval below the axis")
+            ax.legend(handles, labels, title="strategy", loc="upper center",
+                      bbox_to_anchor=(0.5, -0.3 if slant else -0.2), ncol=2, frameon=False)
+        _title(fig, f"Minimum token length against encoder size\n{metric_label(metric)}, tolerance {max_drop:g} pp; "
+                    f"{STAGE_PHRASES.get(stage, stage)}")
     return fig
 
 
@@ -347,17 +439,26 @@ def plot_accuracy_vs_compute(cells: pd.DataFrame, stage: str = "pretrain") -> Fi
         handles = [Line2D([], [], color=colors[m], marker="o", linestyle="none",
                           label=model_label(m, data.loc[data["model"] == m, "params"].iloc[0]))
                    for m in model_order(data)]
-        handles += [Line2D([], [], color="0.3", marker=mk, linestyle="none", label=f"{ax_} axis" if ax_ != "full"
-                           else "full length") for ax_, mk in markers.items() if (data["axis"] == ax_).any()]
+        names = {"full": "full length", "both": "both axes"}
+        handles += [Line2D([], [], color="0.3", marker=mk, linestyle="none", label=names.get(ax_, f"{ax_} axis"))
+                    for ax_, mk in markers.items() if (data["axis"] == ax_).any()]
+        handles.append(_note("points: means over seeds"))
         handles.append(Line2D([], [], color="black", linewidth=1.3, label="Pareto front"))
         ax.legend(handles=handles, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     return fig
 
 
-def _model_legend(fig: Figure, cells: pd.DataFrame, colors: dict, extra: list | None = None) -> None:
+def _note(text: str) -> Line2D:
+    """A legend line of text only."""
+    return Line2D([], [], linestyle="none", label=text)
+
+
+def _model_legend(fig: Figure, cells: pd.DataFrame, colors: dict, extra: list | None = None,
+                  drawn: set[str] | None = None) -> None:
+    """The models (those `drawn`, by default all) with their sizes, then the `extra` entries."""
     params = cells.groupby("model")["params"].first()
     handles = [Line2D([], [], color=colors[m], marker="o", linewidth=1.4, label=model_label(m, params[m]))
-               for m in model_order(cells)]
+               for m in model_order(cells) if drawn is None or m in drawn]
     width = fig.get_figwidth()
     fig.legend(handles=handles + (extra or []), loc="center left", bbox_to_anchor=(1 - _LEGEND_WIDTH / width, 0.5),
                title="model (parameters)", frameon=False)
@@ -380,6 +481,7 @@ def save_figure(fig: Figure, directory: Path, name: str, dpi: int = 150) -> list
     """Write ``name``.png and ``name``.pdf into ``directory``; returns the paths."""
     directory.mkdir(parents=True, exist_ok=True)
     paths = [directory / f"{name}.png", directory / f"{name}.pdf"]
-    fig.savefig(paths[0], dpi=dpi)
-    fig.savefig(paths[1])
+    with _style():  # pdf.fonttype is read when the file is written: TrueType, not Type 3 (which journals refuse)
+        fig.savefig(paths[0], dpi=dpi)
+        fig.savefig(paths[1])
     return paths

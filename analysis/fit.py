@@ -173,7 +173,9 @@ def fit_drop_curve(
     r2 = 1.0 - sse / sst if sst > 0 else np.nan
     rmse = float(np.sqrt(sse / np.sum(weights)))
     fit = dict(full_tokens=full_tokens, r2=r2, rmse=rmse, n_points=n_reduced, weights=tuple(fit_weights))
-    if a <= 1e-12:
+    # Flat is judged on the fitted drops, not on `a`: a sharp knee (b near B_MAX) has a tiny `a` (1e-21 for a 30-pp
+    # drop at 5 of 65 tokens) times a huge reduction term, and is anything but flat.
+    if not np.any(a * np.expm1(b * log_ratio) > 1e-9):
         return DropCurveFit(a=0.0, b=b, status="flat", reason="no measurable drop: best monotone fit is 0 everywhere",
                             **fit)
     reason = f"b at its bound {b:g}" if b >= B_MAX * 0.999 or b <= B_MIN * 1.001 else ""

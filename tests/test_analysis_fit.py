@@ -48,6 +48,15 @@ def test_no_drop_at_all_gives_a_flat_fit_without_a_crossing():
     assert np.isnan(fit.crossing(1.0))
 
 
+@pytest.mark.parametrize("drops", [[30.0, 0.0, 0.0], [19.0, 0.2, 0.0], [60.0, 0.0, 0.0]])
+def test_a_sharp_knee_is_a_drop_not_a_flat_curve(drops):
+    # the best fit is a knee with b at its bound and a tiny `a` (1e-21); it was once called flat and drawn at 0
+    fit = fit_drop_curve(np.array([5.0, 17.0, 37.0]), np.array(drops), 65.0)
+    assert fit.status == "ok"
+    assert fit.predict(5.0) == pytest.approx(drops[0], abs=0.5)
+    assert 5 < fit.crossing(1.0) < 17
+
+
 def test_profile_fit_matches_the_point_fit_for_many_replicates_at_once():
     rng = np.random.default_rng(0)
     truth = drop_curve(IMAGE_GRID, 65.0, 0.6, 1.1)
