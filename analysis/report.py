@@ -154,6 +154,8 @@ def write_report(analysis, out: Path, figure_files: dict[str, list[Path] | None]
         lines += [f"**Resolved: {len(mt) - len(unresolved)} of {len(mt)} curves** have a {a.confidence:.0%} interval "
                   "within the two grid lengths around the fitted minimum (0 below the shortest length, where nothing "
                   "is measurably lost).", ""]
+        # those without an interval (no baseline, too few lengths) are listed below, with why
+        unresolved = unresolved[unresolved["ci_low"].notna() | unresolved["ci_high"].notna()]
         if len(unresolved):
             lines += ["Not resolved (more seeds, or grid lengths nearer the minimum, would narrow them):", ""]
             _bullets(lines, (f"{r.model} / {r.axis} / {r.strategy}: interval {_tokens(r.ci_low)}–{_tokens(r.ci_high)} "
@@ -165,7 +167,7 @@ def write_report(analysis, out: Path, figure_files: dict[str, list[Path] | None]
                          for r in bad.itertuples()))
 
     lines += ["## Inverse scaling law", ""]
-    _figure(lines, figure_files.get("min_tokens_vs_params"), out, "Minimum token length against model size",
+    _figure(lines, figure_files.get("min_tokens_vs_params"), out, "Minimum token length against encoder size",
             why("No figure: no minimum token length could be placed against a parameter count."))
     if len(a.laws):
         lines += ["`log10(min_tokens) = intercept + slope · log10(params)`, fitted on the fitted minima, with "
