@@ -461,7 +461,7 @@ def _model_legend(fig: Figure, cells: pd.DataFrame, colors: dict, extra: list | 
                for m in model_order(cells) if drawn is None or m in drawn]
     width = fig.get_figwidth()
     fig.legend(handles=handles + (extra or []), loc="center left", bbox_to_anchor=(1 - _LEGEND_WIDTH / width, 0.5),
-               title="model (parameters)", frameon=False)
+               title="model (parameters, both towers)", frameon=False)
 
 
 class _style:

@@ -138,7 +138,7 @@ def write_report(analysis, out: Path, figure_files: dict[str, list[Path] | None]
     ]
     mt = a.min_tokens
     lines.append(markdown_table(mt, {
-        "model": "model", "axis_params": ("params", _params),
+        "model": "model", "axis_params": ("tower params", _params),
         "axis_params_column": ("of", lambda v: {"vision_params": "vision tower", "text_params": "text tower"}.get(
             v, "whole model")),
         "axis": "axis", "strategy": "strategy",
