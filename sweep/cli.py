@@ -535,7 +535,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "the trials left)")
     p.add_argument("--show", action="store_true",
                    help="print each study's best settings and value and its trials by state, write its "
-                        "optimisation history and parameter importances to RESULTS/<sweep>/figures/; run nothing")
+                        "optimisation history and, with two or more settings searched, parameter importances to "
+                        "RESULTS/<sweep>/figures/; run nothing")
     p.add_argument("--no-figures", action="store_true", help="with --show (or after a local run): no figures")
     p.add_argument("--dry-run", action="store_true", help="print the studies and what their trials cost; do nothing")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -543,7 +544,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_slurm_options(p)
     p.set_defaults(func=_tune)
 
-    p = sub.add_parser("status", help="what every run of a sweep is doing: pending, running, done, failed and why",
+    p = sub.add_parser("status", help="what every run of a sweep is doing: pending, running, completed, failed "
+                                      "(and why), pruned, stale",
                        description="Show every run's state (pending, running, completed, failed with its reason, "
                                    "requeued, stale) from the run directories and one scheduler query. For a run "
                                    "with a Slurm job the scheduler's word comes first: a cancelled or failed job "
