@@ -18,8 +18,7 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.collections import LineCollection
 from matplotlib.lines import Line2D
-from matplotlib.ticker import (FixedFormatter, FixedLocator, FuncFormatter, LogLocator, NullFormatter, NullLocator,
-                               ScalarFormatter)
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter, NullLocator
 
 from .drop import AXES
 from .fit import DropCurveFit
@@ -95,7 +94,7 @@ def _title(fig: Figure, text: str) -> None:
     """A suptitle wrapped to the figure's width (a one-panel figure is narrow)."""
     import textwrap
 
-    chars = max(30, int(fig.get_figwidth() * 13))  # ~13 characters of 10-pt text per inch
+    chars = max(30, int(fig.get_figwidth() * 11))  # ~11 characters of the suptitle's 10.8-pt text per inch
     text = "\n".join(textwrap.fill(line, chars) for line in text.split("\n"))
     fig.suptitle(text)
     # room for every line above the panels and their titles (~0.2 in a line)
@@ -135,30 +134,38 @@ def _panels(cells: pd.DataFrame) -> list[tuple[str, list[str]]]:
     return [(axis, _strategies(cells, axis)) for axis in AXES if (cells["axis"] == axis).any()]
 
 
-def _token_axis(ax, ticks, inches: float = 2.6) -> None:
+def _decades_per_inch(ax) -> float:
+    """How many decades of the (log) x axis one inch of the panel spans, at its current limits."""
+    low, high = ax.get_xlim()
+    return np.log10(high / low) / (ax.get_position().width * ax.figure.get_figwidth())
+
+
+def _x_ticks(ax, at: np.ndarray, labels: list[str]) -> bool:
+    """Label the (log) x axis, whose limits are set, at `at` (ascending); a label that would touch the one before it
+    on the first row goes a row lower (its tick's pad grows by the label's height). Whether any went lower."""
+    ax.set_xticks(at, labels)
+    per_inch = _decades_per_inch(ax)
+    lowered, last = False, None  # (position, width in inches) of the last label on the first row
+    for tick, x, label in zip(ax.xaxis.get_major_ticks(), at, labels):
+        width = max(map(len, label.split("\n"))) * 0.075  # ~0.075 in per 8-pt character
+        # half of each label's width apart, and a little air
+        if last is not None and np.log10(x / last[0]) < ((width + last[1]) / 2 + 0.04) * per_inch:
+            tick.set_pad(tick.get_pad() + 10 * (label.count("\n") + 1))  # ~10 pt a line of 8-pt text
+            lowered = True
+        else:
+            last = (x, width)
+    return lowered
+
+
+def _token_axis(ax, ticks) -> None:
     """Log token axis labelled with the grid's own lengths (e.g. 5, 10, 17, 26, 37, 50, 65); a label too close to
-    the one before it (197 and 257, the full lengths of ViT-L-16 and ViT-H-14) goes one line lower.
-    `inches`: about how wide the panel is."""
+    the one before it (197 and 257, the full lengths of ViT-L-16 and ViT-H-14) goes one line lower."""
     ax.set_xscale("log")
-    ticks = sorted({float(t) for t in ticks if np.isfinite(t) and t > 0})
-    ax.xaxis.set_major_locator(FixedLocator(ticks))
     ax.xaxis.set_minor_locator(NullLocator())
-    if not ticks:
-        ax.xaxis.set_major_formatter(ScalarFormatter())
-        return
-    low, high = ticks[0] / 1.15, ticks[-1] * 1.15
-    ax.set_xlim(low, high)
-    per_inch = np.log10(high / low) / inches  # decades per inch
-    labels, last = [], None  # (tick, its label) of the last label on the first line
-    for t in ticks:
-        text = f"{t:g}"
-        # ~0.075 in per 8-pt digit, and a little air between two labels
-        crowded = last is not None and np.log10(t / last[0]) < ((len(text) + len(last[1])) / 2 * 0.075 + 0.04) \
-            * per_inch
-        labels.append("\n" + text if crowded else text)
-        if not crowded:
-            last = (t, text)
-    ax.xaxis.set_major_formatter(FixedFormatter(labels))
+    ticks = sorted({float(t) for t in ticks if np.isfinite(t) and t > 0})
+    if ticks:
+        ax.set_xlim(ticks[0] / 1.15, ticks[-1] * 1.15)
+    _x_ticks(ax, np.array(ticks), [f"{t:g}" for t in ticks])
 
 
 _LEGEND_WIDTH = 2.6  # inches kept free on the right of panel figures for the legend
@@ -183,8 +190,9 @@ def _grid_figure(panels: list[tuple[str, list[str]]]) -> tuple[Figure, dict]:
     return fig, axes
 
 
-def _error_bars(ax, bars: list[tuple[np.ndarray, np.ndarray, np.ndarray, tuple]]) -> None:
-    """All vertical ±err bars of a panel as one LineCollection (per-model ``errorbar`` calls are slow)."""
+def _error_bars(ax, bars: list[tuple[np.ndarray, np.ndarray, np.ndarray, tuple]]) -> bool:
+    """All vertical ±err bars of a panel as one LineCollection (per-model ``errorbar`` calls are slow); whether
+    there was any to draw."""
     segments, colors = [], []
     for x, y, err, color in bars:
         has = np.isfinite(err) & (err > 0) & np.isfinite(y)
@@ -193,6 +201,7 @@ def _error_bars(ax, bars: list[tuple[np.ndarray, np.ndarray, np.ndarray, tuple]]
             colors.append(color)
     if segments:
         ax.add_collection(LineCollection(segments, colors=colors, linewidths=1.0), autolim=True)
+    return bool(segments)
 
 
 def _curves(cells: pd.DataFrame) -> dict[tuple[str, str], list[tuple[str, dict[str, np.ndarray]]]]:
@@ -238,8 +247,7 @@ def plot_accuracy_vs_tokens(cells: pd.DataFrame, stage: str = "pretrain") -> Fig
             for model, c in items:
                 ax.plot(c["tokens"], c["metric_mean"], marker="o", markersize=4, color=colors[model], linewidth=1.4)
                 drawn.add(model)
-                bars |= bool(np.any(np.isfinite(c["metric_std"]) & (c["metric_std"] > 0)))
-            _error_bars(ax, [(c["tokens"], c["metric_mean"], c["metric_std"], colors[m]) for m, c in items])
+            bars |= _error_bars(ax, [(c["tokens"], c["metric_mean"], c["metric_std"], colors[m]) for m, c in items])
             _token_axis(ax, _panel_ticks(items) if items else [])
             ax.set_title(f"{axis} · {strategy}")
             ax.set_xlabel(token_label(axis, stage, short=True) + " (log scale)")
@@ -270,13 +278,12 @@ def plot_drop_vs_tokens(
             for model, c in items:  # models without a baseline have no drop and are left out
                 ax.plot(c["tokens"], c["drop"], marker="o", markersize=4, color=colors[model], linestyle="none")
                 drawn.add(model)
-                bars |= bool(np.any(np.isfinite(c["drop_std"]) & (c["drop_std"] > 0)))
                 fit = fits.get((model, axis, strategy))
                 if fit is not None and fit.usable:
                     t = np.geomspace(np.nanmin(c["tokens"]), fit.full_tokens, 60)
                     ax.plot(t, fit.predict(t), color=colors[model], linewidth=1.4)
                     fitted = True
-            _error_bars(ax, [(c["tokens"], c["drop"], c["drop_std"], colors[m]) for m, c in items])
+            bars |= _error_bars(ax, [(c["tokens"], c["drop"], c["drop_std"], colors[m]) for m, c in items])
             ax.axhline(max_drop, color="crimson", linestyle="--", linewidth=1.2)
             ax.axhline(0.0, color="0.4", linewidth=0.8)
             _token_axis(ax, _panel_ticks(curves[(axis, strategy)]) if (axis, strategy) in curves else [])
@@ -359,17 +366,13 @@ def plot_min_tokens_vs_params(min_tokens: pd.DataFrame, laws: pd.DataFrame) -> F
                             linestyle="--", linewidth=1.2)
             ax.set_xscale("log")
             ax.set_yscale("log")
-            # the models are the x ticks, named and sized as the paper labels them; slanted where the names of
-            # close sizes would run into each other
-            at = ticks.index.to_numpy(float)
-            # a name is ~0.5 in wide; the panel ~3.6 in spans the sizes' range and 1.6x more each way
-            per_inch = np.log10(at.max() / at.min() * 1.6 ** 2) / 3.6 if len(at) else 1.0
-            slant = len(at) > 1 and np.min(np.log10(at[1:] / at[:-1])) < 0.55 * per_inch
-            ax.set_xticks(at, [f"{name}\n{_human(v)}" for name, v in zip(ticks, at)],
-                          **({"rotation": 30, "horizontalalignment": "right"} if slant else {}))
-            ax.xaxis.set_minor_locator(NullLocator())
+            # the models are the x ticks, named and sized as the paper labels them; the names of close sizes on
+            # two rows
             if len(sizes):
                 ax.set_xlim(sizes.min() / 1.6, sizes.max() * 1.6)
+            at = ticks.index.to_numpy(float)
+            staggered = _x_ticks(ax, at, [f"{name}\n{_human(v)}" for name, v in zip(ticks, at)])
+            ax.xaxis.set_minor_locator(NullLocator())
             ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
             ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
             ax.yaxis.set_minor_formatter(NullFormatter())
@@ -390,7 +393,7 @@ def plot_min_tokens_vs_params(min_tokens: pd.DataFrame, laws: pd.DataFrame) -> F
                 handles.append(Line2D([], [], color="0.3", marker="v", linestyle="none"))
                 labels.append("interval below the axis")
             ax.legend(handles, labels, title="strategy", loc="upper center",
-                      bbox_to_anchor=(0.5, -0.3 if slant else -0.2), ncol=2, frameon=False)
+                      bbox_to_anchor=(0.5, -0.3 if staggered else -0.2), ncol=2, frameon=False)
         _title(fig, f"Minimum token length against encoder size\n{metric_label(metric)}, tolerance {max_drop:g} pp; "
                     f"{STAGE_PHRASES.get(stage, stage)}")
     return fig

@@ -257,8 +257,11 @@ def test_close_full_lengths_and_model_sizes_get_labels_apart(tmp_path):
     from analysis.load import load_results
     from analysis.pipeline import analyze, make_figures
 
-    rows = []  # ViT-L-16 and ViT-H-14 pre-train at 197 and 257 tokens, and are 1.5x apart in vision parameters
-    for model, params, vision, full in (("ViT-L-16", 428e6, 303e6, 197), ("ViT-H-14", 632e6, 450e6, 257)):
+    # ViT-L-16 and ViT-H-14 pre-train at 197 and 257 tokens, and are 1.5x apart in vision parameters on an axis that
+    # ViT-S-16 stretches
+    rows = []
+    for model, params, vision, full in (("ViT-S-16", 43e6, 22e6, 197), ("ViT-L-16", 428e6, 303e6, 197),
+                                        ("ViT-H-14", 632e6, 450e6, 257)):
         for strategy, tokens in [("none", full), *(("random", t) for t in (101, 65, 50, 17))]:
             for seed in range(2):
                 rows.append(dict(model=model, params=params, vision_params=vision, image_strategy=strategy,
