@@ -117,11 +117,12 @@ def _human(value: float) -> str:
     return f"{value:.3g}"
 
 
-def _human_flops(value: float) -> str:
+def human_flops(value: float) -> str:
+    """FLOPs with an SI prefix, three significant digits: 1.23P."""
     for unit, scale in (("Z", 1e21), ("E", 1e18), ("P", 1e15), ("T", 1e12), ("G", 1e9)):
         if value >= scale:
-            return f"{value / scale:g}{unit}"
-    return f"{value:g}"
+            return f"{value / scale:.3g}{unit}"
+    return f"{value:.3g}"
 
 
 def _strategies(cells: pd.DataFrame, axis: str) -> list[str]:
@@ -316,50 +317,65 @@ def plot_min_tokens_vs_params(min_tokens: pd.DataFrame, laws: pd.DataFrame) -> F
     intervals = table["ci_low"].notna().any()  # none with --bootstrap 0
     stage = table["stage"].iloc[0] if "stage" in table.columns else "pretrain"
     with _style():
-        width = 4.6 * len(axes_present) + 0.6
+        # inches: the panels' height is fixed, the space below them is what their legends need (set at the end)
+        width, panel, above, below = 4.6 * len(axes_present) + 0.6, 2.75, 0.86, 0.0
         fig = Figure(figsize=(width, 5.4))
-        fig.subplots_adjust(left=0.95 / width, right=1 - 0.2 / width, bottom=0.33, top=0.84, wspace=0.35)
+        fig.subplots_adjust(left=0.95 / width, right=1 - 0.2 / width, wspace=0.35)
         grid = fig.subplots(1, len(axes_present), squeeze=False)[0]
         for ax, axis in zip(grid, axes_present):
             sub = table[table["axis"] == axis]
             strategies = _strategies(sub, axis)
             sizes = sub.groupby("model")[[size, "params"]].first().sort_values([size, "params"])[size]
-            # models of one size (the cpu sizes share a text tower) share a tick: their names joined, not overdrawn
+            # models of one size (the cpu sizes share a text tower) share a tick, their names joined in the order
+            # their points stand side by side around it
             ticks = sizes.groupby(sizes, sort=True).apply(lambda same: " / ".join(same.index))
+            dodge = {model: 1.0 + 0.14 * (k - (len(same) - 1) / 2)
+                     for same in sizes.groupby(sizes, sort=True).groups.values() for k, model in enumerate(same)}
             # Bars of crossings extrapolated far below the grid would stretch the axis to nonsense lengths; an
             # interval reaching below the axis (or to 0) ends in an arrow there.
             shortest = np.nanmin(pd.concat([sub["min_tokens_measured"], sub["min_tokens_fit"]]).to_numpy(float))
             longest = np.nanmax(sub["full_tokens"].to_numpy(float))
             lows = sub["ci_low"].to_numpy(float)
             lows = lows[np.isfinite(lows) & (lows > 0)]
-            bottom = max(1.0, min(shortest / 2, lows.min() / 1.3 if len(lows) else np.inf)) \
+            trained_low = np.nanmin(sub["shortest_tokens"].to_numpy(float)) / 1.3 \
+                if "shortest_tokens" in sub.columns else np.inf
+            bottom = max(1.0, min(shortest / 2, lows.min() / 1.3 if len(lows) else np.inf, trained_low)) \
                 if np.isfinite(shortest) else np.nan
-            open_ended = False
+            open_ended, faces, strategy_handles = False, set(), []
             for i, strategy in enumerate(strategies):
                 color = strategy_color(strategy)
                 rows = sub[sub["strategy"] == strategy].sort_values(size)
-                offset = 1.0 + 0.03 * (i - (len(strategies) - 1) / 2)  # keep error bars apart
-                ok = rows[np.isfinite(rows["min_tokens_fit"].astype(float))]
+                offset = rows["model"].map(dodge).to_numpy(float) * (1.0 + 0.03 * (i - (len(strategies) - 1) / 2))
+                fitted = np.isfinite(rows["min_tokens_fit"].astype(float)).to_numpy()
+                ok = rows[fitted]
                 label = strategy
                 law = laws[(laws["axis"] == axis) & (laws["strategy"] == strategy)]
                 if len(law):
                     label += f" (slope {law['slope'].iloc[0]:.2f})"
                 if len(ok):
-                    fit = ok["min_tokens_fit"].to_numpy(float)
+                    x, fit = ok[size].to_numpy(float) * offset[fitted], ok["min_tokens_fit"].to_numpy(float)
                     ci_low = ok["ci_low"].to_numpy(float)
                     open_low = np.isfinite(ci_low) & (ci_low < bottom)
                     low = np.clip(fit - np.where(open_low, bottom, ci_low), 0, None)
                     high = np.clip(ok["ci_high"].to_numpy(float) - fit, 0, None)
-                    ax.errorbar(ok[size] * offset, fit, yerr=[low, high], color=color,
-                                marker="o", markersize=5, capsize=3, linestyle="none", label=label)
+                    ax.errorbar(x, fit, yerr=[low, high], color=color, capsize=3, linestyle="none")
+                    # filled: the interval lies within the grid lengths around the minimum; open: it does not
+                    solid = ok["resolved"].astype(bool).to_numpy() if intervals else np.ones(len(ok), bool)
+                    faces |= {"filled" if keep else "open" for keep in solid}
+                    for keep, face in ((solid, color), (~solid, "white")):
+                        ax.plot(x[keep], fit[keep], color=color, marker="o", markersize=5.5,
+                                markerfacecolor=face, linestyle="none")
                     if open_low.any():
                         open_ended = True
-                        ax.plot(ok[size][open_low] * offset, np.full(open_low.sum(), bottom), color=color,
+                        ax.plot(x[open_low], np.full(open_low.sum(), bottom), color=color,
                                 marker="v", markersize=6, linestyle="none")
-                meas = rows[np.isfinite(rows["min_tokens_measured"].astype(float))]
-                ax.plot(meas[size] * offset, meas["min_tokens_measured"], color=color, marker="s",
-                        markerfacecolor="none", markersize=6, linestyle="none",
-                        label=None if len(ok) else label + " (measured only)")
+                measured = np.isfinite(rows["min_tokens_measured"].astype(float)).to_numpy()
+                meas = rows[measured]
+                ax.plot(meas[size] * offset[measured], meas["min_tokens_measured"], color=color, marker="s",
+                        markerfacecolor="none", markersize=6, linestyle="none")
+                strategy_handles.append((Line2D([], [], color=color, marker="o" if len(ok) else "s",
+                                                markerfacecolor=color if len(ok) else "none", linestyle="none"),
+                                         label if len(ok) else label + " (measured only)"))
                 if len(law):
                     p = np.geomspace(law["params_min"].iloc[0] / 1.2, law["params_max"].iloc[0] * 1.2, 50)
                     ax.plot(p, 10 ** (law["intercept"].iloc[0] + law["slope"].iloc[0] * np.log10(p)), color=color,
@@ -383,20 +399,50 @@ def plot_min_tokens_vs_params(min_tokens: pd.DataFrame, laws: pd.DataFrame) -> F
             ax.set_xlabel(f"{tower} parameters (log scale)")
             ax.set_ylabel(f"minimum {token_label(axis, stage)}\nwith drop ≤ {max_drop:g} pp (log scale)")
             ax.set_title(f"{axis} tokens")
-            handles, labels = ax.get_legend_handles_labels()
-            handles += [Line2D([], [], color="0.3", marker="o", linestyle="none"),
-                        Line2D([], [], color="0.3", marker="s", markerfacecolor="none", linestyle="none"),
+            trained = _shortest_trained(ax, sub, size)
+            handles, labels = map(list, zip(*strategy_handles))
+            for face in sorted(faces):  # "filled", then "open": an open circle's value is not an answer yet
+                handles.append(Line2D([], [], color="0.3", marker="o", linestyle="none",
+                                      markerfacecolor="0.3" if face == "filled" else "white"))
+                labels.append(f"fitted, {'resolved' if face == 'filled' else 'not resolved'}" if intervals
+                              else "fitted crossing")
+            if intervals:
+                handles.append(_note(""))
+                labels.append(f"bars: {confidence:.0%} interval")
+            handles += [Line2D([], [], color="0.3", marker="s", markerfacecolor="none", linestyle="none"),
                         Line2D([], [], color="0.3", linestyle="--")]
-            labels += [f"fitted crossing, {confidence:.0%} interval" if intervals else "fitted crossing",
-                       "measured (grid point)", "log-log fit"]
+            labels += ["measured (grid point)", "log-log fit"]
+            if trained is not None:
+                handles.append(trained)
+                labels.append("shortest length trained")
             if open_ended:
                 handles.append(Line2D([], [], color="0.3", marker="v", linestyle="none"))
                 labels.append("interval below the axis")
+            ticks_in = 0.83 if staggered else 0.55  # tick labels and the axis label
             ax.legend(handles, labels, title="strategy", loc="upper center",
-                      bbox_to_anchor=(0.5, -0.3 if staggered else -0.2), ncol=2, frameon=False)
+                      bbox_to_anchor=(0.5, -ticks_in / panel), ncol=2, frameon=False)
+            below = max(below, ticks_in + 0.3 + 0.18 * -(-len(handles) // 2) + 0.15)  # title, rows, margin
+        fig.set_size_inches(width, above + panel + below)
+        fig.subplots_adjust(bottom=below / fig.get_figheight(), top=1 - above / fig.get_figheight())
         _title(fig, f"Minimum token length against encoder size\n{metric_label(metric)}, tolerance {max_drop:g} pp; "
                     f"{STAGE_PHRASES.get(stage, stage)}")
     return fig
+
+
+def _shortest_trained(ax, rows: pd.DataFrame, size: str) -> Line2D | None:
+    """Mark the shortest grid length of each curve of a scaling panel (a fitted minimum below it is extrapolated):
+    one line when every curve shares it, a dash at each model's size otherwise. Returns the legend handle."""
+    if "shortest_tokens" not in rows.columns:  # a table from before the column
+        return None
+    at = rows[[size, "shortest_tokens"]].dropna().drop_duplicates()
+    if at.empty:
+        return None
+    style = {"color": "0.55", "linewidth": 1.1, "zorder": 0.5}
+    if at["shortest_tokens"].nunique() == 1:
+        ax.axhline(at["shortest_tokens"].iloc[0], linestyle=":", **style)
+        return Line2D([], [], linestyle=":", **style)
+    ax.plot(at[size], at["shortest_tokens"], marker="_", markersize=16, linestyle="none", **style)
+    return Line2D([], [], marker="_", markersize=16, linestyle="none", **style)
 
 
 def pareto_front(flops: np.ndarray, accuracy: np.ndarray) -> np.ndarray:
@@ -407,12 +453,25 @@ def pareto_front(flops: np.ndarray, accuracy: np.ndarray) -> np.ndarray:
     return order[keep]
 
 
+def with_compute(cells: pd.DataFrame) -> pd.DataFrame:
+    """The grid cells whose training compute is known."""
+    if "train_flops" not in cells.columns:
+        return cells.iloc[:0]
+    return cells[np.isfinite(cells["train_flops"].astype(float)) & (cells["train_flops"] > 0)]
+
+
+def pareto_cells(cells: pd.DataFrame) -> pd.DataFrame:
+    """The cells on the compute Pareto front (no other cell reaches a higher metric with less compute), by compute."""
+    data = with_compute(cells)
+    if data.empty:
+        return data
+    return data.iloc[pareto_front(data["train_flops"].to_numpy(float), data["metric_mean"].to_numpy(float))]
+
+
 def plot_accuracy_vs_compute(cells: pd.DataFrame, stage: str = "pretrain") -> Figure | None:
     """Metric against training compute per grid cell (mean over seeds) with the Pareto front; None without FLOPs.
     The compute is that of the stages up to `stage` (`analysis.load.stage_compute`)."""
-    if "train_flops" not in cells.columns:
-        return None
-    data = cells[np.isfinite(cells["train_flops"].astype(float)) & (cells["train_flops"] > 0)]
+    data = with_compute(cells)
     if data.empty:
         return None
     metric = data["metric"].iloc[0]
@@ -428,12 +487,11 @@ def plot_accuracy_vs_compute(cells: pd.DataFrame, stage: str = "pretrain") -> Fi
             if part.any():
                 ax.scatter(data["train_flops"][part], data["metric_mean"][part], c=point_colors[part], marker=marker,
                            s=60 if axis == "full" else 22, alpha=0.85, edgecolors="none")
-        front = pareto_front(data["train_flops"].to_numpy(float), data["metric_mean"].to_numpy(float))
-        points = data.iloc[front]
+        points = pareto_cells(data)
         ax.step(points["train_flops"], points["metric_mean"], where="post", color="black", linewidth=1.3)
         ax.set_xscale("log")
         ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: _human_flops(v)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: human_flops(v)))
         ax.xaxis.set_minor_formatter(NullFormatter())
         spent = "pre-training" if stage.startswith("pretrain") else "pre-training and fine-tuning"
         ax.set_xlabel(f"training compute of {spent} (FLOPs, log scale)")

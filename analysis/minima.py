@@ -61,8 +61,8 @@ MIN_TOKENS_COLUMNS = [
     "model", "params", "axis", "strategy", "full_tokens", "full_mean", "min_tokens_measured", "min_tokens_fit",
     "ci_low", "ci_high", "max_drop", "axis_params", "axis_params_column",
     "stage", "metric", "fit_status", "fit_reason", "fit_a", "fit_b", "fit_r2", "fit_rmse", "n_points",
-    "seeds_per_point", "ci_method", "confidence", "n_boot", "bracket_low", "bracket_high", "extrapolated",
-    "resolved",
+    "seeds_per_point", "ci_method", "confidence", "n_boot", "bracket_low", "bracket_high", "shortest_tokens",
+    "extrapolated", "resolved",
 ]
 
 
@@ -292,6 +292,7 @@ def min_tokens_table(
             "axis": axis, "strategy": strategy,
             "full_tokens": full, "full_mean": curve["full_mean"].iloc[0], "max_drop": max_drop,
             "stage": stage, "metric": metric, "n_points": len(tokens), "seeds_per_point": int(weights.min()),
+            "shortest_tokens": float(tokens.min()),
             "confidence": confidence, "n_boot": n_boot, "resolved": False,
         }
         if not based:

@@ -9,7 +9,7 @@ from typing import Callable, Iterable
 import numpy as np
 import pandas as pd
 
-from .figures import metric_label
+from .figures import human_flops, metric_label, pareto_cells
 from .fit import B_MAX, B_MIN, MIN_POINTS
 from .minima import FOCUS_FACTOR, MANY_SEEDS
 
@@ -199,6 +199,16 @@ def write_report(analysis, out: Path, figure_files: dict[str, list[Path] | None]
     _figure(lines, figure_files.get("accuracy_vs_compute"), out, "Accuracy against training compute",
             why("Skipped: the results have no `train_flops` column (compute is recorded in result.json files, "
                 "not in flat tables unless they carry it)."))
+    front = pareto_cells(a.cells)
+    if len(front):
+        lines += [f"The grid cells on the Pareto front (no cell reaches a higher {label} with less training "
+                  "compute), by compute:", ""]
+        lines.append(markdown_table(front, {
+            "model": "model", "axis": "axis", "strategy": "strategy", "image_tokens": ("image tokens", _tokens),
+            "text_tokens": ("text tokens", _tokens), "train_flops": ("training FLOPs", human_flops),
+            "metric_mean": (a.metric, _num(2)), "n_seeds": ("seeds", _tokens),
+        }))
+        lines.append("")
 
     lines += [
         "## Method",

@@ -7,6 +7,7 @@ import json
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -162,14 +163,30 @@ def test_the_scaling_figure_names_its_interval_and_joins_models_of_one_size():
                                  text_strategies=("truncation",))
     table["vision_params"] = table["params"] / 8
     table["text_params"] = table["model"].map({"cpu-s": 3e5, "cpu-m": 3e5, "cpu-l": 9e5})  # s and m share a tower
-    for confidence, n_boot, label in ((0.5, 20, "fitted crossing, 50% interval"), (0.95, 0, "fitted crossing")):
+    for confidence, n_boot in ((0.5, 50), (0.95, 0)):
         result = analyze(table, n_boot=n_boot, confidence=confidence)
         fig = make_figures(result, ("min_tokens_vs_params",))["min_tokens_vs_params"]
         FigureCanvasAgg(fig).draw()
         image, text = fig.axes
-        assert label in [t.get_text() for t in image.get_legend().get_texts()]
+        rows = result.min_tokens[result.min_tokens["axis"] == "image"]
+        legend = [t.get_text() for t in image.get_legend().get_texts()]
+        # fitted crossings whose interval the grid resolves are filled, the others open, and the legend says so
+        fitted = [line for line in image.get_lines() if line.get_marker() == "o" for _ in line.get_xdata()]
+        open_points = sum(line.get_markerfacecolor() == "white" for line in fitted)
+        if n_boot:
+            assert rows["resolved"].any() and not rows["resolved"].all()  # both kinds are drawn
+            assert {"fitted, resolved", "fitted, not resolved", "bars: 50% interval"} <= set(legend)
+            assert open_points == (~rows["resolved"]).sum()
+        else:
+            assert "fitted crossing" in legend and open_points == 0
+        # fitted minima below the shortest grid length are extrapolated: that length is drawn
+        assert "shortest length trained" in legend
+        assert any(np.allclose(line.get_ydata(), rows["shortest_tokens"].iloc[0]) for line in image.get_lines())
         assert [t.get_text() for t in text.get_xticklabels() if t.get_text()] == ["cpu-s / cpu-m\n300k", "cpu-l\n900k"]
         assert text.get_xlabel().startswith("text parameters")
+        # the two models of one size stand side by side around their shared tick, not on top of each other
+        shared = [x for line in text.get_lines() if line.get_marker() == "o" for x in line.get_xdata() if x < 6e5]
+        assert len(shared) == 2 and min(shared) < 3e5 < max(shared)
 
 
 def test_the_report_says_how_each_interval_was_made(tmp_path):
@@ -179,6 +196,22 @@ def test_the_report_says_how_each_interval_was_made(tmp_path):
     assert set(result.min_tokens["ci_method"]) == {"seeds-pooled"}
     text = write_report(result, tmp_path, {}).read_text()
     assert "`seeds-pooled` with 2 to 7 seeds" in text and "`residuals` at one seed" in text
+
+
+def test_the_report_lists_the_cells_on_the_compute_pareto_front(tmp_path):
+    from analysis.figures import pareto_cells, with_compute
+    from analysis.report import write_report
+
+    result = analyze(synthetic.make_table(MODELS, seeds=2, stages=("pretrain",)), n_boot=0)
+    cells, front = with_compute(result.cells), pareto_cells(result.cells)
+    assert 1 < len(front) < len(cells)
+    for index, cell in cells.iterrows():  # on the front exactly when no cell is cheaper (or as cheap) and better
+        beaten = ((cells["train_flops"] <= cell["train_flops"]) & (cells["metric_mean"] > cell["metric_mean"])).any()
+        assert beaten != (index in front.index)
+    text = write_report(result, tmp_path, {}).read_text()
+    listed = text.split("on the Pareto front")[1].split("\n\n")[1].splitlines()[2:]  # table rows, after the header
+    assert [row.split(" | ")[0].strip("| ") for row in listed] == list(front["model"])
+    assert listed[-1].split(" | ")[1] == "full"  # the largest full-length run costs most and scores best here
 
 
 def test_a_stage_row_carries_the_compute_of_the_stages_up_to_it(tmp_path):
