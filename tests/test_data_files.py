@@ -78,6 +78,24 @@ def test_a_shard_groups_members_by_key_and_reads_every_caption_form_for_training
         ("dir/a", ("first", "second")), ("b", ("x", "y")), ("c", ("only",)), ("d", ("no image",))]
 
 
+def test_a_shard_from_macos_tar_or_without_its_end_blocks_gives_every_sample(tmp_path):
+    image = jpeg(np.zeros((3, 8, 8), np.uint8))
+    with tarfile.open(tmp_path / "mac.tar", "w") as tar:  # macOS tar puts an AppleDouble file before each member
+        for key in ("a", "b"):
+            for ext, data in (("jpg", image), ("txt", key.encode())):
+                for name, payload in ((f"._{key}.{ext}", b"\0\x05\x16\x07"), (f"{key}.{ext}", data)):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+    samples = list(read_shard(str(tmp_path / "mac.tar")))
+    assert [(s.key, s.captions, s.image == image) for s in samples] == [("a", ("a",), True), ("b", ("b",), True)]
+    # an archive cut right after a member (no end-of-archive blocks) reads as tarfile reads it: to its last member
+    whole = (tmp_path / "mac.tar").read_bytes()
+    end = len(whole.rstrip(b"\0"))
+    (tmp_path / "noend.tar").write_bytes(whole[:end + -end % 512])
+    assert [s.key for s in read_shard(str(tmp_path / "noend.tar"))] == ["a", "b"]
+
+
 def test_reduced_size_decoding_gives_the_same_picture_as_a_full_decode():
     rng = np.random.default_rng(0)
     smooth = np.asarray(Image.fromarray((rng.random((8, 8, 3)) * 255).astype(np.uint8)).resize((256, 256)))
@@ -272,7 +290,7 @@ def test_a_thousand_class_folders_are_taken_in_wnid_order_only_when_they_are_wni
     for i in range(1000):
         (tmp_path / "wnids" / f"n{i:08d}").mkdir(parents=True)
         (tmp_path / "named" / f"class_{i:04d}").mkdir(parents=True)
-    (tmp_path / "wnids" / "n00000000" / "a.jpg").write_bytes(b"")
+        (tmp_path / "wnids" / f"n{i:08d}" / "a.jpg").write_bytes(b"")
     assert read_zeroshot(str(tmp_path / "wnids"), "imagenet").classnames[0] == "tench"
     with pytest.raises(ValueError, match="'class_0000' .* is not an ImageNet class name"):
         read_zeroshot(str(tmp_path / "named"), "imagenet")  # not silently paired with tench, goldfish, ...
@@ -493,6 +511,19 @@ def test_a_folder_named_after_imagenet_classes_gets_their_names_and_the_80_templ
         read_zeroshot(str(tmp_path), "imagenet")
 
 
+def test_a_class_folder_without_images_is_refused_and_hidden_folders_are_no_classes(tmp_path):
+    for name in ("cat", "dog/nested", ".ipynb_checkpoints", "cat/.hidden"):
+        (tmp_path / name).mkdir(parents=True)
+    for path in ("cat/1.jpg", "dog/nested/2.png", ".ipynb_checkpoints/3.jpg", "cat/.hidden/4.jpg", "cat/._5.jpg"):
+        (tmp_path / path).write_bytes(b"")
+    classes = read_zeroshot(str(tmp_path))
+    assert classes.classnames == ("cat", "dog")  # the images of a class may sit in its subfolders
+    assert [Path(p).relative_to(tmp_path).as_posix() for p in classes.images] == ["cat/1.jpg", "dog/nested/2.png"]
+    (tmp_path / "empty").mkdir()  # a class with no image would still be a distractor among the prompts
+    with pytest.raises(ValueError, match="class folder 'empty' of .* holds no image files"):
+        read_zeroshot(str(tmp_path))
+
+
 def test_retrieval_sets_from_a_table_and_from_shards_agree(demo):
     table = read_retrieval(str(demo / "retrieval.tsv"), "filepath", "title", "\t")
     shard = read_retrieval(str(demo / "retrieval-00000.tar"), "filepath", "title", "\t")
@@ -591,6 +622,9 @@ def test_make_data_with_fewer_zeroshot_images_than_classes_names_only_the_folder
                            "run.yaml")
     shapes = read_zeroshot(cfg.eval_sets[0].data, cfg.eval_sets[0].zeroshot_classnames)
     assert len(shapes.classnames) == 19 and sorted(shapes.labels.tolist()) == list(range(19))
+    make_data(tmp_path / "few", train_samples=4, shard_size=4, zeroshot_samples=5, imagenet_classes=10,
+              retrieval_images=2, progress=False)
+    assert len(read_zeroshot(str(tmp_path / "few" / "imagenet"), "imagenet").classnames) == 5  # no empty folder
     assert all(Path(image).parent.name == folder_name(shapes.classnames[label])
                for image, label in zip(shapes.images, shapes.labels.tolist()))
 

@@ -69,10 +69,22 @@ def folder_name(classname: str) -> str:
     return re.sub(r"\s*/\s*", " or ", classname).replace(" ", "_")
 
 
+def _image_files(folder: Path) -> list[str]:
+    """The images under a class folder, in subfolders too (as torchvision's ImageFolder reads them), hidden files
+    and folders left out; sorted."""
+    files = []
+    for directory, folders, names in os.walk(folder, followlinks=True):
+        folders[:] = [f for f in folders if not f.startswith(".")]
+        files += [os.path.join(directory, f) for f in names
+                  if f.lower().endswith(IMAGE_SUFFIXES) and not f.startswith(".")]
+    return sorted(files)
+
+
 def read_zeroshot(folder: str, classnames: str | None = None, templates: str | None = None) -> ZeroshotSet:
     """An ImageNet-style folder; ValueError naming what is wrong."""
     root = Path(folder)
-    classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+    # hidden folders (.ipynb_checkpoints, macOS's) are no classes
+    classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir() and not entry.name.startswith("."))
     if len(classes) < 2:
         raise ValueError(f"{folder} has {len(classes)} class folders; zero-shot needs at least 2")
     if classnames == "imagenet":
@@ -107,11 +119,11 @@ def read_zeroshot(folder: str, classnames: str | None = None, templates: str | N
         prompts = DEFAULT_TEMPLATES
     images, labels = [], []
     for label, name in enumerate(classes):
-        files = sorted(f for f in os.listdir(root / name) if f.lower().endswith(IMAGE_SUFFIXES))
-        images += [str(root / name / f) for f in files]
+        files = _image_files(root / name)
+        if not files:  # an empty class would still be a distractor among the prompts, and move the chance level
+            raise ValueError(f"class folder {name!r} of {folder} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+        images += files
         labels += [label] * len(files)
-    if not images:
-        raise ValueError(f"{folder} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
     return ZeroshotSet(images, torch.tensor(labels), tuple(names), prompts, folder)
 
 

@@ -111,8 +111,8 @@ def make_data(out: str | Path, *, data_seed: int = 0, train_samples: int = 2048,
     # the first N synthetic classes under the names of N ImageNet classes, spread over the 1000
     for c in range(imagenet_classes):
         name = folder_name(IMAGENET_CLASSNAMES[c * len(IMAGENET_CLASSNAMES) // imagenet_classes])
-        (out / "imagenet" / name).mkdir(parents=True, exist_ok=True)
-        for i in np.flatnonzero(labels == c):
+        for i in np.flatnonzero(labels == c):  # a class without an image gets no folder: an empty one is refused
+            (out / "imagenet" / name).mkdir(parents=True, exist_ok=True)
             (out / "imagenet" / name / f"{i:06d}.jpg").write_bytes(jpeg(images[i]))
 
     (out / "retrieval_images").mkdir(exist_ok=True)

@@ -103,11 +103,10 @@ def tar_members(f: BinaryIO) -> Iterator[tuple[str, bytes]]:
     long_name = None
     while True:
         header = f.read(512)
-        if header == b"\0" * 512:
-            return  # the end-of-archive blocks
-        if len(header) < 512:  # every writer ends an archive with zero blocks: this one was cut short
-            raise OSError("the file ends inside a tar header" if header else "the file ends without the "
-                          "end-of-archive blocks")
+        if header == b"\0" * 512 or not header:
+            return  # the end-of-archive blocks, or a file that ends between members (tarfile reads it so too)
+        if len(header) < 512:
+            raise OSError("the file ends inside a tar header")
         try:
             stored = int(header[148:156].strip(b" \0") or b"0", 8)
             size = int(header[124:136].strip(b" \0") or b"0", 8)
@@ -153,7 +152,7 @@ def read_shard(path: str, several: bool = False) -> Iterator[RawSample]:
             for name, data in tar_members(f):
                 directory, _, base = name.rpartition("/")
                 stem, dot, ext = base.partition(".")
-                if not dot:
+                if not dot or not stem:  # no extension, or hidden: macOS tar's ._<name> files are no sample's
                     continue
                 member_key = f"{directory}/{stem}" if directory else stem
                 if member_key != key:
