@@ -68,6 +68,9 @@ def validate_request(df: pd.DataFrame, metric: str, stage: str, source: str = "<
         known = ", ".join(available_metrics(df)) or "none"
         raise AnalysisInputError(source, f"unknown metric column {metric!r} (available: {known})", field=metric)
     at_stage = df["stage"] == stage
+    if not (df["status"] == "completed").any():
+        raise AnalysisInputError(source, f"no completed run among {df['run_id'].nunique()} (failed or unfinished: "
+                                 "`sweep status` says why)", field="status")
     if not at_stage.any():
         known = ", ".join(sorted(s for s in df["stage"].unique() if s)) or "none"
         raise AnalysisInputError(source, f"column 'stage': no rows with stage {stage!r} (stages present: {known})",

@@ -418,7 +418,7 @@ def plot_min_tokens_vs_params(min_tokens: pd.DataFrame, laws: pd.DataFrame) -> F
             if open_ended:
                 handles.append(Line2D([], [], color="0.3", marker="v", linestyle="none"))
                 labels.append("interval below the axis")
-            ticks_in = 0.83 if staggered else 0.55  # tick labels and the axis label
+            ticks_in = 0.93 if staggered else 0.65  # tick labels and the axis label
             ax.legend(handles, labels, title="strategy", loc="upper center",
                       bbox_to_anchor=(0.5, -ticks_in / panel), ncol=2, frameon=False)
             below = max(below, ticks_in + 0.3 + 0.18 * -(-len(handles) // 2) + 0.15)  # title, rows, margin

@@ -257,10 +257,12 @@ def _launch(args: argparse.Namespace) -> int:
 
     rows = [r for r in collect(where) if r["run_id"] in set(record["runs"])]
     print(summary(rows))
-    failed = [r for r in rows if r["state"] == "failed"]
-    for r in failed:
-        print(f"  failed {r['run_id']}: {r['reason']}")
-    return 1 if failed else 0
+    # a run left pending or stale (a worker killed, cut short by --fail-fast) is unfinished too: `launch && analyze`
+    # must not analyse a partial sweep; one another process is training is that process's to finish
+    unfinished = [r for r in rows if r["state"] in ("failed", "stale", "pending")]
+    for r in unfinished + [r for r in rows if r["state"] == "running"]:
+        print(f"  {r['state']} {r['run_id']}: {r['reason'] or 'not started'}")
+    return 1 if unfinished else 0
 
 
 def _tune(args: argparse.Namespace) -> int:
@@ -476,7 +478,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "every run that has no result yet (and the failed ones with --rerun-failed): locally (worker "
                     "processes, waiting to the end with a progress bar) or as Slurm job arrays through submitit "
                     "(returning after submission). Relaunching is always safe: finished runs and runs still queued "
-                    "or training are skipped, and no result is ever duplicated.")
+                    "or training are skipped, and no result is ever duplicated. Locally it exits 1 when a run is "
+                    "left failed, stale or pending; Ctrl-C stops the workers after each run in progress has "
+                    "written a checkpoint (press it twice to kill them).")
     p.add_argument("grid", help="grid YAML file (e.g. grids/smoke.yaml)")
     p.add_argument("--results", default="results", help="results directory (default: results)")
     p.add_argument("--executor", default="auto", choices=["auto", "local", "slurm", "debug"],
@@ -486,7 +490,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-parallel", type=int, default=os.cpu_count() or 1,
                    help="local runs at once; the cores are split between them (default: number of cores)")
     p.add_argument("--rerun-failed", action="store_true", help="also rerun runs whose result is failed")
-    p.add_argument("--fail-fast", action="store_true", help="local: stop at the first failed run")
+    p.add_argument("--fail-fast", action="store_true",
+                   help="local: stop at the first failed run (runs in progress write a checkpoint first)")
     p.add_argument("--from-tune", metavar="TUNE_DIR",
                    help="use the best settings found by `sweep tune` in TUNE_DIR (<results>/<tuning sweep>): each "
                         "run takes those of the study covering its model size (or its cell)")
@@ -653,7 +658,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"sweep {args.command}: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # Ctrl-C: local workers are cancelled, runs keep their checkpoints
+    except KeyboardInterrupt:  # Ctrl-C: local workers stopped after their runs wrote a checkpoint
         print(f"\nsweep {args.command}: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # output piped into `head`: not an error of ours

@@ -20,10 +20,12 @@ requeues the whole job and every process resumes from the last checkpoint.
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -34,10 +36,12 @@ from typing import Any, Callable, Iterable, Iterator
 import submitit
 import yaml
 
-from sweep.config import RunConfig, SlurmOptions, config_from_dict
+from sweep.config import ConfigError, RunConfig, SlurmOptions, config_from_dict
 from sweep.grid import Grid, Run
-from sweep.record import read_status, result_mtime, status_of
-from sweep.results import AlreadyRunning, atomic_write, held_elsewhere, write_json_atomic
+from sweep.record import ResultRecord, read_status, result_mtime, status_of, write_record
+from sweep.results import (AlreadyRunning, EndedElsewhere, atomic_write, exclusive, held_elsewhere,
+                           write_json_atomic)
+from sweep.stopping import stop_requests
 from sweep.status import SCHEDULER_ALIVE, jobs_of, latest_slurm_job, read_manifest, scheduler_states
 
 
@@ -108,7 +112,9 @@ def write_manifest(grid: Grid, results: str | Path, launch: dict[str, Any] | Non
     job ever submitted for a run stays in its `jobs` list, oldest first."""
     def change(manifest: dict[str, Any]) -> None:
         for run in grid.runs:
-            entry = manifest["runs"].setdefault(run.run_id, {})
+            entry = manifest["runs"].get(run.run_id)
+            if not isinstance(entry, dict):  # new, or damaged: written again
+                entry = manifest["runs"][run.run_id] = {}
             jobs = jobs_of(entry)  # reads the older single-`job` form too
             entry.pop("job", None)
             # launched: a run of the study, also where a `sweep tune` trial trained it first (its record then names
@@ -242,39 +248,67 @@ def join_job_tasks() -> None:
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
 
 
-def train_run_dir(run_dir: str | Path, handle_signals: bool = True) -> str:
-    """Train the run prepared in `run_dir` (inside a job); returns its final status."""
+def train_run_dir(run_dir: str | Path, handle_signals: bool = True, since: float = 0.0) -> str:
+    """Train the run prepared in `run_dir` (inside a job) unless it has a result written since `since` (see
+    `sweep.train.run`); returns its final status, or why it was not trained."""
     from sweep.train import run
 
     run_dir = Path(run_dir)
-    cfg = config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()), run_dir / "config.yaml")
     try:
-        return run(cfg, run_dir, progress=False, handle_signals=handle_signals).status
+        cfg = config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()), run_dir / "config.yaml")
+    except ConfigError as err:  # its data moved or changed since the launch checked it: the run fails, saying why
+        record_start_failure(run_dir, err)
+        raise
+    try:
+        return run(cfg, run_dir, progress=False, handle_signals=handle_signals, since=since).status
     except AlreadyRunning:
         return "running elsewhere"
+    except EndedElsewhere:
+        return "ended elsewhere"
 
 
-def work_queue(run_dirs: list[str], fail_fast: bool = False) -> dict[str, str]:
-    """A local worker: train every run of the list that nobody else holds, in order (all its tasks together)."""
-    from sweep.train import Interrupted
+def record_start_failure(run_dir: Path, err: Exception) -> None:
+    """Write a `failed` result for a run that could not start (the trainer records every later failure), unless
+    another process holds the run or it has completed. Rank 0 writes it for a run of several processes."""
+    if int(os.environ.get("RANK", "0")):
+        return
+    try:
+        with exclusive(run_dir):
+            if status_of(run_dir) != "completed":
+                raw = yaml.safe_load((run_dir / "config.yaml").read_text())
+                write_record(run_dir, ResultRecord(run_id=run_dir.name, sweep=run_dir.parent.name, status="failed",
+                                                   error=f"could not start: {err}",
+                                                   config=raw if isinstance(raw, dict) else {}))
+    except AlreadyRunning:
+        pass
 
-    join_job_tasks()
-    outcome: dict[str, str] = {}
-    for run_dir in run_dirs:
-        if fail_fast and any(v.startswith("failed") for v in outcome.values()):
-            break
-        if status_of(run_dir) == "completed":
-            continue
-        try:
-            outcome[run_dir] = train_run_dir(run_dir)
-        except Interrupted:  # SIGTERM / SIGUSR2: the run has its checkpoint; the worker stops with it
-            raise
-        except Exception as err:  # recorded in the run's result.json by the trainer; go on with the next run
-            outcome[run_dir] = f"failed: {type(err).__name__}: {err}"
-            if submitit.JobEnvironment().num_tasks > 1:
-                # the run's processes may be out of step or their group broken (a peer died): this worker ends and
-                # the runs it did not reach stay pending for the next launch, rather than each failing in turn
+
+def work_queue(run_dirs: list[str], fail_fast: bool = False, since: float = 0.0) -> dict[str, str]:
+    """A local worker: train every run of the list that nobody else holds, in order (all its tasks together). A
+    run with a result written since `since` (the launch's start) was trained by another worker of this launch,
+    completed or not: it is not trained again."""
+    with stop_requests(signal.SIGTERM) as stopping:  # the launcher stops its workers (Ctrl-C, --fail-fast)
+        from sweep.train import Interrupted
+
+        join_job_tasks()
+        outcome: dict[str, str] = {}
+        for run_dir in run_dirs:
+            if stopping or (fail_fast and any(v.startswith("failed") for v in outcome.values())):
                 break
+            if status_of(run_dir) == "completed" or (result_mtime(run_dir) or 0) >= since > 0:
+                continue
+            try:
+                outcome[run_dir] = train_run_dir(run_dir, since=since)
+            except Interrupted as err:  # SIGTERM / SIGUSR2: the run has its checkpoint; the worker stops with it
+                if not stopping:
+                    raise  # a time-out (SIGUSR2): submitit's handler has dealt with it
+                outcome[run_dir] = str(err)
+            except Exception as err:  # recorded in the run's result.json by the trainer; go on with the next run
+                outcome[run_dir] = f"failed: {type(err).__name__}: {err}"
+                if submitit.JobEnvironment().num_tasks > 1:
+                    # the run's processes may be out of step or their group broken (a peer died): this worker ends
+                    # and the runs it did not reach stay pending for the next launch, rather than each failing
+                    break
     return outcome
 
 
@@ -336,9 +370,11 @@ def run_local_workers(folder: Path, workers: list[dict[str, Any]], fn, args: tup
 
     jobs = []
     folder.mkdir(parents=True, exist_ok=True)
-    # submitit's local controller prints a traceback whenever its job is cancelled (by our SIGINT or a Ctrl-C); its
-    # own messages go to a log in the jobs folder instead of the terminal (the runs' output has files of its own)
-    terminal = os.dup(2)
+    # submitit's local controller prints a traceback whenever its job is cancelled; its own messages go to a log in
+    # the jobs folder instead of the terminal (the runs' output has files of its own). The workers start with
+    # SIGINT ignored: a terminal's Ctrl-C reaches the whole foreground group, and would stop a run mid-step with no
+    # checkpoint (and submitit's controller kills its tasks a second after a SIGINT); the launcher stops them
+    terminal, interrupt = os.dup(2), signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         with open(folder / "controllers.log", "a") as log:
             os.dup2(log.fileno(), 2)
@@ -347,25 +383,31 @@ def run_local_workers(folder: Path, workers: list[dict[str, Any]], fn, args: tup
                 executor.update_parameters(timeout_min=7 * 24 * 60, **params)
                 jobs.append(executor.submit(fn, *args))
     finally:
+        signal.signal(signal.SIGINT, interrupt)
         os.dup2(terminal, 2)
         os.close(terminal)
     bar = tqdm(total=total, desc=unit + "s", unit=unit, disable=None if progress else True,
                dynamic_ncols=True)  # None: only on a terminal
-    cancelled = False
+    stopped = False
     try:
         while True:
             cancel = tick(bar)
             bar.refresh()
             if all(job.done() for job in jobs):
                 break
-            if cancel and not cancelled:  # once: a second SIGINT would cut short the controller's own clean-up
-                cancelled = True
-                for job in jobs:
-                    job.cancel()
+            if cancel and not stopped:
+                stopped = _stop(jobs)
             time.sleep(1.0)
     except KeyboardInterrupt:
-        for job in jobs:
-            job.cancel()
+        bar.close()
+        _stop(jobs)
+        print(f"sweep {command}: stopping: each run in progress writes a checkpoint first (Ctrl-C again to kill "
+              "the workers now)", flush=True)
+        try:
+            while not all(job.done() for job in jobs):
+                time.sleep(0.2)
+        except KeyboardInterrupt:
+            _kill(jobs)
         raise
     finally:
         bar.close()
@@ -381,6 +423,29 @@ def run_local_workers(folder: Path, workers: list[dict[str, Any]], fn, args: tup
             print(f"sweep {command}: a local worker ended with an error: {cause} (logs: {folder})", file=sys.stderr)
 
 
+def _stop(jobs: list) -> bool:
+    """Ask each local worker to stop: SIGTERM to its submitit controller (a local job's id is its pid), which
+    passes it to the worker's processes; a run in progress writes a checkpoint at its next step and ends there."""
+    for job in jobs:
+        if not job.done():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(job.job_id), signal.SIGTERM)
+    return True
+
+
+def _kill(jobs: list) -> None:
+    """SIGKILL each local worker's processes and its controller (which ignores SIGINT, see `run_local_workers`)."""
+    for job in jobs:
+        pid = int(job.job_id)
+        children = []
+        for task in Path(f"/proc/{pid}/task").glob("*/children"):
+            with contextlib.suppress(OSError, ValueError):
+                children += [int(c) for c in task.read_text().split()]
+        for process in [*children, pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process, signal.SIGKILL)
+
+
 def launch_local(run_dirs: list[Path], folder: Path, workers: list[dict[str, Any]], fail_fast: bool,
                  progress: bool) -> dict[str, Any]:
     started = time.time()
@@ -391,8 +456,8 @@ def launch_local(run_dirs: list[Path], folder: Path, workers: list[dict[str, Any
         bar.set_postfix(failed=states.count("failed"))
         return fail_fast and "failed" in states
 
-    run_local_workers(folder, workers, work_queue, ([str(d) for d in run_dirs], fail_fast), len(run_dirs), "run",
-                      tick, progress, "launch")
+    run_local_workers(folder, workers, work_queue, ([str(d) for d in run_dirs], fail_fast, started), len(run_dirs),
+                      "run", tick, progress, "launch")
     return {"executor": "local", "workers": len(workers), "tasks_per_worker": workers[0]["tasks_per_node"],
             "jobs": {}}
 
@@ -470,16 +535,34 @@ def launch(grid: Grid, results: str | Path, executor: str, todo: list[Run], skip
         launch_record["jobs"] = {}
         write_manifest(grid, results, launch_record)
         return launch_record
-    write_manifest(grid, results, None)
+    if executor == "slurm":  # recorded once submitted, with its job ids
+        write_manifest(grid, results, None)
+    else:  # recorded before it trains (a launch killed midway is in the manifest too), then when it has ended
+        started = {**launch_record, "jobs": {}, "ended": None}
+        write_manifest(grid, results, started)
     prepare_text(todo, progress)
     run_dirs = prepare_run_dirs(grid, results, todo, threads_per_run(executor, max_parallel, slurm, len(todo)))
     folder = sweep_dir(results, grid.sweep) / ".submitit"
-    if executor == "local":
-        workers = local_workers(max_parallel, slurm, len(todo), local_gpus())
-        launch_record.update(launch_local(run_dirs, folder, workers, fail_fast, progress))
-    elif executor == "slurm":
+    if executor == "slurm":
         launch_record.update(launch_slurm(run_dirs, folder, slurm, grid.sweep))
-    else:
-        launch_record.update(launch_debug(run_dirs))
-    write_manifest(grid, results, launch_record)
+        write_manifest(grid, results, launch_record)
+        return launch_record
+    try:
+        if executor == "local":
+            workers = local_workers(max_parallel, slurm, len(todo), local_gpus())
+            launch_record.update(launch_local(run_dirs, folder, workers, fail_fast, progress))
+        else:
+            launch_record.update(launch_debug(run_dirs))
+    finally:  # also when interrupted
+        launch_record.setdefault("jobs", {})
+        launch_record["ended"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+
+        def ended(manifest: dict[str, Any]) -> None:
+            launches = manifest["launches"]
+            at = max((i for i, r in enumerate(launches) if r == started), default=None)
+            if at is None:
+                launches.append(launch_record)
+            else:
+                launches[at] = launch_record
+        update_manifest(results, grid.sweep, ended)
     return launch_record

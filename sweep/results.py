@@ -35,6 +35,10 @@ def write_json_atomic(path: str | Path, record: dict) -> None:
     atomic_write(path, write)
 
 
+class EndedElsewhere(RuntimeError):
+    """The run ended (failed or pruned) while this launch was on: another of its workers ran it."""
+
+
 class AlreadyRunning(RuntimeError):
     """Another process holds the run directory; training it twice would duplicate the result."""
 

@@ -56,7 +56,13 @@ def read_manifest(path: Path) -> dict[str, Any]:
                           f"to write a new one", path) from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("runs"), dict):
         raise ConfigError("manifest.json", "is not a sweep manifest (no 'runs' mapping)", path)
-    manifest.setdefault("launches", [])
+    if not isinstance(manifest.setdefault("launches", []), list):
+        raise ConfigError("launches", "is not a list; move manifest.json aside and relaunch the grid to write a new "
+                          "one", path)
+    for run_id, entry in manifest["runs"].items():
+        if isinstance(entry, dict) and not isinstance(entry.get("jobs", []), list):
+            raise ConfigError(f"runs.{run_id}.jobs", "is not a list; move manifest.json aside and relaunch the "
+                              "grid to write a new one", path)
     manifest.setdefault("sweep", path.parent.name)
     return manifest
 
@@ -201,7 +207,9 @@ RUN_KEYS = ("model", "image_strategy", "image_tokens", "text_strategy", "text_to
 def _check_entries(manifest: dict[str, Any], path: Path) -> dict[str, Any]:
     """ConfigError for a run entry that status cannot show (hand-edited, or damaged); a relaunch rewrites it."""
     for run_id, entry in manifest["runs"].items():
-        config = entry.get("config") if isinstance(entry, dict) else None
+        if not isinstance(entry, dict):  # a relaunch rewrites only the entries of its grid's runs
+            raise ConfigError(f"runs.{run_id}", "is not a run entry; remove it from manifest.json", path)
+        config = entry.get("config")
         lacking = [k for k in RUN_KEYS if k not in config] if isinstance(config, dict) else ["config"]
         if lacking:
             raise ConfigError(f"runs.{run_id}", f"has no {lacking[0]!r}; relaunch the grid to write it again", path)

@@ -40,6 +40,7 @@ import hashlib
 import json
 import math
 import os
+import signal
 import time
 import warnings
 from contextlib import contextmanager
@@ -397,20 +398,28 @@ def run_trial(grid, folder: Path, study: Study, opened, trial, threads: int) -> 
 def tune_worker(grid_path: str, results: str, threads: int) -> dict[str, int]:
     """One Optuna worker: take and run trials until every study of the grid has its trials. Returns how many
     trials it ended, by state."""
-    from sweep.grid import load_grid
-    from sweep.results import release
+    from sweep.stopping import stop_requests
 
-    grid = load_grid(grid_path)
-    folder = Path(results) / grid.sweep
-    store = storage(folder)
-    ended: dict[str, int] = {}
-    while (taken := next_trial(grid, folder, store)) is not None:
-        study, opened, trial, lock = taken
-        try:
-            state = run_trial(grid, folder, study, opened, trial, threads)
-        finally:  # an Interrupted run leaves its trial RUNNING with a free lock: the next worker retries it
-            release(lock)
-        ended[state] = ended.get(state, 0) + 1
+    with stop_requests(signal.SIGTERM) as stopping:  # the launcher stops its workers (Ctrl-C)
+        from sweep.grid import load_grid
+        from sweep.results import release
+        from sweep.train import Interrupted
+
+        grid = load_grid(grid_path)
+        folder = Path(results) / grid.sweep
+        store = storage(folder)
+        ended: dict[str, int] = {}
+        while not stopping and (taken := next_trial(grid, folder, store)) is not None:
+            study, opened, trial, lock = taken
+            try:
+                state = run_trial(grid, folder, study, opened, trial, threads)
+            except Interrupted:
+                if stopping:
+                    break  # asked to: the trial's run has its checkpoint
+                raise
+            finally:  # an Interrupted run leaves its trial RUNNING with a free lock: the next worker retries it
+                release(lock)
+            ended[state] = ended.get(state, 0) + 1
     return ended
 
 

@@ -198,6 +198,15 @@ def test_the_report_says_how_each_interval_was_made(tmp_path):
     assert "`seeds-pooled` with 2 to 7 seeds" in text and "`residuals` at one seed" in text
 
 
+def test_a_sweep_where_every_run_failed_says_so():
+    from analysis.errors import AnalysisInputError
+
+    table = synthetic.make_table(MODELS, seeds=1, stages=("pretrain",), text_strategies=())
+    table["run_id"], table["sweep"], table["status"], table["error"] = table.index.astype(str), "s", "failed", "NaN"
+    with pytest.raises(AnalysisInputError, match=f"no completed run among {len(table)} "):
+        analyze(table, n_boot=0)
+
+
 def test_the_report_lists_the_cells_on_the_compute_pareto_front(tmp_path):
     from analysis.figures import pareto_cells, with_compute
     from analysis.report import write_report

@@ -55,9 +55,11 @@ def test_local_launch_runs_every_cell_and_a_relaunch_runs_nothing(tmp_path, caps
     out = capsys.readouterr().out
     assert "3 completed and 0 failed already" in out and "0 to run" in out
     assert results_of(results) == first  # nothing rerun, nothing rewritten
+    first_launch = json.loads((results / "tiny" / "manifest.json").read_text())["launches"][0]
+    assert len(first_launch["runs"]) == 3 and first_launch["ended"] >= first_launch["time"]  # recorded once
 
     manifest = json.loads((results / "tiny" / "manifest.json").read_text())
-    assert len(manifest["runs"]) == 3 and manifest["launches"][-1]["runs"] == []
+    assert len(manifest["runs"]) == 3 and manifest["launches"][-1]["runs"] == [] and len(manifest["launches"]) == 2
     assert main(["status", str(results / "tiny"), "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert {r["state"] for r in rows} == {"completed"} and len(rows) == 3
@@ -95,6 +97,38 @@ def test_failed_runs_say_why_and_rerun_only_when_asked(tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_a_run_that_fails_is_trained_once_per_launch_not_once_per_worker(tmp_path, capsys):
+    import pickle
+
+    grid, results = grid_file(tmp_path, "  lr: 1.0e+30"), tmp_path / "results"  # every run diverges
+    assert main(["launch", str(grid), "--results", str(results), "--executor", "local", "--max-parallel", "2",
+                 "--quiet"]) == 1
+    assert "3 runs: 3 failed" in capsys.readouterr().out
+    # each worker's outcome per run it reached: "failed" where it trained it; every worker walks the whole list
+    outcomes = [pickle.loads(p.read_bytes())[1] for p in results.glob("tiny/.submitit/*_result.pkl")]
+    trained = [run_dir for outcome in outcomes for run_dir, status in outcome.items() if status == "failed"]
+    assert len(outcomes) == 2 and len(trained) == len(set(trained)) == 3, outcomes
+
+
+def test_a_run_that_cannot_start_gets_a_failed_record_saying_why(tmp_path, capsys):
+    from sweep.launch import train_run_dir
+    from sweep.record import read_status
+
+    data = tmp_path / "train.tsv"
+    data.write_text("filepath\ttitle\na.jpg\ta caption\n")
+    (tmp_path / "a.jpg").write_bytes(b"")
+    run_dir = tmp_path / "sweep" / "run"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump({"model": "cpu-s", "dataset": "csv", "train_data": str(data)}))
+    data.unlink()  # moved after the launch had checked it
+    with pytest.raises(Exception, match="train_data"):
+        train_run_dir(run_dir)
+    status, reason = read_status(run_dir)
+    assert status == "failed" and reason.startswith("could not start:") and "train_data" in reason
+    assert run_state(run_dir, None, {}, time.time()) == ("failed", reason)  # what `sweep status` says
+
+
+@pytest.mark.slow
 def test_fail_fast_stops_the_launch_cleanly_at_the_first_failure(tmp_path, capfd):
     grid = grid_file(tmp_path, "  lr: 1.0e+30")
     # 12 runs that all fail; one worker would train them one after the other
@@ -108,13 +142,14 @@ def test_fail_fast_stops_the_launch_cleanly_at_the_first_failure(tmp_path, capfd
 
 
 @pytest.mark.slow
-def test_ctrl_c_cancels_the_local_workers_in_one_line(tmp_path):
+def test_ctrl_c_stops_the_local_workers_in_one_line_and_each_run_keeps_its_progress(tmp_path):
     import signal
     import subprocess
     import sys
 
     grid = grid_file(tmp_path)
-    grid.write_text(grid.read_text().replace("pretrain_samples: 256", "pretrain_samples: 65536"))  # minutes
+    grid.write_text(grid.read_text().replace("pretrain_samples: 256", "pretrain_samples: 65536")  # minutes
+                    .replace("checkpoint_every: 2", "checkpoint_every: 100000"))  # no periodic checkpoint
     launch = subprocess.Popen([sys.executable, "-m", "sweep.cli", "launch", str(grid), "--results",
                                str(tmp_path / "results"), "--executor", "local", "--max-parallel", "2", "--quiet"],
                               start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -127,6 +162,8 @@ def test_ctrl_c_cancels_the_local_workers_in_one_line(tmp_path):
     time.sleep(2)
     alive = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True).stdout.split()
     assert not alive, "a worker outlived the launch"
+    started = [p.parent for p in tmp_path.glob("results/tiny/*/heartbeat")]
+    assert started and all((d / "checkpoint.pt").exists() and not (d / "result.json").exists() for d in started)
 
 
 def test_a_run_held_by_another_process_is_not_trained_twice(tmp_path, capsys):
@@ -249,12 +286,14 @@ def test_status_names_the_sweep_of_each_run_when_there_are_several_and_shows_an_
     assert [line.split()[:3] for line in lines[1:3]] == [["first", "x", "pending"], ["second", "x", "pending"]]
 
 
-@pytest.mark.parametrize("entry", ["just a string", {"config": {"model": "cpu-s"}}])
-def test_a_manifest_run_entry_status_cannot_show_is_one_line_naming_it(tmp_path, capsys, entry):
+@pytest.mark.parametrize("entry, says", [("just a string", "runs.x: is not a run entry; remove it"),
+                                         ({"config": {"model": "cpu-s"}}, "runs.x: has no"),
+                                         ({"config": {"model": "cpu-s"}, "jobs": 7}, "runs.x.jobs: is not a list")])
+def test_a_manifest_run_entry_status_cannot_show_is_one_line_naming_it(tmp_path, capsys, entry, says):
     manifest(tmp_path, "s", {"x": entry})
     assert main(["status", str(tmp_path / "s")]) == 2
     err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and "manifest.json: runs.x: has no" in err
+    assert len(err.strip().splitlines()) == 1 and f"manifest.json: {says}" in err
 
 
 def test_a_copied_sweep_is_told_apart_by_its_folder(tmp_path, capsys):
@@ -332,16 +371,19 @@ def test_the_manifest_keeps_every_job_id_and_reads_the_older_single_job_form(tmp
     assert {r["run_id"]: r["jobs"] for r in collect(results / "tiny")}[first] == ["4_0", "9_2"]
 
 
-def test_a_corrupt_manifest_is_a_one_line_error_and_is_never_replaced(tmp_path, capsys):
+@pytest.mark.parametrize("body, says", [(b'{"sweep": "tiny", "ru', "unreadable"),
+                                        (b'{"runs": {}, "launches": 5}', "launches: is not a list")])
+def test_a_corrupt_manifest_is_a_one_line_error_and_is_never_replaced(tmp_path, capsys, body, says):
     grid, results = grid_file(tmp_path), tmp_path / "results"
     (results / "tiny").mkdir(parents=True)
-    (results / "tiny" / "manifest.json").write_bytes(b'{"sweep": "tiny", "ru')
+    (results / "tiny" / "manifest.json").write_bytes(body)
     for argv in (["status", str(results / "tiny")],
-                 ["launch", str(grid), "--results", str(results), "--executor", "local", "--dry-run"]):
+                 ["launch", str(grid), "--results", str(results), "--executor", "local", "--dry-run"],
+                 ["launch", str(grid), "--results", str(results), "--executor", "local", "--quiet"]):
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()
-        assert len(err.splitlines()) == 1 and "manifest.json" in err and "unreadable" in err
-    assert (results / "tiny" / "manifest.json").read_bytes() == b'{"sweep": "tiny", "ru'
+        assert len(err.splitlines()) == 1 and "manifest.json" in err and says in err, err
+    assert (results / "tiny" / "manifest.json").read_bytes() == body
 
 
 @pytest.mark.slow

@@ -35,8 +35,8 @@ from sweep.data.stream import Batch, Prefetched, StreamedBatches
 from sweep.evaluate import evaluate_on_disk, feature_fns, retrieval, zeroshot
 from sweep.flops import step_flops
 from sweep.models import build_model, count_params, register_open_clip_configs, tower_params
-from sweep.record import Compute, ResultRecord, read_record, status_of, write_record
-from sweep.results import AlreadyRunning, atomic_write, exclusive
+from sweep.record import Compute, ResultRecord, read_record, result_mtime, status_of, write_record
+from sweep.results import AlreadyRunning, EndedElsewhere, atomic_write, exclusive
 from sweep.strategies.image import reduce_images, side_of
 from sweep.strategies.text import TextReducer
 from sweep.train.distributed import Distributed, join, lost_peer, wrap
@@ -365,10 +365,11 @@ def check_run_dir(cfg: RunConfig, run_dir: Path) -> None:
 
 
 def run(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True, handle_signals: bool = True,
-        report: Report | None = None, trial: dict[str, Any] | None = None) -> ResultRecord:
+        report: Report | None = None, trial: dict[str, Any] | None = None, since: float = 0.0) -> ResultRecord:
     """Train one run to completion (resuming if `run_dir` holds a checkpoint) and write its result.json.
 
-    Returns the result record. A run whose result.json is already `completed` is not trained again; a run that
+    Returns the result record. A run whose result.json is already `completed`, or was written at or after `since`
+    (a launch's start: another worker of the launch ran it, and it failed), is not trained again; a run that
     another process is training raises AlreadyRunning. On several processes (torchrun, a multi-task Slurm job)
     every rank calls this: rank 0 holds the directory (lock, heartbeat, every file written), the others follow.
     `report` hears every evaluation and may prune the run (`Report`); `trial` (study, number) goes into the record
@@ -385,6 +386,8 @@ def run(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True, handle_si
                 held.enter_context(exclusive(run_dir))
                 if status_of(run_dir) == "completed":
                     verdict = ("completed", "")
+                elif (result_mtime(run_dir) or 0) >= since > 0:
+                    verdict = ("EndedElsewhere", f"{run_dir} ended since this launch started")
                 else:
                     atomic_write(run_dir / "config.yaml",
                                  lambda p: Path(p).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False)))
@@ -393,8 +396,8 @@ def run(cfg: RunConfig, run_dir: str | Path, *, progress: bool = True, handle_si
                 here.broadcast((type(err).__name__, str(err)))  # the other ranks stop with it
                 raise
         verdict = here.broadcast(verdict)
-        if verdict[0] == "AlreadyRunning":
-            raise AlreadyRunning(verdict[1])
+        if verdict[0] in ("AlreadyRunning", "EndedElsewhere"):
+            raise {"AlreadyRunning": AlreadyRunning, "EndedElsewhere": EndedElsewhere}[verdict[0]](verdict[1])
         if verdict[0] not in ("train", "completed"):
             raise RuntimeError(f"rank 0 could not start the run: {verdict[0]}: {verdict[1]}")
         if verdict[0] == "completed":

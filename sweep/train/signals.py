@@ -7,6 +7,8 @@ import threading
 from contextlib import contextmanager
 from pathlib import Path
 
+from sweep.stopping import stop_requested
+
 
 class Interrupted(RuntimeError):
     """A SIGTERM/SIGUSR2 arrived; a checkpoint was written and a rerun resumes from it."""
@@ -25,17 +27,23 @@ class StopSignals:
     SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
 
     def __init__(self, enabled: bool):
-        self.enabled, self.received, self.previous = enabled, [], {}
+        self.enabled, self.received, self.previous, self.honoured = enabled, [], {}, False
 
     def __enter__(self) -> "StopSignals":
         if self.enabled:
             self.previous = {s: signal.signal(s, lambda signum, frame: self.received.append(signum))
                              for s in self.SIGNALS}
+            self.received += stop_requested()  # asked for while the run was starting: it stops at its first step
         return self
 
     def __exit__(self, *exc) -> None:
-        for s, handler in self.previous.items():
+        previous, self.previous = self.previous, {}
+        for s, handler in previous.items():
             signal.signal(s, handler)
+        # a signal that came too late to stop the run (during its last evaluation) goes to whoever handled it
+        # before, such as a local worker that then starts no other run (`stop_requests`)
+        if self.received and not self.honoured and callable(previous.get(self.received[0])):
+            previous[self.received[0]](self.received[0], None)
 
     @property
     def signum(self) -> int:
@@ -46,6 +54,7 @@ class StopSignals:
         """Called after the checkpoint is written, with the signal to act on (on several ranks: one that any rank
         received; rank 0's submitit handler then requeues the whole job)."""
         handler = self.previous.get(signum)
+        self.honoured = True
         self.__exit__()
         if callable(handler):
             handler(signum, None)
