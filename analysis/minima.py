@@ -301,7 +301,7 @@ def min_tokens_table(
             fit = fit_drop_curve(tokens, drops, full, weights, focus=focus_scale(max_drop))
             row["min_tokens_measured"] = measured_min_tokens(tokens, drops, full, max_drop)
             row["min_tokens_fit"] = fit.crossing(max_drop)
-            row["extrapolated"] = bool(row["min_tokens_fit"] < tokens.min()) if np.isfinite(
+            row["extrapolated"] = bool(row["min_tokens_fit"] < row["shortest_tokens"]) if np.isfinite(
                 row["min_tokens_fit"]) else False
             if fit.usable:
                 baseline = np.concatenate([base_positions[(model, s)] for s in based])

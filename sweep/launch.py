@@ -396,7 +396,8 @@ def run_local_workers(folder: Path, workers: list[dict[str, Any]], fn, args: tup
             if all(job.done() for job in jobs):
                 break
             if cancel and not stopped:
-                stopped = _stop(jobs)
+                _stop(jobs)
+                stopped = True
             time.sleep(1.0)
     except KeyboardInterrupt:
         bar.close()
@@ -423,14 +424,13 @@ def run_local_workers(folder: Path, workers: list[dict[str, Any]], fn, args: tup
             print(f"sweep {command}: a local worker ended with an error: {cause} (logs: {folder})", file=sys.stderr)
 
 
-def _stop(jobs: list) -> bool:
+def _stop(jobs: list) -> None:
     """Ask each local worker to stop: SIGTERM to its submitit controller (a local job's id is its pid), which
     passes it to the worker's processes; a run in progress writes a checkpoint at its next step and ends there."""
     for job in jobs:
         if not job.done():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(int(job.job_id), signal.SIGTERM)
-    return True
 
 
 def _kill(jobs: list) -> None:

@@ -52,6 +52,15 @@ def keys_of(batches, steps):
     return [key for _ in range(steps) for key in batches.next_batch()[2]]
 
 
+def write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
+    """A tar of (name, bytes) members, in that order."""
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
 def test_paths_expand_braces_and_join_with_double_colons():
     assert expand_paths("a/{0..2}.tar::b.tar") == ["a/0.tar", "a/1.tar", "a/2.tar", "b.tar"]
     assert expand_paths("s-{00008..00010}.tar") == ["s-00008.tar", "s-00009.tar", "s-00010.tar"]
@@ -62,11 +71,7 @@ def test_a_shard_groups_members_by_key_and_reads_every_caption_form_for_training
     members = [("dir/a.jpg", image), ("dir/a.txt", b"first\nsecond\n"), ("b.png", image),
                ("b.json", json.dumps({"captions": ["x", "y"]}).encode()), ("c.jpg", image),
                ("c.json", json.dumps({"caption": "only"}).encode()), ("d.txt", b"no image")]
-    with tarfile.open(tmp_path / "s.tar", "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
+    write_tar(tmp_path / "s.tar", members)
     # training: one caption per pair, the whole .txt (LAION's captions may run over lines)
     samples = list(read_shard(str(tmp_path / "s.tar")))
     assert [(s.key, s.captions, s.image is not None) for s in samples] == [
@@ -80,13 +85,9 @@ def test_a_shard_groups_members_by_key_and_reads_every_caption_form_for_training
 
 def test_a_shard_from_macos_tar_or_without_its_end_blocks_gives_every_sample(tmp_path):
     image = jpeg(np.zeros((3, 8, 8), np.uint8))
-    with tarfile.open(tmp_path / "mac.tar", "w") as tar:  # macOS tar puts an AppleDouble file before each member
-        for key in ("a", "b"):
-            for ext, data in (("jpg", image), ("txt", key.encode())):
-                for name, payload in ((f"._{key}.{ext}", b"\0\x05\x16\x07"), (f"{key}.{ext}", data)):
-                    info = tarfile.TarInfo(name)
-                    info.size = len(payload)
-                    tar.addfile(info, io.BytesIO(payload))
+    write_tar(tmp_path / "mac.tar", [  # macOS tar puts an AppleDouble file before each member
+        member for key in ("a", "b") for ext, data in (("jpg", image), ("txt", key.encode()))
+        for member in ((f"._{key}.{ext}", b"\0\x05\x16\x07"), (f"{key}.{ext}", data))])
     samples = list(read_shard(str(tmp_path / "mac.tar")))
     assert [(s.key, s.captions, s.image == image) for s in samples] == [("a", ("a",), True), ("b", ("b",), True)]
     # an archive cut right after a member (no end-of-archive blocks) reads as tarfile reads it: to its last member
@@ -534,12 +535,8 @@ def test_retrieval_sets_from_a_table_and_from_shards_agree(demo):
 
 def test_retrieval_shard_samples_without_an_image_or_a_caption_are_counted_as_skipped(demo, tmp_path):
     image = jpeg(np.zeros((3, 16, 16), np.uint8))
-    with tarfile.open(tmp_path / "ret.tar", "w") as tar:
-        for name, data in [("a.jpg", image), ("a.txt", b"one\ntwo\n"), ("b.jpg", image), ("c.txt", b"lonely"),
-                           ("d.jpg", b"not a jpeg"), ("d.txt", b"broken")]:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
+    write_tar(tmp_path / "ret.tar", [("a.jpg", image), ("a.txt", b"one\ntwo\n"), ("b.jpg", image),
+                                     ("c.txt", b"lonely"), ("d.jpg", b"not a jpeg"), ("d.txt", b"broken")])
     found = read_retrieval(str(tmp_path / "ret.tar"), "filepath", "title", "\t")
     assert (found.captions, found.caption_image.tolist(), found.unusable) == (["one", "two", "broken"], [0, 0, 1], 2)
     features = lambda batch: torch.nn.functional.normalize(torch.ones(len(batch), 4), dim=-1)  # noqa: E731
