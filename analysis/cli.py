@@ -62,13 +62,9 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the analysis for parsed arguments: 0 on success, 2 on bad input (one line on stderr, nothing written)."""
-    from sweep.analysis_spec import DEFAULT_MAX_DROP, DEFAULT_METRIC
-
     prog = "sweep analyze"
     grid = grid_defaults(args.path)
-    args.metric = args.metric or grid.get("metric") or DEFAULT_METRIC
-    args.stage = args.stage or grid.get("stage")
-    args.max_drop = args.max_drop if args.max_drop is not None else grid.get("max_drop", DEFAULT_MAX_DROP)
+    args.metric, args.stage, args.max_drop = as_the_grid_says(args.path, args.metric, args.stage, args.max_drop)
     if args.max_drop < 0 or args.max_drop != args.max_drop:
         print(f"{prog}: error: --max-drop: must be a number >= 0, got {args.max_drop}", file=sys.stderr)
         return 2
@@ -119,6 +115,17 @@ def grid_defaults(path: str) -> dict:
     except (OSError, ValueError):
         return {}
     return section if isinstance(section, dict) else {}
+
+
+def as_the_grid_says(path: str, metric: str | None, stage: str | None, max_drop: float | None
+                     ) -> tuple[str, str | None, float]:
+    """(metric, stage, max_drop): each one given, else the grid's `analysis:` section's (`grid_defaults`), else the
+    defaults (a stage left None is chosen from the table: `analysis.drop.default_stage`)."""
+    from sweep.analysis_spec import DEFAULT_MAX_DROP, DEFAULT_METRIC
+
+    grid = grid_defaults(path)
+    return (metric or grid.get("metric") or DEFAULT_METRIC, stage or grid.get("stage"),
+            max_drop if max_drop is not None else grid.get("max_drop", DEFAULT_MAX_DROP))
 
 
 def _print_warnings(caught, category) -> None:

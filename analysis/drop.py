@@ -24,6 +24,8 @@ import warnings
 import numpy as np
 import pandas as pd
 
+from sweep.sizes import MODELS
+
 from .errors import AnalysisInputError, AnalysisWarning
 from .load import COMPUTE_COLUMNS, METRIC_COLUMNS, STRING_COLUMNS, TOWER_COLUMNS
 
@@ -82,10 +84,13 @@ def validate_request(df: pd.DataFrame, metric: str, stage: str, source: str = "<
 
 
 def full_tokens(df: pd.DataFrame) -> pd.DataFrame:
-    """Each model's full lengths: the largest image_tokens and text_tokens in its grid (any stage or status)."""
-    return df.groupby("model")[["image_tokens", "text_tokens"]].max().rename(
-        columns={"image_tokens": "full_image_tokens", "text_tokens": "full_text_tokens"}
-    )
+    """Each model's full lengths: its own for a model this project knows, else the largest image_tokens and
+    text_tokens among its runs (any stage or status; with its baseline's result deleted that would be a reduced
+    length)."""
+    full = df.groupby("model")[["image_tokens", "text_tokens"]].max()
+    for model in full.index.intersection(list(MODELS)):
+        full.loc[model] = [MODELS[model].image_tokens, MODELS[model].text_tokens]
+    return full.rename(columns={"image_tokens": "full_image_tokens", "text_tokens": "full_text_tokens"})
 
 
 def compute_drops(df: pd.DataFrame, metric: str = "zeroshot_top1", stage: str = "pretrain") -> pd.DataFrame:
@@ -209,7 +214,9 @@ def summarize_cells(runs: pd.DataFrame) -> pd.DataFrame:
     """Seed-averaged grid cells: one row per (model, image settings, text settings) of the runs in the analysis.
 
     ``metric_mean``/``metric_std`` are over seeds; ``drop`` is ``full_mean - metric_mean`` and ``drop_std`` the
-    spread of the per-seed drops (the baseline mean is a constant within a cell); ``n_seeds`` counts the runs.
+    spread of one run's drop against one baseline run: the cell's and the baseline's spreads over seeds combined
+    (``sqrt(metric_std² + full_std²)``; a baseline of one run adds none, having no spread to measure);
+    ``n_seeds`` counts the runs.
     """
     metric = runs["metric"].iloc[0] if len(runs) else "zeroshot_top1"
     used = runs[runs["in_analysis"]]
@@ -234,7 +241,7 @@ def summarize_cells(runs: pd.DataFrame) -> pd.DataFrame:
             cells[column] = grouped[column].mean()
     cells = cells.rename(columns={"axis_": "axis"}).reset_index()
     cells["drop"] = cells["full_mean"] - cells["metric_mean"]
-    cells["drop_std"] = cells["metric_std"]
+    cells["drop_std"] = np.hypot(cells["metric_std"], cells["full_std"].fillna(0.0))
     cells["metric"] = metric
     order = ["stage", "model", "params", "axis", "strategy", "tokens", "full_tokens", "n_seeds", "metric",
              "metric_mean", "metric_std", "drop", "drop_std", "full_mean", "full_std", "full_n",

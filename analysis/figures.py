@@ -293,7 +293,7 @@ def plot_drop_vs_tokens(
             if ax.get_subplotspec().is_first_col():
                 ax.set_ylabel(f"drop in {metric_label(metric)} (pp)")
         extra = [Line2D([], [], color="0.3", marker="o", linestyle="none",
-                        label="mean ± 1 std over seeds" if bars else "one seed per point")]
+                        label="mean ± 1 std, baseline's included" if bars else "one seed per point")]
         if fitted:
             extra.append(Line2D([], [], color="0.3", linewidth=1.4, label="fitted a·((t_full/t)^b − 1)"))
         extra += [Line2D([], [], color="crimson", linestyle="--", label=f"tolerance: {max_drop:g} pp"),

@@ -114,7 +114,7 @@ def _records_to_frame(source: Path, files: list[Path], *, progress: bool | None,
     rows: list[dict[str, Any]] = []
     skipped: list[tuple[str, str]] = []
     trials = 0
-    launched: dict[Path, set[str]] = {}  # per sweep directory, the runs its manifest says a launch asked for
+    launched: dict[Path, dict[str, list]] = {}  # per sweep directory: run a launch asked for -> its tuned
     for file in _progress(files, progress):
         try:
             record = read_record(file)
@@ -126,7 +126,7 @@ def _records_to_frame(source: Path, files: list[Path], *, progress: bool | None,
             if record.trial and skip_trials and file.parent.name not in launched[sweep_dir]:
                 trials += 1
                 continue
-            rows.extend(parse_result_record(record, file))
+            rows.extend(parse_result_record(record, file, launched[sweep_dir].get(file.parent.name, ())))
         except RecordError as exc:
             skipped.append((str(file), str(exc)))
             warnings.warn(f"skipping {file}: {exc}", AnalysisWarning, stacklevel=2)
@@ -138,12 +138,14 @@ def _records_to_frame(source: Path, files: list[Path], *, progress: bool | None,
     return df
 
 
-def _launched_runs(sweep_dir: Path) -> set[str]:
+def _launched_runs(sweep_dir: Path) -> dict[str, list]:
+    """The runs a launch asked for -> the settings `launch --from-tune` took from a tuning study."""
     try:
         runs = json.loads((sweep_dir / "manifest.json").read_text()).get("runs", {})
-        return {run_id for run_id, entry in runs.items() if isinstance(entry, dict) and entry.get("launched")}
-    except (OSError, ValueError, AttributeError):  # no manifest, or not one: records speak for themselves
-        return set()
+        return {run_id: [t for t in entry.get("tuned") or [] if isinstance(t, str)]
+                for run_id, entry in runs.items() if isinstance(entry, dict) and entry.get("launched")}
+    except (OSError, ValueError, AttributeError, TypeError):  # no manifest, or not one: records speak for themselves
+        return {}
 
 
 def _progress(files: list[Path], progress: bool | None) -> Iterable[Path]:
@@ -156,8 +158,10 @@ def _progress(files: list[Path], progress: bool | None) -> Iterable[Path]:
     return tqdm(files, desc="loading results", unit="file", file=sys.stderr)
 
 
-def parse_result_record(record: Any, file: str | Path = "<record>") -> list[dict[str, Any]]:
+def parse_result_record(record: Any, file: str | Path = "<record>", tuned: Iterable[str] = ()
+                        ) -> list[dict[str, Any]]:
     """One result record (the parsed result.json, or a ResultRecord) as tidy rows, one per stage with metrics.
+    `tuned`: settings a tuning study chose for the run, left out of its setup (`setup_id`).
 
     Raises `RecordError` (caught by the loader, which skips the file) when the record is malformed or lacks the grid
     settings.
@@ -175,7 +179,7 @@ def parse_result_record(record: Any, file: str | Path = "<record>") -> list[dict
         **{name: getattr(rec, name) for name in ("model", "params", "vision_params", "text_params",
                                                  "image_strategy", "image_tokens", "text_strategy", "text_tokens",
                                                  "seed")},
-        "setup_id": setup_id(rec.config),
+        "setup_id": setup_id(rec.config, tuned),
         "source": str(file),
     }
     for key in COMPUTE_COLUMNS:
@@ -205,12 +209,15 @@ def stage_compute(rec: ResultRecord, stage: str) -> dict[str, Any]:
             "train_seconds": round(sum(p.train_seconds for p in parts), 3)}
 
 
-def setup_id(config: dict[str, Any]) -> str:
+def setup_id(config: dict[str, Any], tuned: Iterable[str] = ()) -> str:
     """A hash of the run's settings other than the seed and its token reduction (`CURVE_SETTINGS`): runs with the
-    same setup_id are seeds and points of the same curves. "" for a record without its resolved config."""
+    same setup_id are seeds and points of the same curves. Settings a tuning study chose per run (`tuned`, from
+    the manifest of a `launch --from-tune`) are left out too: each cell then has its best value, and its drop is
+    against the baseline at the baseline's best. "" for a record without its resolved config."""
     if not config:
         return ""
-    names = [n for n in (*ID_SETTINGS_V1, *sorted(ADDED_SETTINGS)) if n not in CURVE_SETTINGS]
+    tuned = set(tuned)
+    names = [n for n in (*ID_SETTINGS_V1, *sorted(ADDED_SETTINGS)) if n not in CURVE_SETTINGS and n not in tuned]
     pairs = [(n, json.dumps(config.get(n, ADDED_SETTINGS.get(n)), sort_keys=True)) for n in names]
     return hashlib.sha256(repr(pairs).encode()).hexdigest()[:8]
 

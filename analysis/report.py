@@ -179,15 +179,17 @@ def write_report(analysis, out: Path, figure_files: dict[str, list[Path] | None]
             "slope_stderr": ("± s.e.", _num(3)), "intercept": ("intercept", _num(3)), "r2": ("R²", _num(3)),
         }))
         lines += ["", f"Predictions for sizes not run ({a.confidence:.0%} prediction interval; needs three or more "
-                  "models):", ""]
+                  "models; no size needs more than the full length, where a prediction and its interval stop):", ""]
         lines.append(markdown_table(a.predictions, {
             "axis": "axis", "strategy": "strategy", "params": ("tower params", _params),
             "predicted_min_tokens": ("predicted min tokens", _num(1)), "prediction_low": ("low", _num(1)),
             "prediction_high": ("high", _num(1)), "extrapolated": "extrapolated",
+            "at_full_length": "at full length",
         }))
         lines.append("")
     else:
-        lines += ["_No scaling law: it needs fitted minima for at least two model sizes._", ""]
+        lines += ["_No scaling law: it needs fitted minima for at least two sizes of the encoder an axis reduces "
+                  "(models may share a tower: cpu-s and cpu-m have the same text tower)._", ""]
 
     lines += ["## Accuracy against token length", ""]
     _figure(lines, figure_files.get("accuracy_vs_tokens"), out, f"{label} against token length",

@@ -5,7 +5,9 @@ on the models whose fitted minimum is finite. ``params`` is the size of the enco
 `axis_params` of the minima table: vision parameters for image tokens, text parameters without the token embedding
 for text tokens), as the paper plots it. The CLIPA finding is a negative slope: larger models tolerate shorter
 sequences. Predictions for sizes that were not run come with a 95% prediction interval when at least three models
-were fitted (with two the line is exact and no interval can be given).
+were fitted (with two the line is exact and no interval can be given). No size needs more than the full length (its
+drop is 0 by definition): where the fitted models share one full length, a prediction and its interval stop there
+(`at_full_length`: the line reached it; such a size is predicted to tolerate no reduction at all).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from scipy.special import stdtrit
 LAW_COLUMNS = ["stage", "axis", "strategy", "value", "n_models", "slope", "slope_stderr", "intercept", "r2",
                "params_min", "params_max", "models"]
 PREDICTION_COLUMNS = ["stage", "axis", "strategy", "params", "predicted_min_tokens", "prediction_low",
-                      "prediction_high", "extrapolated"]
+                      "prediction_high", "extrapolated", "at_full_length"]
 
 
 def default_prediction_params(params: np.ndarray, count: int = 6) -> np.ndarray:
@@ -53,6 +55,8 @@ def fit_scaling_law(
     ok = min_tokens[np.isfinite(min_tokens[value].astype(float)) & (min_tokens[value] > 0)
                     & np.isfinite(min_tokens[size].astype(float)) & (min_tokens[size] > 0)]
     for (axis, strategy), group in ok.groupby(["axis", "strategy"], sort=True):
+        fulls = group["full_tokens"].unique() if "full_tokens" in group else []
+        full = float(fulls[0]) if len(fulls) == 1 else np.nan  # models of other full lengths: no common cap
         group = group.groupby("model", as_index=False).agg(params=(size, "first"), y=(value, "first"))
         if len(group) < 2 or group["params"].nunique() < 2:
             continue
@@ -83,7 +87,8 @@ def fit_scaling_law(
         for p, mid, h in zip(at, y0, half):
             predictions.append({
                 "stage": stage, "axis": axis, "strategy": strategy, "params": float(p),
-                "predicted_min_tokens": 10**mid, "prediction_low": 10 ** (mid - h), "prediction_high": 10 ** (mid + h),
-                "extrapolated": bool(p < 10 ** x.min() or p > 10 ** x.max()),
+                "predicted_min_tokens": np.fmin(10**mid, full), "prediction_low": np.fmin(10 ** (mid - h), full),
+                "prediction_high": np.fmin(10 ** (mid + h), full),
+                "extrapolated": bool(p < 10 ** x.min() or p > 10 ** x.max()), "at_full_length": bool(10**mid >= full),
             })
     return pd.DataFrame(laws, columns=LAW_COLUMNS), pd.DataFrame(predictions, columns=PREDICTION_COLUMNS)

@@ -369,7 +369,8 @@ def _prepare_text(args: argparse.Namespace) -> int:
         print("no run of this grid uses the syntax strategy")
         return 0
     prepared, tagged = prepare_text(grid.runs, progress=not args.quiet, files=not args.embedded_only)
-    print(f"{prepared} distinct captions in the cache ({tagged} tagged now, {prepared - tagged} found there)")
+    print(f"{prepared} captions in the cache (counted per source: {tagged} tagged now, "
+          f"{prepared - tagged} found there)")
     return 0
 
 
@@ -638,12 +639,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from sweep.config import ConfigError
+    from sweep.settings import cache_dir
 
     args = build_parser().parse_args(argv)
     try:
-        cache = os.environ.get("SWEEP_CACHE_DIR")  # spaCy tags and rendered data are kept there
-        if cache and (file := _file_above(cache)):
-            raise ConfigError("SWEEP_CACHE_DIR", f"{cache} cannot be a cache directory: {file} is a file",
+        if os.environ.get("SWEEP_CACHE_DIR") and (file := _file_above(cache_dir())):  # spaCy tags, rendered data
+            raise ConfigError("SWEEP_CACHE_DIR", f"{cache_dir()} cannot be a cache directory: {file} is a file",
                               "environment")
         tflops = getattr(args, "tflops", None)  # what the cost estimates divide by
         if tflops is not None and not (math.isfinite(tflops) and tflops > 0):

@@ -23,7 +23,7 @@ import yaml
 from pydantic import model_validator
 
 from sweep.identity import ADDED_SETTINGS, ID_SETTINGS_V1
-from sweep.models import MODELS
+from sweep.sizes import MODELS
 from sweep.settings import ConfigError, Number, Settings, invalid, read_yaml_mapping, setting
 from sweep.strategies.image import IMAGE_STRATEGIES
 
@@ -185,8 +185,10 @@ class RunConfig(Settings):
                 check_spacy_model(self.spacy_model)
             except ValueError as err:
                 raise invalid("spacy_model", str(err)) from None
-        for name in ("pretrain_samples", "finetune_samples"):
-            if 0 < getattr(self, name) < self.batch_size:
+        # a training set smaller than one batch puts a pair in a batch twice: its copies are each other's negatives
+        for name in ("pretrain_samples", "finetune_samples", "train_num_samples") + \
+                (("train_scenes",) if self.dataset == "synthetic" else ()):
+            if 0 < (getattr(self, name) or 0) < self.batch_size:
                 raise invalid(name, f"{getattr(self, name)} is less than one batch ({self.batch_size})")
         return self
 
@@ -221,8 +223,12 @@ class RunConfig(Settings):
             if self.dataset == "csv":
                 if len(paths) != 1:
                     raise invalid("train_data", f"a csv training set is one table, got {len(paths)} paths")
-                _check_table("train_data", paths[0], (self.csv_img_key, self.csv_caption_key), self.csv_separator)
+                _ROWS[found] = _check_table("train_data", paths[0], (self.csv_img_key, self.csv_caption_key),
+                                            self.csv_separator)
             _FOUND.add(found)
+        if self.dataset == "csv" and (rows := _ROWS[found]) < self.batch_size:
+            raise invalid("train_data", f"{self.train_data} has {rows} rows, fewer than one batch "
+                          f"({self.batch_size}): a batch would hold the same pair twice")
         if not self.eval_embedded and not self.eval_sets:
             raise invalid("eval_sets", "nothing to evaluate: give eval_sets or leave eval_embedded true")
         names = set()
@@ -359,6 +365,7 @@ def _choice(name: str, value: str, allowed) -> None:
 
 
 _FOUND: set[tuple] = set()  # data this process has checked (41,408 shards take a second to stat; a grid shares them)
+_ROWS: dict[tuple, int] = {}  # rows of the csv training sets among them
 
 
 def _expand_env(name: str, value: str | None) -> str | None:
@@ -382,15 +389,16 @@ def _files_exist(name: str, paths: list[str]) -> None:
         raise invalid(name, f"no such file: {missing[0]}{more}{where}")
 
 
-def _check_table(name: str, table: str, columns: tuple[str, ...], separator: str) -> None:
-    """The table parses to its end, as the run will read it, with the columns and at least one row. Read as a
-    stream, never held: 1.3 s per million rows (120 MB) on one core, once per process for a grid's runs. Its image
-    files are not looked at: the run skips and counts a missing one."""
+def _check_table(name: str, table: str, columns: tuple[str, ...], separator: str) -> int:
+    """The table's rows, once it parses to its end, as the run will read it, with the columns and at least one row.
+    Read as a stream, never held: 1.3 s per million rows (120 MB) on one core, once per process for a grid's runs.
+    Its image files are not looked at: the run skips and counts a missing one."""
     from sweep.data.sources import read_columns
 
     try:
-        if not sum(1 for _ in read_columns(table, columns, separator)):
+        if not (rows := sum(1 for _ in read_columns(table, columns, separator))):
             raise ValueError(f"{table} has a header but no rows")
+        return rows
     except OSError as err:
         raise invalid(name, f"cannot read {table} ({err.strerror or err})") from None
     except ValueError as err:

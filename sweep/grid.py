@@ -22,6 +22,7 @@ Every problem is reported as one line naming the file and the field, before anyt
 """
 from __future__ import annotations
 
+import difflib
 import functools
 import hashlib
 import json
@@ -35,8 +36,8 @@ from pydantic import ConfigDict, TypeAdapter, ValidationError
 
 from sweep.analysis_spec import check_analysis
 from sweep.config import ConfigError, RunConfig, SlurmOptions, config_from_dict, identity, read_yaml_mapping
-from sweep.models import MODELS
-from sweep.settings import check_keys
+from sweep.sizes import MODELS
+from sweep.settings import check_keys, unknown_setting
 
 GRID_KEYS = ("sweep", "settings", "axes", "include", "exclude", "baselines", "slurm", "tune", "analysis",
              "search")
@@ -54,6 +55,7 @@ class Run:
     run_id: str
     config: RunConfig
     baseline: bool  # added automatically as a model's full-length run
+    tuned: tuple[str, ...] = ()  # settings a tuning study chose (`launch --from-tune`): not part of its setup
 
 
 @dataclass(frozen=True)
@@ -88,7 +90,7 @@ def _product(mapping: dict[str, Any], where: str) -> list[dict[str, Any]]:
     check_keys(mapping, where)
     for key in mapping:
         if key not in FIELDS:
-            raise ConfigError(f"{where}.{key}", f"unknown setting; known settings: {', '.join(sorted(FIELDS))}")
+            raise ConfigError(f"{where}.{key}", unknown_setting(key, FIELDS))
     keys = list(mapping)
     lists = [_as_list(mapping[k], f"{where}.{k}") for k in keys]
     for key, values in zip(keys, lists):
@@ -106,6 +108,8 @@ def _axis_cells(name: str, values: Any) -> list[dict[str, Any]]:
     cells = []
     for i, group in enumerate(groups):
         if not isinstance(group, dict):
+            if difflib.get_close_matches(name, FIELDS, n=1, cutoff=0.75):  # a typo, not a group of sub-grids
+                raise ConfigError(where, unknown_setting(name, FIELDS))
             raise ConfigError(f"{where}[{i}]", f"{name!r} is not a setting, so it must be a list of sub-grids "
                               f"(mappings of settings to values); got {group!r}")
         if not group:
@@ -166,7 +170,7 @@ def _expand(raw: dict[str, Any]) -> tuple[str, list[Run]]:
     check_keys(settings, "settings")
     for key, value in settings.items():
         if key not in FIELDS:
-            raise ConfigError(f"settings.{key}", f"unknown setting; known settings: {', '.join(sorted(FIELDS))}")
+            raise ConfigError(f"settings.{key}", unknown_setting(key, FIELDS))
         if isinstance(value, (list, dict)) and key not in STRUCTURED:
             raise ConfigError(f"settings.{key}", "must be a single value (put lists under axes)")
     axes = raw.get("axes")

@@ -26,6 +26,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -121,6 +122,8 @@ def write_manifest(grid: Grid, results: str | Path, launch: dict[str, Any] | Non
             # the trial, and the analysis still counts it)
             entry.update(config=run.config.to_dict(), baseline=run.baseline, grid=str(grid.path), jobs=jobs,
                          launched=True)
+            if run.tuned:  # the analysis compares runs tuned apart (a study per cell) as one setup
+                entry["tuned"] = list(run.tuned)
         manifest.pop("analysis", None)  # the latest launch's grid says how the sweep is read
         if grid.analysis is not None:
             manifest["analysis"] = grid.analysis.to_dict()
@@ -419,8 +422,10 @@ def run_local_workers(folder: Path, workers: list[dict[str, Any]], fn, args: tup
             # submitit's message is the worker's traceback then its log files: name the exception it ended with
             lines = str(err).splitlines()
             exception = re.compile(r"[\w.]+(Error|Exception|Interrupt\w*)\b")
-            cause = next((line for line in reversed(lines) if exception.match(line)),
-                         lines[0] if lines else type(err).__name__)
+            cause = next((line for line in reversed(lines) if exception.match(line)), None)
+            if cause is None and "has not produced any output" in str(err):  # no result, no exception: a kill
+                cause = f"it ended without a result (killed, or out of memory?): {lines[0]}"
+            cause = cause or (lines[0] if lines else type(err).__name__)
             print(f"sweep {command}: a local worker ended with an error: {cause} (logs: {folder})", file=sys.stderr)
 
 
@@ -538,7 +543,8 @@ def launch(grid: Grid, results: str | Path, executor: str, todo: list[Run], skip
     if executor == "slurm":  # recorded once submitted, with its job ids
         write_manifest(grid, results, None)
     else:  # recorded before it trains (a launch killed midway is in the manifest too), then when it has ended
-        started = {**launch_record, "jobs": {}, "ended": None}
+        # pid and host: `sweep status` tells the runs this launch has yet to train (a failed one rerun, say)
+        started = {**launch_record, "jobs": {}, "ended": None, "pid": os.getpid(), "host": socket.gethostname()}
         write_manifest(grid, results, started)
     prepare_text(todo, progress)
     run_dirs = prepare_run_dirs(grid, results, todo, threads_per_run(executor, max_parallel, slurm, len(todo)))

@@ -8,7 +8,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from sweep.data import synthetic
-from sweep.models import MODELS
+from sweep.sizes import MODELS
 from sweep.strategies.image import IMAGE_STRATEGIES, reduce_images
 
 

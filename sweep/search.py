@@ -252,7 +252,8 @@ def pooled_noise(curves: list[Curve], values: dict[str, dict[int, list[float]]],
     squares, dof, seen = 0.0, 0, set()
     for curve in curves:
         for length, cell in values[curve.label].items():
-            key = (curve.model, "full") if length == curve.full else (curve.label, length)  # a baseline once
+            # a baseline once, however many curves share it (each setup of a model has its own)
+            key = ("full", setup_of(curve.baseline)) if length == curve.full else (curve.label, length)
             if len(cell) >= 2 and key not in seen:
                 seen.add(key)
                 squares += float(np.var(cell, ddof=1)) * (len(cell) - 1)

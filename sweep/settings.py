@@ -10,6 +10,8 @@ Every problem becomes a `ConfigError`, one line naming the source file and the f
 """
 from __future__ import annotations
 
+import difflib
+import os
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, get_args
 
@@ -25,6 +27,13 @@ class ConfigError(ValueError):
         self.field, self.message, self.source = field, " ".join(str(message).split()), source
         where = f"{source}: " if source else ""
         super().__init__(f"{where}{field}: {self.message}")
+
+
+def cache_dir() -> Path:
+    """Where the caches every run shares live (rendered synthetic data, spaCy tags): `$SWEEP_CACHE_DIR` (`~`
+    expanded; empty counts as unset), else `~/.cache/inverse-scaling-sweep`."""
+    env = os.environ.get("SWEEP_CACHE_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "inverse-scaling-sweep"
 
 
 def setting(default: Any, help: str, *, operational: bool = False, **constraints: Any) -> Any:
@@ -95,6 +104,15 @@ _EXPECTED = {"int_type": "an integer", "int_from_float": "an integer", "float_ty
              "dict_type": "a mapping", "list_type": "a list", "finite_number": "a finite number"}
 
 
+def unknown_setting(key: Any, known: Any) -> str:
+    """The message for a key that is no setting: the nearest names when it looks like a typo, else all of them."""
+    known = sorted(known)
+    close = difflib.get_close_matches(str(key), known, n=3, cutoff=0.75)
+    if close:
+        return f"unknown setting; did you mean {' or '.join(close)}?"
+    return f"unknown setting; known settings: {', '.join(known)}"
+
+
 def _range(constraints: dict[str, Any]) -> str:
     lo = ("[", constraints["ge"]) if "ge" in constraints else ("(", constraints.get("gt"))
     hi = ("]", constraints["le"]) if "le" in constraints else (")", constraints.get("lt"))
@@ -135,7 +153,7 @@ def describe(model: type[Settings], errors: list[dict[str, Any]]) -> tuple[str, 
     if kind == "setting":
         return ctx.get("field") or field, ctx["message"]
     if kind == "extra_forbidden":
-        return field, f"unknown setting; known settings: {', '.join(_model_at(model, loc[:-1]).model_fields)}"
+        return field, unknown_setting(loc[-1], _model_at(model, loc[:-1]).model_fields)
     if kind == "invalid_key" or tuple(error["loc"][-1:]) == ("[key]",):
         return field, "keys must be names (strings)"
     if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):

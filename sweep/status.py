@@ -8,7 +8,8 @@ States:
   running    the scheduler runs the run's job, or (no scheduler job) the run's heartbeat is fresh
   requeued   the scheduler holds a job that was preempted / timed out / requeued and will resume it
   stale      it was running, but its heartbeat stopped and no scheduler job is alive: relaunch to resume
-  pending    submitted and queued, or not started yet
+  pending    submitted and queued, or not started yet (also a failed or stale run that a local launch, still
+             going on this machine, is to train again)
 
 When a run has a Slurm job, the scheduler decides before the heartbeat does, so a cancelled job shows as failed
 at the next `sweep status`, not once its heartbeat goes stale. The scheduler is asked once per call: `squeue`
@@ -21,6 +22,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -148,9 +150,34 @@ def scheduler_states(job_ids: list[str]) -> dict[str, dict[str, str]]:
 
 # ------------------------------------------------------------------------------------------------- a run's state
 
-def run_state(run_dir: str | Path, job_id: str | None, scheduler: dict[str, dict[str, str]], now: float
-              ) -> tuple[str, str]:
-    """(state, one-line reason) of one run: its record, then its Slurm job's state, then its heartbeat."""
+def live_local_launches(manifest: dict[str, Any]) -> dict[str, str]:
+    """Run id -> start time of the local launch, still going on this machine, that is to train it."""
+    queued = {}
+    for launch in manifest["launches"]:
+        if isinstance(launch, dict) and "ended" in launch and launch["ended"] is None \
+                and launch.get("host") == socket.gethostname() and _alive(launch.get("pid")):
+            try:
+                time.strptime(launch["time"], "%Y-%m-%dT%H:%M:%S")
+                queued.update({run_id: launch["time"] for run_id in launch["runs"]})
+            except (KeyError, TypeError, ValueError):  # a damaged record tells nothing
+                continue
+    return queued
+
+
+def _alive(pid: Any) -> bool:
+    try:
+        os.kill(pid, 0)
+    except PermissionError:  # someone else's process
+        return True
+    except (OSError, TypeError, ValueError, OverflowError):
+        return False
+    return True
+
+
+def run_state(run_dir: str | Path, job_id: str | None, scheduler: dict[str, dict[str, str]], now: float,
+              queued: str | None = None) -> tuple[str, str]:
+    """(state, one-line reason) of one run: its record, then its Slurm job's state, then its heartbeat. `queued`:
+    the start time of a live local launch that is to train the run (`live_local_launches`)."""
     run_dir = str(run_dir)
     done = read_status(run_dir)
     try:
@@ -158,12 +185,18 @@ def run_state(run_dir: str | Path, job_id: str | None, scheduler: dict[str, dict
     except OSError:
         beat = None
     info = scheduler.get(job_id) if job_id else None
+    # a record, heartbeat or ended Slurm job older than that launch is of an earlier try
+    since = time.mktime(time.strptime(queued, "%Y-%m-%dT%H:%M:%S")) if queued else None
+    job_alive = bool(info and info["state"] in SCHEDULER_ALIVE)
     if done:
-        # a failed record with a rerun alive (a job in the queue, or a heartbeat newer than the record) is that rerun
-        rerun_alive = (info and info["state"] in SCHEDULER_ALIVE) or (
+        # a failed record with a rerun alive (a job in the queue, a heartbeat newer than the record, or a live
+        # local launch started after it) is that rerun
+        rerun_alive = job_alive or (since is not None and (result_mtime(run_dir) or 0) < since) or (
             not info and beat is not None and now - beat < STALE_AFTER_S and beat > (result_mtime(run_dir) or 0))
         if done[0] == "completed" or not rerun_alive:
             return done
+    if since is not None and not job_alive and (beat is None or beat < since):
+        return "pending", f"waiting for a worker of the local launch of {queued}"
     if info:
         state = info["state"]
         if state == "COMPLETING" and info.get("ended"):
@@ -226,10 +259,11 @@ def collect(path: str | Path) -> list[dict[str, Any]]:
     rows = []
     for sweep_path, manifest in manifests:
         sweep = sweep_path.resolve().name  # its folder: a copied sweep keeps its manifest's name, yet is another
+        queued = live_local_launches(manifest)
         for run_id, entry in manifest["runs"].items():
             cfg, jobs = entry["config"], jobs_of(entry)
             job_id = latest_slurm_job(entry)
-            state, reason = run_state(os.path.join(sweep_path, run_id), job_id, scheduler, now)
+            state, reason = run_state(os.path.join(sweep_path, run_id), job_id, scheduler, now, queued.get(run_id))
             rows.append({"sweep": sweep, "run_id": run_id, "state": state, "reason": one_line(reason),
                          **{key: cfg[key] for key in RUN_KEYS},
                          "job_id": jobs[-1]["job_id"] if jobs else None, "jobs": [j["job_id"] for j in jobs],

@@ -10,7 +10,9 @@ or per grid cell:
         warmup_fraction: {low: 0.0, high: 0.3}
         batch_size: {choices: [32, 64]}              # categorical
       trials: 8                    # per study; trials a killed worker left behind are retried, not counted
-      scope: model                 # model: a study per model size, on its full-length run; cell: one per grid run
+      scope: model                 # model: a study per model size, on its full-length run; cell: one per grid
+                                   # cell (its seeds share it). Another swept setting (weight_decay: [...]) gets a
+                                   # study per value.
       objective: {stage: finetune, metric: zeroshot_top1, direction: maximize}
       sampler: tpe                 # tpe or random, seeded by `seed`, the study and the trial's number
       seed: 0
@@ -40,6 +42,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import signal
 import time
 import warnings
@@ -84,7 +87,9 @@ class TuneSpec(Settings):
     params: dict[str, Param] = setting(..., "The settings to search, each with its range.")
     trials: int = setting(..., "Trials per study.", ge=1)
     scope: str = setting("model", "model: one study per model size, on its full-length run (the setting then "
-                         "serves every length of that size); cell: one study per run of the grid.")
+                         "serves every length of that size); cell: one study per grid cell, on its first seed's "
+                         "run (its seeds share the result). A setting the grid also sweeps gets a study per "
+                         "value.")
     objective: Objective = setting(Objective(), "The metric to optimise.")
     sampler: str = setting("tpe", "tpe (Optuna's TPESampler) or random.")
     seed: int = setting(0, "Seeds the sampler (with the study's name and each trial's number, so parallel workers "
@@ -171,12 +176,24 @@ def studies_of(grid) -> list[Study]:
     `trials` continues it."""
     spec: TuneSpec = grid.tune
     if spec.scope == "model":
-        bases: dict[str, RunConfig] = {}
+        # one study per model size and setup: a size whose runs differ in another swept setting (weight_decay:
+        # [0.05, 0.2]) has a study per value, labelled with it; its seeds share one
+        bases: dict[tuple, RunConfig] = {}
         for run in grid.runs:
-            bases.setdefault(f"{run.config.model}", full_length(run.config))
-        labelled = list(bases.items())
+            base = full_length(run.config)
+            bases.setdefault((base.model, repr(setup(base, spec.params))), base)
+        labelled = []
+        for (model, _), base in bases.items():
+            others = [b for (m, _), b in bases.items() if m == model]
+            differ = sorted(k for k, v in setup(base, spec.params) if any(dict(setup(o, spec.params))[k] != v
+                                                                          for o in others))
+            label = "_".join([model] + [f"{k}={_fmt(getattr(base, k))}" for k in differ])
+            labelled.append((re.sub(r"[^\w.=+-]", "-", label), base))  # a study's lock files are named by it
     else:
-        labelled = [(run.run_id.rsplit("_", 1)[0], run.config) for run in grid.runs]
+        cells: dict[str, tuple[str, RunConfig]] = {}
+        for run in grid.runs:  # a cell's seeds share one study, on its first seed's run
+            cells.setdefault(repr(setup(run.config, spec.params)), (run.run_id.rsplit("_", 1)[0], run.config))
+        labelled = list(cells.values())
     search = spec.to_dict()
     search.pop("trials")
     out = []
@@ -187,6 +204,12 @@ def studies_of(grid) -> list[Study]:
     return out
 
 
+def setup(cfg: RunConfig | dict[str, Any], params) -> list[tuple[str, Any]]:
+    """What the runs that share a study's best settings have in common: their identity without the seed and the
+    tuned settings."""
+    return [pair for pair in identity(cfg) if pair[0] not in params and pair[0] != "seed"]
+
+
 def storage(folder: str | Path):
     """The sweep's journal storage (created empty if absent)."""
     import optuna
@@ -194,7 +217,26 @@ def storage(folder: str | Path):
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the launcher's bar and `--show` say what happened
     Path(folder).mkdir(parents=True, exist_ok=True)
+    check_journal(Path(folder) / JOURNAL)
     return optuna.storages.JournalStorage(JournalFileBackend(str(Path(folder) / JOURNAL)))
+
+
+def check_journal(path: Path) -> None:
+    """ConfigError naming the first line of the journal that is no JSON (Optuna would fail on it with a traceback).
+    Such a line is usually a write cut off by a kill, which the next append then continued on the same line. A
+    last line without its newline may still be being written by another process: it is left to Optuna, which
+    ignores it."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return
+    for number, line in enumerate(data.split(b"\n")[:-1], 1):
+        try:
+            json.loads(line)
+        except ValueError:
+            raise ConfigError(f"line {number}", "is no journal entry (a write cut off when a process was killed?); "
+                              "remove that line, losing the one operation it held, or move the journal aside to "
+                              "start the studies again", path) from None
 
 
 def distributions(spec: TuneSpec) -> dict[str, Any]:
@@ -529,7 +571,10 @@ def show(grid, results: str | Path, figures: bool = True) -> str:
         trials = opened.get_trials(deepcopy=False) if (opened := _existing_study(study, store)) else []
         lines.append(f"{study.name}  ({study.label}; {objective.direction} {objective.metric} at "
                      f"{objective.stage})")
-        lines.append(f"  {sum(map(counted, trials)) - states.get('abandoned', 0)} of {grid.tune.trials} trials: "
+        done = sum(map(counted, trials)) - states.get("abandoned", 0)
+        goal = f"{grid.tune.trials} trials" + (" (more ran before trials was lowered)" if done > grid.tune.trials
+                                               else "")
+        lines.append(f"  {done} of {goal}: "
                      f"{states.get('complete', 0)} complete, {states.get('pruned', 0)} pruned, "
                      f"{states.get('fail', 0)} failed, {states.get('running', 0)} running"
                      + (f", {states['abandoned']} abandoned by a stopped worker (run again at the next sweep tune)"
@@ -580,6 +625,7 @@ def write_figures(opened, out: Path) -> list[Path]:
     for what, plot in plots:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ExperimentalWarning)
+            warnings.simplefilter("ignore", UserWarning)  # e.g. trials of equal values: the figure says as much
             ax = plot(opened)
         fig = ax.get_figure()
         for loc in ("left", "center", "right"):  # optuna's own title: one title, the study's
@@ -640,21 +686,21 @@ def apply_best(grid, tune_dir: str | Path) -> tuple[Any, list[str]]:
     runs, used, origin = {}, {}, {}
     for run in grid.runs:
         cfg = run.config
-        match = None
-        for study in found:  # a cell study that matches wins over a model one; among equals the newest
-            if study["scope"] == "cell":
-                mine = [p for p in identity(cfg) if p[0] not in study["params"]]
-                theirs = [p for p in identity(study["base"]) if p[0] not in study["params"]]
-                if mine == theirs:
-                    match = study
-            elif study["model"] == cfg.model and (match is None or match["scope"] == "model"):
-                match = study
+        cell = [s for s in found if s["scope"] == "cell" and setup(cfg, s["params"]) == setup(s["base"], s["params"])]
+        # a model study serves its size's runs of its setup; the one study of a size serves any (a grid may
+        # train on other settings than the tuning grid did)
+        sized = [s for s in found if s["scope"] == "model" and s["model"] == cfg.model]
+        same = [s for s in sized if setup(full_length(cfg), s["params"]) == setup(s["base"], s["params"])]
+        one = sized if len({s["name"].rsplit(".", 1)[0] for s in sized}) == 1 else []
+        match = (cell or same or one or [None])[-1]  # among equals the newest
         if match is None:
-            models = sorted({s["model"] for s in found})
-            raise ConfigError("--from-tune", f"no study in {tune_dir} covers {run.run_id} (model {cfg.model}; "
-                              f"tuned: {', '.join(models)})", "command line")
+            tuned = ", ".join(sorted({s["name"].rsplit(".", 1)[0] for s in found}))
+            why = (f"its size has {len(sized)} studies of other settings" if sized else
+                   "no model study has its size and no cell study its settings")
+            raise ConfigError("--from-tune", f"no study in {tune_dir} covers {run.run_id}: {why} (studies: "
+                              f"{tuned})", "command line")
         tuned = config_from_dict({**cfg.to_dict(), **match["best"]}, source=f"{tune_dir} ({match['name']})")
-        new = Run(run_id(tuned), tuned, run.baseline)
+        new = Run(run_id(tuned), tuned, run.baseline, tuple(sorted(match["best"])))
         if new.run_id in runs:  # two runs of the grid told apart only by a setting the study tuned
             raise ConfigError("--from-tune", f"the grid's runs {origin[new.run_id]} and {run.run_id} differ only "
                               f"in {', '.join(sorted(match['best']))}, which {match['name']} tuned: a setting is "

@@ -58,8 +58,11 @@ def test_cells_average_seeds_and_keep_spread_and_count():
     assert cell.n_seeds == 2
     assert cell.metric_mean == pytest.approx(48.0)
     assert cell.metric_std == pytest.approx(np.std([47.0, 49.0], ddof=1))
-    assert cell["drop"] == pytest.approx(3.0) and cell["drop_std"] == pytest.approx(cell.metric_std)
-    assert cell.full_mean == pytest.approx(51.0) and cell.full_n == 2
+    assert cell["drop"] == pytest.approx(3.0) and cell.full_mean == pytest.approx(51.0) and cell.full_n == 2
+    # one run's drop against one baseline run varies with both: sqrt(2 + 2) from std 1.41 on each side
+    assert cell.full_std == pytest.approx(np.sqrt(2)) and cell["drop_std"] == pytest.approx(2.0)
+    lone = summarize_cells(compute_drops(table(grid()[1:])))  # a baseline of one run has no spread to add
+    assert lone[(lone.axis == "image")].drop_std.iloc[0] == pytest.approx(np.sqrt(2))
 
 
 def test_stages_are_compared_within_themselves():
@@ -79,6 +82,17 @@ def test_model_without_baseline_warns_by_name_and_gets_nan_drops():
     assert runs[runs.model == "large"]["drop"].isna().all()
     assert runs[(runs.model == "small") & (runs.axis != "full")]["drop"].notna().all()
     assert runs.attrs["missing_baseline"] == ["large"]
+
+
+def test_a_known_model_without_baseline_is_told_its_own_full_length_not_its_longest_run():
+    # only image runs at 37 tokens are left: the largest length in the table is not the model's full length
+    rows = [r for r in grid("cpu-m") if r[2] == "random"] + [r for r in grid("unknown") if r[2] == "random"]
+    with pytest.warns(AnalysisWarning) as warned:
+        runs = compute_drops(table(rows))
+    said = " ".join(str(w.message) for w in warned)
+    assert "'cpu-m': no full-length baseline" in said and "at 65 image tokens and text_strategy 'none' at 32" in said
+    assert (runs[runs.model == "cpu-m"].full_tokens == 65).all() and (runs[runs.model == "cpu-m"].axis == "image").all()
+    assert "'unknown': no full-length baseline" in said and "at 37 image tokens" in said  # all there is to go by
 
 
 def test_failed_runs_are_listed_but_not_in_the_analysis():

@@ -200,6 +200,20 @@ def test_scaling_law_recovers_an_exact_power_law_and_predicts_unseen_sizes():
     assert prediction.extrapolated and prediction.prediction_low <= prediction.predicted_min_tokens
 
 
+def test_no_size_is_predicted_to_need_more_than_the_full_length():
+    params = np.array([1e6, 4e6, 1.6e7])
+    min_tokens = pd.DataFrame({"model": ["a", "b", "c"], "params": params, "axis": "image", "strategy": "random",
+                               "min_tokens_fit": [40.0, 30.0, 20.0], "full_tokens": 65.0, "stage": "pretrain"})
+    _, predictions = fit_scaling_law(min_tokens, predict_params=np.array([1e3, 3e5, 1e9]))
+    tiny, small, large = predictions.itertuples()
+    assert tiny.predicted_min_tokens == tiny.prediction_high == 65 and tiny.at_full_length  # the line gives ~150
+    assert small.predicted_min_tokens < 65 == small.prediction_high and not small.at_full_length
+    assert large.predicted_min_tokens < 20 and not large.at_full_length
+    other = min_tokens.assign(full_tokens=[65.0, 65.0, 197.0])  # no common full length: nothing to stop at
+    _, predictions = fit_scaling_law(other, predict_params=np.array([1e3]))
+    assert predictions.predicted_min_tokens.iloc[0] > 65 and not predictions.at_full_length.iloc[0]
+
+
 def test_scaling_law_needs_two_models_and_default_predictions_skip_sizes_that_were_run():
     one = pd.DataFrame({"model": ["a"], "params": [1e6], "axis": "text", "strategy": "syntax",
                         "min_tokens_fit": [8.0], "stage": "pretrain"})

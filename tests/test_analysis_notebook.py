@@ -15,6 +15,8 @@ NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "scaling_plots.ip
 def test_scaling_plots_notebook_reproduces_the_figures_from_a_results_directory(tmp_path):
     table = synthetic.make_table({"cpu-s": 1.2e6, "cpu-m": 4.8e6, "cpu-l": 19e6}, seeds=2, stages=("pretrain",))
     synthetic.write_result_files(table, tmp_path / "results")
+    # read as `sweep analyze` reads it: the grid's analysis: section, from the sweep's manifest
+    (tmp_path / "results" / "manifest.json").write_text('{"runs": {}, "launches": [], "analysis": {"max_drop": 2.5}}')
     nb = nbformat.read(NOTEBOOK, as_version=4)
     [parameters] = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
     assert "RESULTS =" in parameters.source
@@ -27,4 +29,4 @@ def test_scaling_plots_notebook_reproduces_the_figures_from_a_results_directory(
     assert len(images) == 4  # accuracy, drop, inverse scaling law, accuracy against compute
     assert (tmp_path / "out" / "min_tokens.csv").exists()
     text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
-    assert "runs (0 failed)" in text
+    assert "runs (0 failed)" in text and "metric zeroshot_top1, tolerance 2.5 pp" in text

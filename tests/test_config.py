@@ -46,6 +46,7 @@ def test_full_length_defaults_are_filled_from_the_model():
     ("lr: fast\n", "lr", "number"),
     ("lr: -1\n", "lr", "positive"),
     ("pretrain_samples: 10\n", "pretrain_samples", "less than one batch"),
+    ("train_scenes: 100\n", "train_scenes", "less than one batch (128)"),
     ("beta2: 1.5\n", "beta2", "[0, 1)"),
     ("learning_rate: 0.1\n", "learning_rate", "unknown setting"),
     ("dataset: laion\n", "dataset", "synthetic"),

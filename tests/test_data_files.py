@@ -196,6 +196,7 @@ def test_any_kill_points_give_every_sample_once_per_epoch(n, batch, cut, bad):
     bad = frozenset(b for b in bad if b < n)
     if len(bad) == n:
         return
+    batch = min(batch, n - len(bad))  # a smaller epoch is refused (the test below)
     source, steps = Rows(n, bad), 2 * (n - len(bad)) // batch + 2
 
     def batches(position=None):
@@ -291,7 +292,7 @@ def test_a_thousand_class_folders_are_taken_in_wnid_order_only_when_they_are_wni
     for i in range(1000):
         (tmp_path / "wnids" / f"n{i:08d}").mkdir(parents=True)
         (tmp_path / "named" / f"class_{i:04d}").mkdir(parents=True)
-        (tmp_path / "wnids" / f"n{i:08d}" / "a.jpg").write_bytes(b"")
+        (tmp_path / "wnids" / f"n{i:08d}" / "a.jpg").write_bytes(b"" if i else Rows.image)  # one decodes
     assert read_zeroshot(str(tmp_path / "wnids"), "imagenet").classnames[0] == "tench"
     with pytest.raises(ValueError, match="'class_0000' .* is not an ImageNet class name"):
         read_zeroshot(str(tmp_path / "named"), "imagenet")  # not silently paired with tench, goldfish, ...
@@ -468,9 +469,19 @@ def test_a_thread_ahead_of_training_hands_out_the_same_batches_and_resumes_where
     resumed.close()
     empty = Prefetched(StreamedBatches(Rows(3, frozenset({0, 1, 2})), seed=0, stage=0, batch_size=2, image_size=8,
                                        workers=0))
-    with pytest.raises(RuntimeError, match="no usable sample"):  # the thread's error reaches the training thread
-        empty.next_batch()
+    with pytest.raises(RuntimeError, match="epoch 0 of the training data has 0 usable samples"):
+        empty.next_batch()  # the thread's error reaches the training thread
     empty.close()
+
+
+def test_a_training_set_smaller_than_one_batch_is_refused_not_repeated_within_a_batch():
+    """3 rows of which 1 cannot be used, batches of 3: each batch would hold a pair twice, and its two copies
+    would be each other's negatives in the contrastive loss."""
+    small = StreamedBatches(Rows(3, frozenset({1})), seed=0, stage=0, batch_size=3, image_size=8, workers=0)
+    with pytest.raises(RuntimeError, match=r"has 2 usable samples, fewer than one batch \(3; 1 skipped"):
+        small.next_batch()
+    enough = StreamedBatches(Rows(3, frozenset({1})), seed=0, stage=0, batch_size=2, image_size=8, workers=0)
+    assert [sorted(enough.next_batch().keys) for _ in range(3)] == [["0", "2"]] * 3  # batches of whole epochs
 
 
 def test_retrieval_recall_counts_an_image_hit_when_any_of_its_captions_is_found():
@@ -516,7 +527,7 @@ def test_a_class_folder_without_images_is_refused_and_hidden_folders_are_no_clas
     for name in ("cat", "dog/nested", ".ipynb_checkpoints", "cat/.hidden"):
         (tmp_path / name).mkdir(parents=True)
     for path in ("cat/1.jpg", "dog/nested/2.png", ".ipynb_checkpoints/3.jpg", "cat/.hidden/4.jpg", "cat/._5.jpg"):
-        (tmp_path / path).write_bytes(b"")
+        (tmp_path / path).write_bytes(Rows.image if path == "cat/1.jpg" else b"")  # one decodes
     classes = read_zeroshot(str(tmp_path))
     assert classes.classnames == ("cat", "dog")  # the images of a class may sit in its subfolders
     assert [Path(p).relative_to(tmp_path).as_posix() for p in classes.images] == ["cat/1.jpg", "dog/nested/2.png"]
@@ -599,7 +610,7 @@ def test_imagenet_names_with_a_slash_are_folders_without_one_read_back_as_those_
     assert len(slashed) == 5 and folder_name("baluster / handrail") == "baluster_or_handrail"
     for name in slashed:
         (tmp_path / "folder" / folder_name(name)).mkdir(parents=True)
-        (tmp_path / "folder" / folder_name(name) / "a.jpg").write_bytes(b"")
+        (tmp_path / "folder" / folder_name(name) / "a.jpg").write_bytes(Rows.image)
     assert read_zeroshot(str(tmp_path / "folder"), "imagenet").classnames == tuple(sorted(
         slashed, key=folder_name))
     # 19 classes spread over the 1000 take three of them
@@ -636,7 +647,7 @@ def test_prepare_text_tags_every_caption_a_syntax_run_on_files_reads(demo, tmp_p
     grid.write_text(yaml.safe_dump({"sweep": "files_syntax", "settings": settings, "baselines": False,
                                     "axes": {"text_strategy": ["syntax"], "text_tokens": [6]}}))
     assert main(["prepare-text", str(grid), "--embedded-only", "--quiet"]) == 0  # nothing embedded to read
-    assert "0 distinct captions in the cache (0 tagged now, 0 found there)" in capsys.readouterr().out
+    assert "0 captions in the cache (counted per source: 0 tagged now, 0 found there)" in capsys.readouterr().out
 
     assert main(["prepare-text", str(grid), "--quiet"]) == 0
     training = list(dict.fromkeys(s.caption for path in expand_paths(shards(demo)) for s in read_shard(path)))
@@ -644,12 +655,12 @@ def test_prepare_text_tags_every_caption_a_syntax_run_on_files_reads(demo, tmp_p
     prompts = [t.replace("{}", c) for t in zeroshot.templates for c in zeroshot.classnames]
     retrieval = read_retrieval(str(demo / "retrieval.tsv"), "filepath", "title", "\t").captions
     n = len(training) + len(set(prompts)) + len(set(retrieval))  # the three share no caption
-    assert f"{n} distinct captions in the cache ({n} tagged now, 0 found there)" in capsys.readouterr().out
+    assert f"{n} captions in the cache (counted per source: {n} tagged now, 0 found there)" in capsys.readouterr().out
     reducer = TextReducer("syntax", 6)  # what a run reads: all of it found in the cache
     reducer.prepare(training + prompts + retrieval)
     assert reducer.tagged_texts == 0
     assert main(["prepare-text", str(grid), "--quiet"]) == 0
-    assert f"{n} distinct captions in the cache (0 tagged now, {n} found there)" in capsys.readouterr().out
+    assert f"{n} captions in the cache (counted per source: 0 tagged now, {n} found there)" in capsys.readouterr().out
 
 
 def test_a_template_with_other_braces_is_filled_as_written(demo, tmp_path):
@@ -712,6 +723,11 @@ def test_a_training_table_that_is_not_utf8_has_no_data_row_or_a_column_twice_is_
         with pytest.raises(ConfigError, match=why) as err:
             config_from_dict({"dataset": "csv", "train_data": str(tmp_path / table)}, "run.yaml")
         assert err.value.field == "train_data" and table in str(err.value)
+    (tmp_path / "four.tsv").write_text("\n".join(lines[:5]) + "\n")
+    with pytest.raises(ConfigError, match=r"four.tsv has 4 rows, fewer than one batch \(8\)") as err:
+        config_from_dict({"dataset": "csv", "train_data": str(tmp_path / "four.tsv"), "batch_size": 8}, "run.yaml")
+    assert config_from_dict({"dataset": "csv", "train_data": str(tmp_path / "four.tsv"), "batch_size": 4,
+                             "pretrain_samples": 8}).batch_size == 4
 
 
 def test_a_retrieval_table_whose_image_files_are_missing_is_refused_naming_the_first(demo, tmp_path):
@@ -728,13 +744,19 @@ def test_a_retrieval_table_whose_image_files_are_missing_is_refused_naming_the_f
         read_retrieval(str(tmp_path / "one_lost.tsv"), "filepath", "title", "\t")
 
 
-def test_an_evaluation_set_none_of_whose_images_decodes_is_an_error_not_a_nan_metric(tmp_path):
+def test_an_evaluation_set_none_of_whose_images_decodes_is_refused_at_load_not_after_training(tmp_path):
     for name in ("red", "blue"):
         (tmp_path / "zs" / name).mkdir(parents=True)
         (tmp_path / "zs" / name / "a.jpg").write_bytes(b"not a jpeg")
-    zeroshot = read_zeroshot(str(tmp_path / "zs"))  # listed, not decoded, at load
+    with pytest.raises(ConfigError, match=f"{tmp_path / 'zs'}: none of its 2 images can be read and decoded") as err:
+        config_from_dict({"eval_sets": [{"name": "zs", "type": "zeroshot", "data": str(tmp_path / "zs")}]})
+    assert err.value.field == "eval_sets.0"
+    Image.new("RGB", (8, 8), "blue").save(tmp_path / "zs" / "blue" / "b.jpg")
+    zeroshot = read_zeroshot(str(tmp_path / "zs"))  # one image decodes: the others are skipped and counted
+    for path in zeroshot.images:  # ... and if the files break after the check, the evaluation says so
+        Path(path).write_bytes(b"not a jpeg")
     features = lambda batch: torch.nn.functional.normalize(torch.ones(len(batch), 4), dim=-1)  # noqa: E731
-    with pytest.raises(ValueError, match=f"{tmp_path / 'zs'}: none of its 2 images can be read and decoded"):
+    with pytest.raises(ValueError, match=f"{tmp_path / 'zs'}: none of its 3 images can be read and decoded"):
         evaluate_on_disk(features, features, zeroshot, 16, workers=0)
 
 

@@ -121,6 +121,17 @@ def test_malformed_grids_name_the_field(raw, field):
     assert str(info.value).startswith("g.yaml: ") and "\n" not in str(info.value)
 
 
+
+@pytest.mark.parametrize("raw,field,name", [
+    ({**BASE, "axes": {"image_tokenz": [17]}}, "axes.image_tokenz", "image_tokens"),
+    ({**BASE, "axes": {"seed": [0]}, "settings": {"pretrain_sample": 64}}, "settings.pretrain_sample",
+     "pretrain_samples"),
+])
+def test_a_misspelt_setting_is_named_with_its_nearest_setting(raw, field, name):
+    with pytest.raises(ConfigError) as info:
+        expand(raw, "g.yaml")
+    assert info.value.field == field and f"did you mean {name}" in str(info.value), str(info.value)
+
 BAD_FILES = {
     "unknown_strategy.yaml": "sweep: s\naxes:\n  image_strategy: [zoom]\n",
     "wrong_type.yaml": "sweep: s\nsettings:\n  batch_size: many\naxes:\n  seed: [0]\n",

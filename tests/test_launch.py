@@ -57,6 +57,7 @@ def test_local_launch_runs_every_cell_and_a_relaunch_runs_nothing(tmp_path, caps
     assert results_of(results) == first  # nothing rerun, nothing rewritten
     first_launch = json.loads((results / "tiny" / "manifest.json").read_text())["launches"][0]
     assert len(first_launch["runs"]) == 3 and first_launch["ended"] >= first_launch["time"]  # recorded once
+    assert "pid" not in first_launch  # while it went on, status read its pid to know it was alive
 
     manifest = json.loads((results / "tiny" / "manifest.json").read_text())
     assert len(manifest["runs"]) == 3 and manifest["launches"][-1]["runs"] == [] and len(manifest["launches"]) == 2
@@ -218,6 +219,33 @@ def test_status_tells_running_stale_and_pending_apart(tmp_path):
     assert state == "failed" and reason.startswith("result.json is unreadable")
 
 
+def test_a_run_a_live_local_launch_is_to_train_again_is_pending_not_its_earlier_failure(tmp_path):
+    from sweep.status import live_local_launches
+
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    (run_dir / "result.json").write_text('{"status": "failed", "error": "loss became nan at pretrain step 3"}')
+    (run_dir / "heartbeat").touch()
+    long_ago = time.time() - 600
+    for name in ("result.json", "heartbeat"):
+        os.utime(run_dir / name, (long_ago, long_ago))
+    started = time.strftime("%Y-%m-%dT%H:%M:%S")
+    # the launch started after the failure: its worker has not reached the run yet
+    assert run_state(run_dir, None, {}, time.time(), started) == (
+        "pending", f"waiting for a worker of the local launch of {started}")
+    (run_dir / "heartbeat").touch()  # ... and now it has
+    assert run_state(run_dir, None, {}, time.time(), started) == ("running", "")
+    (run_dir / "result.json").write_text('{"status": "failed", "error": "diverged again"}')
+    os.utime(run_dir / "result.json", (time.time() + 2, time.time() + 2))  # failed again, within this launch
+    assert run_state(run_dir, None, {}, time.time(), started) == ("failed", "diverged again")
+    # only a launch that has not ended, on this machine, whose process is alive
+    me = {"time": started, "runs": ["r"], "ended": None, "pid": os.getpid(), "host": os.uname().nodename}
+    launches = [me, {**me, "runs": ["ended"], "ended": started}, {**me, "runs": ["killed"], "pid": 2**22 + 1},
+                {**me, "runs": ["elsewhere"], "host": "another-machine"}, {**me, "runs": ["older"], "pid": None},
+                {**me, "runs": ["bad time"], "time": "yesterday"}, {**me, "runs": 3}, 7]
+    assert live_local_launches({"launches": launches}) == {"r": started}
+
+
 def test_a_fresh_heartbeat_of_a_run_nobody_holds_is_stale(tmp_path):
     from sweep.results import exclusive
 
@@ -329,12 +357,12 @@ def test_prepare_text_tags_the_syntax_runs_captions_before_launch(tmp_path, monk
     grid.write_text(TINY.format(extra="  train_scenes: 200").replace("  train_scenes: 500\n", "").replace(
         "{image_strategy: [random, resize], image_tokens: 17}", "{text_strategy: [syntax, block], text_tokens: 6}"))
     assert main(["prepare-text", str(grid)]) == 0
-    first = re.search(r"(\d+) distinct captions in the cache \((\d+) tagged now, 0 found there\)",
+    first = re.search(r"(\d+) captions in the cache \(counted per source: (\d+) tagged now, 0 found there\)",
                       capsys.readouterr().out)
     assert first and first[1] == first[2] and int(first[1]) > 0
     assert list((tmp_path / "cache").rglob("*.json")), "nothing was written to the spaCy cache"
     assert main(["prepare-text", str(grid)]) == 0  # all of them are there now
-    assert f"{first[1]} distinct captions in the cache (0 tagged now, {first[1]} found there)" in \
+    assert f"{first[1]} captions in the cache (counted per source: 0 tagged now, {first[1]} found there)" in \
         capsys.readouterr().out
     plain = grid_file(tmp_path)
     assert main(["prepare-text", str(plain)]) == 0
@@ -399,10 +427,17 @@ def test_a_local_worker_of_two_tasks_trains_each_run_on_both(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_an_evaluation_failing_on_rank_0_stops_both_ranks_and_the_worker(tmp_path, capsys):
-    for i in range(3):  # files that exist (checked at load) but do not decode (found at the first evaluation)
-        (tmp_path / f"{i}.jpg").write_bytes(bytes(range(256)) * 2)
-    (tmp_path / "bad.tsv").write_text("filepath\ttitle\n" + "".join(f"{i}.jpg\ta caption {i}\n" for i in range(3)))
-    grid = grid_file(tmp_path, f"  eval_sets: [{{name: bad, type: retrieval, data: {tmp_path / 'bad.tsv'}}}]\n"
+    import io
+    import tarfile
+
+    # a shard whose images do not decode: read on rank 0 alone, when the run starts (a table is read at load)
+    with tarfile.open(tmp_path / "bad.tar", "w") as tar:
+        for i in range(3):
+            for suffix, data in ((".jpg", bytes(range(256)) * 2), (".txt", f"a caption {i}".encode())):
+                member = tarfile.TarInfo(f"{i:04d}{suffix}")
+                member.size = len(data)
+                tar.addfile(member, io.BytesIO(data))
+    grid = grid_file(tmp_path, f"  eval_sets: [{{name: bad, type: retrieval, data: {tmp_path / 'bad.tar'}}}]\n"
                                "slurm: {tasks_per_node: 2}")
     results = tmp_path / "results"
     started = time.time()
@@ -481,7 +516,8 @@ def test_a_run_that_needs_more_than_this_machine_is_refused_before_anything_runs
 
 def test_the_plan_gives_gpu_hours_and_the_time_on_the_runs_gpus(tmp_path, capsys):
     grid = tmp_path / "paper.yaml"
-    grid.write_text("sweep: paper\nsettings: {pretrain_samples: 2560000000, finetune_samples: 0, batch_size: 32768}\n"
+    grid.write_text("sweep: paper\nsettings: {pretrain_samples: 2560000000, finetune_samples: 0, batch_size: 32768, "
+                    "train_scenes: 40000}\n"
                     "axes: {model: [ViT-B-16], image_strategy: [resize], image_tokens: [50]}\nbaselines: false\n"
                     "slurm: {gpus_per_node: 8}\n")
     hours = []
@@ -496,17 +532,25 @@ def test_the_plan_gives_gpu_hours_and_the_time_on_the_runs_gpus(tmp_path, capsys
 
 @pytest.fixture(scope="module")
 def paper_data(tmp_path_factory):
-    """$CLIPA_DATA as the paper recipes expect it, with empty image files: enough for the load-time checks."""
+    """$CLIPA_DATA as the paper recipes expect it, with empty image files but one per set: enough for the load-time
+    checks."""
+    import io
+
     root = tmp_path_factory.mktemp("clipa")
     (root / "laion400m").mkdir()
     for i in range(41408):
         (root / "laion400m" / f"{i:05d}.tar").touch()
+    from PIL import Image
+
+    picture = io.BytesIO()
+    Image.new("RGB", (8, 8), "blue").save(picture, "JPEG")
     for i in range(1000):  # ImageNet's 1000 wnid folders (the load-time check lists them), one image each
         (root / "imagenet" / "val" / f"n{i:08d}").mkdir(parents=True)
-        (root / "imagenet" / "val" / f"n{i:08d}" / "a.JPEG").touch()
+        # the load-time check decodes images up to the first that decodes
+        (root / "imagenet" / "val" / f"n{i:08d}" / "a.JPEG").write_bytes(b"" if i else picture.getvalue())
     (root / "coco" / "val2014").mkdir(parents=True)  # the retrieval table's images must exist at load
     for i in range(2):
-        (root / "coco" / "val2014" / f"{i}.jpg").touch()
+        (root / "coco" / "val2014" / f"{i}.jpg").write_bytes(b"" if i else picture.getvalue())
     (root / "coco" / "test_5k.csv").write_text("filepath\ttitle\n" + "".join(
         f"val2014/{i}.jpg\ta caption {j} of image {i}\n" for i in range(2) for j in range(5)))
     return root

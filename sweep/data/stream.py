@@ -318,9 +318,11 @@ class StreamedBatches:
                     and self.epoch_samples is None:
                 self._prefetched = self._epoch(self.epoch + 1, [0] * self.streams)
             if chunk is None:  # the epoch is over
-                if self.taken == 0:
-                    raise RuntimeError(f"epoch {self.epoch} of the training data has no usable sample "
-                                       f"({self.skipped} skipped and {self.broken_shards} broken shards so far)")
+                if self.taken < self.batch_size:  # a batch would hold a pair twice, each copy the other's negative
+                    raise RuntimeError(f"epoch {self.epoch} of the training data has {self.taken} usable samples, "
+                                       f"fewer than one batch ({self.batch_size}"
+                                       f"{' on this process' if len(self.read) < self.streams else ''}; "
+                                       f"{self.skipped} skipped and {self.broken_shards} broken shards so far)")
                 self._chunks = self._chunk = None  # stops its workers
                 self.epoch, self.consumed, self.taken = self.epoch + 1, [0] * self.streams, 0
                 continue

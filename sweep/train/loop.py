@@ -504,5 +504,5 @@ def load_trained_model(run_dir: str | Path) -> open_clip.CLIP:
     register_open_clip_configs()
     run_dir = Path(run_dir)
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
-    from sweep.models import MODELS
+    from sweep.sizes import MODELS
     return open_clip.create_model(MODELS[cfg["model"]].open_clip_name, pretrained=str(run_dir / "model.pt"))
