@@ -643,8 +643,9 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
-        if os.environ.get("SWEEP_CACHE_DIR") and (file := _file_above(cache_dir())):  # spaCy tags, rendered data
-            raise ConfigError("SWEEP_CACHE_DIR", f"{cache_dir()} cannot be a cache directory: {file} is a file",
+        cache = cache_dir()  # spaCy tags and rendered data are kept there
+        if os.environ.get("SWEEP_CACHE_DIR") and (file := _file_above(cache)):
+            raise ConfigError("SWEEP_CACHE_DIR", f"{cache} cannot be a cache directory: {file} is a file",
                               "environment")
         tflops = getattr(args, "tflops", None)  # what the cost estimates divide by
         if tflops is not None and not (math.isfinite(tflops) and tflops > 0):

@@ -220,13 +220,14 @@ class RunConfig(Settings):
             if self.dataset == "webdataset" and (table := next((p for p in paths if not is_shard(p)), None)):
                 raise invalid("train_data", f"{table} is not a shard (.tar, .tar.gz, .tgz): dataset webdataset "
                               "reads shards, dataset csv a table")
+            rows = None
             if self.dataset == "csv":
                 if len(paths) != 1:
                     raise invalid("train_data", f"a csv training set is one table, got {len(paths)} paths")
-                _ROWS[found] = _check_table("train_data", paths[0], (self.csv_img_key, self.csv_caption_key),
-                                            self.csv_separator)
-            _FOUND.add(found)
-        if self.dataset == "csv" and (rows := _ROWS[found]) < self.batch_size:
+                rows = _check_table("train_data", paths[0], (self.csv_img_key, self.csv_caption_key),
+                                    self.csv_separator)
+            _FOUND[found] = rows
+        if self.dataset == "csv" and (rows := _FOUND[found]) < self.batch_size:
             raise invalid("train_data", f"{self.train_data} has {rows} rows, fewer than one batch "
                           f"({self.batch_size}): a batch would hold the same pair twice")
         if not self.eval_embedded and not self.eval_sets:
@@ -257,7 +258,7 @@ class RunConfig(Settings):
                         read_zeroshot(paths[0], eval_set.zeroshot_classnames, eval_set.zeroshot_templates)
                     except (OSError, ValueError) as err:
                         raise invalid(where, str(err)) from None
-                    _FOUND.add(found)
+                    _FOUND[found] = None
             else:
                 _files_exist(f"{where}.data", paths)
                 if not all(is_shard(p) for p in paths):
@@ -271,7 +272,7 @@ class RunConfig(Settings):
                                            eval_set.csv_separator)
                         except (OSError, ValueError) as err:
                             raise invalid(f"{where}.data", str(err)) from None
-                        _FOUND.add(found)
+                        _FOUND[found] = None
 
     @property
     def spec(self):
@@ -364,8 +365,8 @@ def _choice(name: str, value: str, allowed) -> None:
         raise invalid(name, f"unknown value {value!r}; allowed: {', '.join(allowed)}")
 
 
-_FOUND: set[tuple] = set()  # data this process has checked (41,408 shards take a second to stat; a grid shares them)
-_ROWS: dict[tuple, int] = {}  # rows of the csv training sets among them
+# data this process has checked (41,408 shards take a second to stat; a grid shares them) -> a csv training set's rows
+_FOUND: dict[tuple, int | None] = {}
 
 
 def _expand_env(name: str, value: str | None) -> str | None:

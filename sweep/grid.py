@@ -22,7 +22,6 @@ Every problem is reported as one line naming the file and the field, before anyt
 """
 from __future__ import annotations
 
-import difflib
 import functools
 import hashlib
 import json
@@ -37,7 +36,7 @@ from pydantic import ConfigDict, TypeAdapter, ValidationError
 from sweep.analysis_spec import check_analysis
 from sweep.config import ConfigError, RunConfig, SlurmOptions, config_from_dict, identity, read_yaml_mapping
 from sweep.sizes import MODELS
-from sweep.settings import check_keys, unknown_setting
+from sweep.settings import check_keys, nearest_settings, unknown_setting
 
 GRID_KEYS = ("sweep", "settings", "axes", "include", "exclude", "baselines", "slurm", "tune", "analysis",
              "search")
@@ -108,7 +107,7 @@ def _axis_cells(name: str, values: Any) -> list[dict[str, Any]]:
     cells = []
     for i, group in enumerate(groups):
         if not isinstance(group, dict):
-            if difflib.get_close_matches(name, FIELDS, n=1, cutoff=0.75):  # a typo, not a group of sub-grids
+            if nearest_settings(name, FIELDS):  # a typo, not a group of sub-grids
                 raise ConfigError(where, unknown_setting(name, FIELDS))
             raise ConfigError(f"{where}[{i}]", f"{name!r} is not a setting, so it must be a list of sub-grids "
                               f"(mappings of settings to values); got {group!r}")

@@ -104,13 +104,16 @@ _EXPECTED = {"int_type": "an integer", "int_from_float": "an integer", "float_ty
              "dict_type": "a mapping", "list_type": "a list", "finite_number": "a finite number"}
 
 
+def nearest_settings(key: Any, known: Any) -> list[str]:
+    """The settings `key` looks like a typo of (at most three, nearest first)."""
+    return difflib.get_close_matches(str(key), sorted(known), n=3, cutoff=0.75)
+
+
 def unknown_setting(key: Any, known: Any) -> str:
     """The message for a key that is no setting: the nearest names when it looks like a typo, else all of them."""
-    known = sorted(known)
-    close = difflib.get_close_matches(str(key), known, n=3, cutoff=0.75)
-    if close:
+    if close := nearest_settings(key, known):
         return f"unknown setting; did you mean {' or '.join(close)}?"
-    return f"unknown setting; known settings: {', '.join(known)}"
+    return f"unknown setting; known settings: {', '.join(sorted(known))}"
 
 
 def _range(constraints: dict[str, Any]) -> str:

@@ -150,15 +150,16 @@ def scheduler_states(job_ids: list[str]) -> dict[str, dict[str, str]]:
 
 # ------------------------------------------------------------------------------------------------- a run's state
 
-def live_local_launches(manifest: dict[str, Any]) -> dict[str, str]:
-    """Run id -> start time of the local launch, still going on this machine, that is to train it."""
+def live_local_launches(manifest: dict[str, Any]) -> dict[str, float]:
+    """Run id -> start (seconds since the epoch) of the local launch, still going on this machine, that is to train
+    it."""
     queued = {}
     for launch in manifest["launches"]:
         if isinstance(launch, dict) and "ended" in launch and launch["ended"] is None \
                 and launch.get("host") == socket.gethostname() and _alive(launch.get("pid")):
             try:
-                time.strptime(launch["time"], "%Y-%m-%dT%H:%M:%S")
-                queued.update({run_id: launch["time"] for run_id in launch["runs"]})
+                started = time.mktime(time.strptime(launch["time"], "%Y-%m-%dT%H:%M:%S"))
+                queued.update({run_id: started for run_id in launch["runs"]})
             except (KeyError, TypeError, ValueError):  # a damaged record tells nothing
                 continue
     return queued
@@ -175,9 +176,10 @@ def _alive(pid: Any) -> bool:
 
 
 def run_state(run_dir: str | Path, job_id: str | None, scheduler: dict[str, dict[str, str]], now: float,
-              queued: str | None = None) -> tuple[str, str]:
-    """(state, one-line reason) of one run: its record, then its Slurm job's state, then its heartbeat. `queued`:
-    the start time of a live local launch that is to train the run (`live_local_launches`)."""
+              since: float | None = None) -> tuple[str, str]:
+    """(state, one-line reason) of one run: its record, then its Slurm job's state, then its heartbeat. `since`:
+    the start of a live local launch that is to train the run (`live_local_launches`); a record, heartbeat or
+    ended Slurm job older than that is of an earlier try."""
     run_dir = str(run_dir)
     done = read_status(run_dir)
     try:
@@ -185,8 +187,6 @@ def run_state(run_dir: str | Path, job_id: str | None, scheduler: dict[str, dict
     except OSError:
         beat = None
     info = scheduler.get(job_id) if job_id else None
-    # a record, heartbeat or ended Slurm job older than that launch is of an earlier try
-    since = time.mktime(time.strptime(queued, "%Y-%m-%dT%H:%M:%S")) if queued else None
     job_alive = bool(info and info["state"] in SCHEDULER_ALIVE)
     if done:
         # a failed record with a rerun alive (a job in the queue, a heartbeat newer than the record, or a live
@@ -196,7 +196,8 @@ def run_state(run_dir: str | Path, job_id: str | None, scheduler: dict[str, dict
         if done[0] == "completed" or not rerun_alive:
             return done
     if since is not None and not job_alive and (beat is None or beat < since):
-        return "pending", f"waiting for a worker of the local launch of {queued}"
+        return "pending", f"waiting for a worker of the local launch of " \
+                          f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.localtime(since))}"
     if info:
         state = info["state"]
         if state == "COMPLETING" and info.get("ended"):

@@ -178,15 +178,15 @@ def studies_of(grid) -> list[Study]:
     if spec.scope == "model":
         # one study per model size and setup: a size whose runs differ in another swept setting (weight_decay:
         # [0.05, 0.2]) has a study per value, labelled with it; its seeds share one
-        bases: dict[tuple, RunConfig] = {}
+        bases: dict[tuple, tuple[RunConfig, dict[str, Any]]] = {}
         for run in grid.runs:
             base = full_length(run.config)
-            bases.setdefault((base.model, repr(setup(base, spec.params))), base)
+            pairs = setup(base, spec.params)
+            bases.setdefault((base.model, repr(pairs)), (base, dict(pairs)))
         labelled = []
-        for (model, _), base in bases.items():
-            others = [b for (m, _), b in bases.items() if m == model]
-            differ = sorted(k for k, v in setup(base, spec.params) if any(dict(setup(o, spec.params))[k] != v
-                                                                          for o in others))
+        for (model, _), (base, mine) in bases.items():
+            others = [theirs for (m, _), (_, theirs) in bases.items() if m == model]
+            differ = sorted(k for k, v in mine.items() if any(theirs[k] != v for theirs in others))
             label = "_".join([model] + [f"{k}={_fmt(getattr(base, k))}" for k in differ])
             labelled.append((re.sub(r"[^\w.=+-]", "-", label), base))  # a study's lock files are named by it
     else:
@@ -668,7 +668,8 @@ def best_settings(tune_dir: str | Path) -> list[dict[str, Any]]:
         complete = [t for t in opened.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
         if complete and attrs.get("scope"):
             best = opened.best_trial
-            found.append({"name": summary.study_name, "scope": attrs["scope"], "model": attrs.get("model"),
+            found.append({"name": summary.study_name, "label": summary.study_name.rsplit(".", 1)[0],
+                          "scope": attrs["scope"], "model": attrs.get("model"),
                           "base": attrs.get("base") or {}, "params": attrs.get("params") or sorted(best.params),
                           "best": best.params, "value": best.value, "number": best.number})
     if not found:
@@ -683,18 +684,20 @@ def apply_best(grid, tune_dir: str | Path) -> tuple[Any, list[str]]:
     from sweep.grid import Run, run_id
 
     found = best_settings(tune_dir)
+    for study in found:
+        study["setup"] = setup(study["base"], study["params"])
     runs, used, origin = {}, {}, {}
     for run in grid.runs:
         cfg = run.config
-        cell = [s for s in found if s["scope"] == "cell" and setup(cfg, s["params"]) == setup(s["base"], s["params"])]
+        cell = [s for s in found if s["scope"] == "cell" and setup(cfg, s["params"]) == s["setup"]]
         # a model study serves its size's runs of its setup; the one study of a size serves any (a grid may
         # train on other settings than the tuning grid did)
         sized = [s for s in found if s["scope"] == "model" and s["model"] == cfg.model]
-        same = [s for s in sized if setup(full_length(cfg), s["params"]) == setup(s["base"], s["params"])]
-        one = sized if len({s["name"].rsplit(".", 1)[0] for s in sized}) == 1 else []
+        same = [s for s in sized if setup(full_length(cfg), s["params"]) == s["setup"]]
+        one = sized if len({s["label"] for s in sized}) == 1 else []
         match = (cell or same or one or [None])[-1]  # among equals the newest
         if match is None:
-            tuned = ", ".join(sorted({s["name"].rsplit(".", 1)[0] for s in found}))
+            tuned = ", ".join(sorted({s["label"] for s in found}))
             why = (f"its size has {len(sized)} studies of other settings" if sized else
                    "no model study has its size and no cell study its settings")
             raise ConfigError("--from-tune", f"no study in {tune_dir} covers {run.run_id}: {why} (studies: "

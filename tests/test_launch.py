@@ -229,21 +229,22 @@ def test_a_run_a_live_local_launch_is_to_train_again_is_pending_not_its_earlier_
     long_ago = time.time() - 600
     for name in ("result.json", "heartbeat"):
         os.utime(run_dir / name, (long_ago, long_ago))
-    started = time.strftime("%Y-%m-%dT%H:%M:%S")
+    started = time.strftime("%Y-%m-%dT%H:%M:%S")  # as a launch records it
+    since = time.mktime(time.strptime(started, "%Y-%m-%dT%H:%M:%S"))
     # the launch started after the failure: its worker has not reached the run yet
-    assert run_state(run_dir, None, {}, time.time(), started) == (
+    assert run_state(run_dir, None, {}, time.time(), since) == (
         "pending", f"waiting for a worker of the local launch of {started}")
     (run_dir / "heartbeat").touch()  # ... and now it has
-    assert run_state(run_dir, None, {}, time.time(), started) == ("running", "")
+    assert run_state(run_dir, None, {}, time.time(), since) == ("running", "")
     (run_dir / "result.json").write_text('{"status": "failed", "error": "diverged again"}')
     os.utime(run_dir / "result.json", (time.time() + 2, time.time() + 2))  # failed again, within this launch
-    assert run_state(run_dir, None, {}, time.time(), started) == ("failed", "diverged again")
+    assert run_state(run_dir, None, {}, time.time(), since) == ("failed", "diverged again")
     # only a launch that has not ended, on this machine, whose process is alive
     me = {"time": started, "runs": ["r"], "ended": None, "pid": os.getpid(), "host": os.uname().nodename}
     launches = [me, {**me, "runs": ["ended"], "ended": started}, {**me, "runs": ["killed"], "pid": 2**22 + 1},
                 {**me, "runs": ["elsewhere"], "host": "another-machine"}, {**me, "runs": ["older"], "pid": None},
                 {**me, "runs": ["bad time"], "time": "yesterday"}, {**me, "runs": 3}, 7]
-    assert live_local_launches({"launches": launches}) == {"r": started}
+    assert live_local_launches({"launches": launches}) == {"r": since}
 
 
 def test_a_fresh_heartbeat_of_a_run_nobody_holds_is_stale(tmp_path):
