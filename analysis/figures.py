@@ -29,10 +29,7 @@ METRIC_LABELS = {
     "i2t_r1": "image-to-text recall@1",
     "t2i_r1": "text-to-image recall@1",
 }
-AXIS_LABELS = {
-    "image": "image tokens (incl. class token)",
-    "text": "text tokens (incl. start/end)",
-}
+TOKEN_COUNTS = {"image": "incl. class token", "text": "incl. start/end"}  # what a token count includes
 STRATEGY_ORDER = {"image": ["random", "grid", "block", "resize"], "text": ["truncation", "random", "block", "syntax"]}
 # What the x value of a reduced run is, and what was evaluated, per stage: after a fine-tune or at full length, the
 # model is evaluated at full length, so the x axis is the length it was pre-trained at.
@@ -82,20 +79,22 @@ def strategy_color(strategy: str) -> tuple:
 
 def token_label(axis: str, stage: str = "pretrain", short: bool = False) -> str:
     """The label of a token axis: after a fine-tune or at full length, the length the model was pre-trained at.
-    `short`: without what the count includes (a panel's x label; the legend says it once)."""
-    label = f"{axis} tokens" if short else AXIS_LABELS[axis]
+    `short`: without what the count includes."""
+    label = f"{axis} tokens" if short else f"{axis} tokens ({TOKEN_COUNTS[axis]})"
     return label if stage == "pretrain" else f"pre-training {label}"
 
 
-TOKENS_NOTE = "image tokens include the class token,\ntext tokens the start and end tokens"
+def _wrap_title(text: str, width: float) -> str:
+    """A title wrapped to a figure `width` inches wide (~11 characters of 10-pt text per inch)."""
+    import textwrap
+
+    chars = max(15, int(width * 11))
+    return "\n".join(textwrap.fill(line, chars, break_on_hyphens=False) for line in text.split("\n"))
 
 
 def _title(fig: Figure, text: str) -> None:
     """A suptitle wrapped to the figure's width (a one-panel figure is narrow)."""
-    import textwrap
-
-    chars = max(30, int(fig.get_figwidth() * 11))  # ~11 characters of the suptitle's 10.8-pt text per inch
-    text = "\n".join(textwrap.fill(line, chars) for line in text.split("\n"))
+    text = _wrap_title(text, fig.get_figwidth())
     fig.suptitle(text)
     # room for every line above the panels and their titles (~0.2 in a line)
     fig.subplots_adjust(top=min(fig.subplotpars.top, 1 - (0.35 + 0.2 * (text.count("\n") + 1)) / fig.get_figheight()))
@@ -169,26 +168,90 @@ def _token_axis(ax, ticks) -> None:
     _x_ticks(ax, np.array(ticks), [f"{t:g}" for t in ticks])
 
 
-_LEGEND_WIDTH = 2.6  # inches kept free on the right of panel figures for the legend
+# Panel figures fit a paper's text width (7 in: a two-column figure* or a one-column page): four strategy panels
+# side by side, their shared y axis labelled once per row, one x label per row, the legend below them.
+_PANEL_WIDTH, _PANEL_HEIGHT, _PANEL_GAP = 1.4, 1.4, 0.2  # inches
+_PANEL_TITLE = 0.3  # a panel's title above it
 
 
-def _grid_figure(panels: list[tuple[str, list[str]]]) -> tuple[Figure, dict]:
-    """One row of panels per axis, one column per strategy; fixed margins (fast, unlike a layout engine)."""
+def _grid_figure(panels: list[tuple[str, list[str]]], ylabel: str) -> tuple[Figure, dict]:
+    """One row of panels per axis, one column per strategy, the panels' size fixed in inches and each row's y axis
+    shared and labelled on its first panel (`ylabel`, wrapped to the panel's height); `_finish_grid` sizes the
+    figure's height once the ticks and the legend are known (fixed margins: fast, unlike a layout engine)."""
+    import textwrap
+
     ncols = max(len(s) for _, s in panels)
-    nrows = len(panels)
-    width, height = 3.3 * ncols + 0.7 + _LEGEND_WIDTH, 2.9 * nrows + 1.1
-    fig = Figure(figsize=(width, height))
-    fig.subplots_adjust(left=0.75 / width, right=1 - (_LEGEND_WIDTH + 0.1) / width, bottom=0.8 / height,
-                        top=1 - 0.75 / height, wspace=0.38, hspace=0.55 if nrows > 1 else 0.2)
-    grid = fig.subplots(nrows, ncols, squeeze=False, sharey="row")
+    ylabel = textwrap.fill(ylabel, int(_PANEL_HEIGHT * 16), break_on_hyphens=False)  # ~16 9-pt characters/in
+    left, right = 0.4 + 0.16 * (ylabel.count("\n") + 1), 0.15  # y tick labels and the y label's lines; air
+    panels_width = ncols * _PANEL_WIDTH + (ncols - 1) * _PANEL_GAP
+    # at least a column of a two-column paper, the legend's width, with one panel in the middle
+    extra = max(0.0, 3.4 - (left + panels_width + right)) / 2
+    left, right = left + extra, right + extra
+    width = left + panels_width + right
+    fig = Figure(figsize=(width, 4.0))  # the token axes' ticks are placed by the panels' width in inches: set it now
+    fig.subplots_adjust(left=left / width, right=1 - right / width, wspace=_PANEL_GAP / _PANEL_WIDTH)
+    grid = fig.subplots(len(panels), ncols, squeeze=False, sharey="row")
     axes = {}
     for row, (axis, strategies) in enumerate(panels):
+        grid[row][0].set_ylabel(ylabel)
         for col in range(ncols):
             if col < len(strategies):
                 axes[(axis, strategies[col])] = grid[row][col]
             else:
                 grid[row][col].set_visible(False)
     return fig, axes
+
+
+def _finish_grid(fig: Figure, axes: dict, xlabels: dict[str, str], models: list, notes: list, title: str) -> None:
+    """Label each row's x axis once (centred under the row, below its lowest tick label), put the legend under the
+    panels (the `models` in its first column, then the `notes`), and size the figure's height around the
+    fixed-size panels and the `title`."""
+    import textwrap
+
+    rows: dict[str, list] = {}
+    for (axis, _), ax in axes.items():
+        rows.setdefault(axis, []).append(ax)
+    width = fig.get_figwidth()
+    below_row = {}
+    for axis, row in rows.items():
+        # how far below the row's panels its tick labels reach (a label moved a line lower has a larger pad)
+        depth = max(t.get_pad() + 11 * (t.label1.get_text().count("\n") + 1)
+                    for ax in row for t in ax.xaxis.get_major_ticks()) / 72
+        span = len(row) * _PANEL_WIDTH + (len(row) - 1) * _PANEL_GAP  # panels and gaps are fixed in inches
+        middle = fig.subplotpars.left * width + span / 2
+        room = max(span, 2 * min(middle, width - middle) - 0.2)  # the label may reach past the row's panels
+        first = row[0]
+        first.set_xlabel(textwrap.fill(xlabels[axis], int(room * 16), break_on_hyphens=False))
+        first.xaxis.set_label_coords(span / 2 / _PANEL_WIDTH, -(depth + 0.06) / _PANEL_HEIGHT)  # the middle
+        below_row[axis] = depth + 0.13 + 0.17 * (first.get_xlabel().count("\n") + 1)
+    legend = models + notes
+    columns, legend_rows = _legend_columns(legend, width - 0.2, len(models))
+    title = _wrap_title(title, width)
+    above = 0.2 + 0.19 * (title.count("\n") + 1) + _PANEL_TITLE
+    between = max(below_row.values()) + _PANEL_TITLE
+    under = below_row[list(rows)[-1]]
+    legend_height = 0.25 + 0.19 * legend_rows + 0.1  # its title, its lines, a margin
+    nrows = len(rows)
+    height = above + nrows * _PANEL_HEIGHT + (nrows - 1) * between + under + legend_height
+    fig.set_size_inches(width, height)
+    fig.subplots_adjust(top=1 - above / height, bottom=(under + legend_height) / height,
+                        hspace=between / _PANEL_HEIGHT)
+    fig.legend(handles=legend, loc="upper center", bbox_to_anchor=(0.5, legend_height / height), ncol=columns,
+               title="model (parameters, both towers)", frameon=False, columnspacing=1.2, handlelength=1.6)
+    fig.suptitle(title, y=1 - 0.1 / height, va="top")
+
+
+def _legend_columns(handles: list, width: float, lines_at_least: int) -> tuple[int, int]:
+    """The fewest lines per column (at least `lines_at_least`: the models, in one column) that lets a figure legend
+    of `handles` fit `width` inches, as (columns, lines); matplotlib fills the columns top to bottom."""
+    def inches(handle) -> float:  # ~0.058 in per 8-pt character, after the handle and the spacing
+        return 0.62 + 0.058 * max(map(len, handle.get_label().split("\n")))
+
+    for per_column in range(min(max(1, lines_at_least), len(handles)), len(handles) + 1):
+        chunks = [handles[i:i + per_column] for i in range(0, len(handles), per_column)]
+        if sum(max(map(inches, chunk)) for chunk in chunks) <= width:
+            break
+    return len(chunks), max(sum(h.get_label().count("\n") + 1 for h in chunk) for chunk in chunks)
 
 
 def _error_bars(ax, bars: list[tuple[np.ndarray, np.ndarray, np.ndarray, tuple]]) -> bool:
@@ -228,6 +291,11 @@ def _curves(cells: pd.DataFrame) -> dict[tuple[str, str], list[tuple[str, dict[s
     return out
 
 
+def _row_xlabels(axes: dict, stage: str) -> dict[str, str]:
+    """Each row's x label: the token axis, what its count includes, the scale."""
+    return {axis: f"{token_label(axis, stage, short=True)} ({TOKEN_COUNTS[axis]}; log scale)" for axis, _ in axes}
+
+
 def _panel_ticks(items) -> np.ndarray:
     return np.unique(np.concatenate([arrays["tokens"] for _, arrays in items]))
 
@@ -241,7 +309,7 @@ def plot_accuracy_vs_tokens(cells: pd.DataFrame, stage: str = "pretrain") -> Fig
     colors = model_colors(cells)
     curves = _curves(cells)
     with _style():
-        fig, axes = _grid_figure(panels)
+        fig, axes = _grid_figure(panels, f"{metric_label(metric)} (%)")
         drawn, bars = set(), False
         for (axis, strategy), ax in axes.items():
             items = curves.get((axis, strategy), [])
@@ -251,13 +319,10 @@ def plot_accuracy_vs_tokens(cells: pd.DataFrame, stage: str = "pretrain") -> Fig
             bars |= _error_bars(ax, [(c["tokens"], c["metric_mean"], c["metric_std"], colors[m]) for m, c in items])
             _token_axis(ax, _panel_ticks(items) if items else [])
             ax.set_title(f"{axis} · {strategy}")
-            ax.set_xlabel(token_label(axis, stage, short=True) + " (log scale)")
-            if ax.get_subplotspec().is_first_col():
-                ax.set_ylabel(f"{metric_label(metric)} (%)")
-        extra = [_note("mean ± 1 std over seeds" if bars else "one seed per point"),
-                 _note("rightmost point: full-length run"), _note(TOKENS_NOTE)]
-        _model_legend(fig, cells, colors, extra, drawn)
-        _title(fig, f"{metric_label(metric).capitalize()} against token length\n{STAGE_PHRASES.get(stage, stage)}")
+        notes = [_note("mean ± 1 std over seeds" if bars else "one seed per point"),
+                 _note("rightmost point: full-length run")]
+        _finish_grid(fig, axes, _row_xlabels(axes, stage), _model_handles(cells, colors, drawn), notes,
+                     f"{metric_label(metric).capitalize()} against token length\n{STAGE_PHRASES.get(stage, stage)}")
     return fig
 
 
@@ -272,7 +337,7 @@ def plot_drop_vs_tokens(
     colors = model_colors(cells)
     curves = _curves(cells)
     with _style():
-        fig, axes = _grid_figure(panels)
+        fig, axes = _grid_figure(panels, f"drop in {metric_label(metric)} (pp)")
         drawn, bars, fitted = set(), False, False
         for (axis, strategy), ax in axes.items():
             items = [(m, c) for m, c in curves.get((axis, strategy), []) if np.isfinite(c["drop"]).any()]
@@ -289,17 +354,14 @@ def plot_drop_vs_tokens(
             ax.axhline(0.0, color="0.4", linewidth=0.8)
             _token_axis(ax, _panel_ticks(curves[(axis, strategy)]) if (axis, strategy) in curves else [])
             ax.set_title(f"{axis} · {strategy}")
-            ax.set_xlabel(token_label(axis, stage, short=True) + " (log scale)")
-            if ax.get_subplotspec().is_first_col():
-                ax.set_ylabel(f"drop in {metric_label(metric)} (pp)")
         extra = [Line2D([], [], color="0.3", marker="o", linestyle="none",
                         label="mean ± 1 std, baseline's included" if bars else "one seed per point")]
         if fitted:
             extra.append(Line2D([], [], color="0.3", linewidth=1.4, label="fitted a·((t_full/t)^b − 1)"))
         extra += [Line2D([], [], color="crimson", linestyle="--", label=f"tolerance: {max_drop:g} pp"),
-                  _note("drop: from the model's full-length run"), _note(TOKENS_NOTE)]
-        _model_legend(fig, cells, colors, extra, drawn)
-        _title(fig, f"Drop in {metric_label(metric)} against token length\n{STAGE_PHRASES.get(stage, stage)}")
+                  _note("drop: from the model's full-length run")]
+        _finish_grid(fig, axes, _row_xlabels(axes, stage), _model_handles(cells, colors, drawn), extra,
+                     f"Drop in {metric_label(metric)} against token length\n{STAGE_PHRASES.get(stage, stage)}")
     return fig
 
 
@@ -318,10 +380,11 @@ def plot_min_tokens_vs_params(min_tokens: pd.DataFrame, laws: pd.DataFrame) -> F
     stage = table["stage"].iloc[0] if "stage" in table.columns else "pretrain"
     with _style():
         # inches: the panels' height is fixed, the space below them is what their legends need (set at the end)
-        width, panel, above, below = 4.6 * len(axes_present) + 0.6, 2.75, 0.86, 0.0
+        width, panel, above, below = 3.4 * len(axes_present) + 0.6, 2.75, 0.86, 0.0
         fig = Figure(figsize=(width, 5.4))
         fig.subplots_adjust(left=0.95 / width, right=1 - 0.2 / width, wspace=0.35)
         grid = fig.subplots(1, len(axes_present), squeeze=False)[0]
+        keys: dict[str, Line2D] = {}  # the figure's legend of markers and lines, by label
         for ax, axis in zip(grid, axes_present):
             sub = table[table["axis"] == axis]
             strategies = _strategies(sub, axis)
@@ -351,7 +414,7 @@ def plot_min_tokens_vs_params(min_tokens: pd.DataFrame, laws: pd.DataFrame) -> F
                 label = strategy
                 law = laws[(laws["axis"] == axis) & (laws["strategy"] == strategy)]
                 if len(law):
-                    label += f" (slope {law['slope'].iloc[0]:.2f})"
+                    label += f" ({law['slope'].iloc[0]:.2f})"
                 if len(ok):
                     x, fit = ok[size].to_numpy(float) * offset[fitted], ok["min_tokens_fit"].to_numpy(float)
                     ci_low = ok["ci_low"].to_numpy(float)
@@ -400,30 +463,34 @@ def plot_min_tokens_vs_params(min_tokens: pd.DataFrame, laws: pd.DataFrame) -> F
             ax.set_ylabel(f"minimum {token_label(axis, stage)}\nwith drop ≤ {max_drop:g} pp (log scale)")
             ax.set_title(f"{axis} tokens")
             trained = _shortest_trained(ax, sub, size)
-            handles, labels = map(list, zip(*strategy_handles))
-            for face in sorted(faces):  # "filled", then "open": an open circle's value is not an answer yet
-                handles.append(Line2D([], [], color="0.3", marker="o", linestyle="none",
-                                      markerfacecolor="0.3" if face == "filled" else "white"))
-                labels.append(f"fitted, {'resolved' if face == 'filled' else 'not resolved'}" if intervals
-                              else "fitted crossing")
-            if intervals:
-                handles.append(_note(""))
-                labels.append(f"bars: {confidence:.0%} interval")
-            handles += [Line2D([], [], color="0.3", marker="s", markerfacecolor="none", linestyle="none"),
-                        Line2D([], [], color="0.3", linestyle="--")]
-            labels += ["measured (grid point)", "log-log fit"]
             if trained is not None:
-                handles.append(trained)
-                labels.append("shortest length trained")
+                keys["shortest length trained"] = trained
             if open_ended:
-                handles.append(Line2D([], [], color="0.3", marker="v", linestyle="none"))
-                labels.append("interval below the axis")
+                keys["interval below the axis"] = Line2D([], [], color="0.3", marker="v", linestyle="none")
+            for face in faces:
+                keys[f"fitted, {'resolved' if face == 'filled' else 'not resolved'}" if intervals
+                     else "fitted crossing"] = Line2D([], [], color="0.3", marker="o", linestyle="none",
+                                                      markerfacecolor="0.3" if face == "filled" else "white")
             ticks_in = 0.93 if staggered else 0.65  # tick labels and the axis label
-            ax.legend(handles, labels, title="strategy", loc="upper center",
+            handles, labels = map(list, zip(*strategy_handles))
+            ax.legend(handles, labels, title="strategy (slope of the log-log fit)", loc="upper center",
                       bbox_to_anchor=(0.5, -ticks_in / panel), ncol=2, frameon=False)
-            below = max(below, ticks_in + 0.3 + 0.18 * -(-len(handles) // 2) + 0.15)  # title, rows, margin
-        fig.set_size_inches(width, above + panel + below)
-        fig.subplots_adjust(bottom=below / fig.get_figheight(), top=1 - above / fig.get_figheight())
+            below = max(below, ticks_in + 0.3 + 0.18 * -(-len(handles) // 2) + 0.1)  # title, rows, margin
+        # what the markers and lines mean, once for every panel; an open circle's value is not an answer yet
+        if intervals:
+            keys[f"bars: {confidence:.0%} interval"] = _note("")
+        keys["measured (grid point)"] = Line2D([], [], color="0.3", marker="s", markerfacecolor="none",
+                                               linestyle="none")
+        keys["log-log fit"] = Line2D([], [], color="0.3", linestyle="--")
+        order = ["fitted, resolved", "fitted, not resolved", "fitted crossing", f"bars: {confidence:.0%} interval",
+                 "measured (grid point)", "log-log fit", "shortest length trained", "interval below the axis"]
+        labels = [label for label in order if label in keys]
+        columns, lines = _legend_columns([Line2D([], [], label=label) for label in labels], width - 0.2, 1)
+        key_height = 0.18 * lines + 0.1
+        fig.set_size_inches(width, above + panel + below + key_height)
+        fig.subplots_adjust(bottom=(below + key_height) / fig.get_figheight(), top=1 - above / fig.get_figheight())
+        fig.legend([keys[label] for label in labels], labels, loc="lower center",
+                   bbox_to_anchor=(0.5, 0.05 / fig.get_figheight()), ncol=columns, frameon=False)
         _title(fig, f"Minimum token length against encoder size\n{metric_label(metric)}, tolerance {max_drop:g} pp; "
                     f"{STAGE_PHRASES.get(stage, stage)}")
     return fig
@@ -478,8 +545,8 @@ def plot_accuracy_vs_compute(cells: pd.DataFrame, stage: str = "pretrain") -> Fi
     colors = model_colors(cells)
     markers = {"full": "*", "image": "o", "text": "s", "both": "^"}
     with _style():
-        fig = Figure(figsize=(8.4, 4.8))
-        fig.subplots_adjust(left=0.09, right=0.74, bottom=0.12, top=0.9)
+        fig = Figure(figsize=(7.0, 4.0))  # a paper's text width, the legend on the right
+        fig.subplots_adjust(left=0.1, right=0.7, bottom=0.13, top=0.9)
         ax = fig.subplots()
         point_colors = np.array([colors[m] for m in data["model"]])
         for axis, marker in markers.items():
@@ -514,15 +581,11 @@ def _note(text: str) -> Line2D:
     return Line2D([], [], linestyle="none", label=text)
 
 
-def _model_legend(fig: Figure, cells: pd.DataFrame, colors: dict, extra: list | None = None,
-                  drawn: set[str] | None = None) -> None:
-    """The models (those `drawn`, by default all) with their sizes, then the `extra` entries."""
+def _model_handles(cells: pd.DataFrame, colors: dict, drawn: set[str]) -> list[Line2D]:
+    """Legend entries for the models `drawn`, with their sizes."""
     params = cells.groupby("model")["params"].first()
-    handles = [Line2D([], [], color=colors[m], marker="o", linewidth=1.4, label=model_label(m, params[m]))
-               for m in model_order(cells) if drawn is None or m in drawn]
-    width = fig.get_figwidth()
-    fig.legend(handles=handles + (extra or []), loc="center left", bbox_to_anchor=(1 - _LEGEND_WIDTH / width, 0.5),
-               title="model (parameters, both towers)", frameon=False)
+    return [Line2D([], [], color=colors[m], marker="o", linewidth=1.4, label=model_label(m, params[m]))
+            for m in model_order(cells) if m in drawn]
 
 
 class _style:

@@ -135,6 +135,10 @@ def _executor(args: argparse.Namespace, grid):
     if bad := next((r.config for r in grid.runs if r.config.batch_size % world), None):
         raise ConfigError("settings.batch_size", f"{bad.batch_size} does not split into the {world} processes of a "
                           f"run (nodes x tasks per node); give a multiple of {world}", args.grid)
+    if world > 1 and any(r.config.dataset != "synthetic" and r.config.train_num_samples is None for r in grid.runs):
+        raise ConfigError("settings.train_num_samples", f"is needed to train on files with {world} processes a run "
+                          "(at most the training set's usable samples): each ends every epoch after its share of it, "
+                          "so that they stay in step", args.grid)
     if executor == "local":
         if slurm.nodes > 1:
             raise ConfigError("slurm.nodes", f"{slurm.nodes} nodes per run need the Slurm executor", args.grid)
@@ -164,8 +168,10 @@ def _search(args: argparse.Namespace) -> int:
     slurm, executor = _executor(args, grid)
     from sweep.launch import sweep_manifest
 
-    # rounds count on over calls (on Slurm each call is one round)
-    rounds = sum("search_round" in launch for launch in sweep_manifest(args.results, grid.sweep)["launches"])
+    # rounds count on over calls (on Slurm each call is one round); a round cut short keeps its number
+    launched = [launch for launch in sweep_manifest(args.results, grid.sweep)["launches"] if "search_round" in launch]
+    rounds = launched[-1]["search_round"] if launched else 0
+    last = set(launched[-1]["runs"]) if launched else set()
     previous = None
     # with --rerun-failed: the needed runs that had ended without a value, each trained once more by this call
     retry = set(plan(grid, args.results).failed) if args.rerun_failed else set()
@@ -179,10 +185,12 @@ def _search(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             print(report(grid, args.results, found))
             return 1
-        previous, rounds = ids, rounds + 1
+        again = previous is None and set(ids) <= last  # what the last call's round left
+        previous, rounds = ids, rounds + (not again)
         what = Counter("_".join(r.run_id.split("_")[:3]) for r in found.runs)  # model, strategies, tokens
-        print(f"round {rounds}: {len(found.runs)} runs ({found.spent} trained before, budget {found.budget}): "
-              + ", ".join(f"{k} x{n}" if n > 1 else k for k, n in sorted(what.items())))
+        print(f"round {rounds}{' (continued)' if again else ''}: {len(found.runs)} runs ({found.spent} trained "
+              f"before, budget {found.budget}): " + ", ".join(f"{k} x{n}" if n > 1 else k
+                                                               for k, n in sorted(what.items())))
         if args.dry_run:
             print("dry run: nothing written, nothing submitted (later rounds depend on these runs' results)")
             return 0
@@ -194,7 +202,8 @@ def _search(args: argparse.Namespace) -> int:
                   f"sweep search {args.grid} again once they have ended")
             return 0
         record = launch(sub, args.results, executor, todo, skipped, max_parallel=args.max_parallel,
-                        fail_fast=False, slurm=slurm, progress=not args.quiet, note={"search_round": rounds})
+                        fail_fast=False, slurm=slurm, progress=not args.quiet, note={"search_round": rounds},
+                        command="search")
         if executor == "slurm":
             print(f"submitted round {rounds} as job array(s) {', '.join(record['arrays'])}; once it has ended "
                   f"(sweep status {where}), run sweep search {args.grid} again for the next round")
@@ -242,7 +251,9 @@ def _launch(args: argparse.Namespace) -> int:
         if configs:
             threads = threads_per_run(executor, args.max_parallel, slurm, len(configs))
             costs = estimate(configs, threads, args.tflops, slurm.world_size)
-            print(format_plan(group_rows(configs, costs), args.max_parallel))
+            # on Slurm, the array's throttle says how many run at once
+            parallel = slurm.array_parallelism if executor == "slurm" else args.max_parallel
+            print(format_plan(group_rows(configs, costs), parallel))
         print("dry run: nothing written, nothing submitted")
         return 0
     record = launch(grid, args.results, executor, todo, skipped, max_parallel=args.max_parallel,

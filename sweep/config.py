@@ -72,7 +72,8 @@ class RunConfig(Settings):
                                      "expansion; several sources joined with ::); csv: the table. Relative paths "
                                      "are relative to the working directory.")
     train_num_samples: int | None = setting(None, "End an epoch of webdataset/csv data after this many samples "
-                                            "(open_clip_train's epoch size); empty: an epoch is every sample once.",
+                                            "(open_clip_train's epoch size); empty: an epoch is every sample once. "
+                                            "Needed on several processes: each ends its epochs after its share.",
                                             gt=0)
     csv_img_key: str = setting("filepath", "csv: the image path column (paths relative to the table).")
     csv_caption_key: str = setting("title", "csv: the caption column.")
@@ -303,8 +304,9 @@ class SlurmOptions(Settings):
                                   ge=0)
     cpus: int = setting(1, "CPU cores per task (also its torch threads).", ge=1)
     mem_gb: Number = setting(4.0, "Memory per node of a run, GB.", gt=0)
-    time_min: int = setting(60, "Time limit per run, minutes; a run that hits it is requeued and resumes from "
-                            "its checkpoint.", ge=1)
+    time_min: int = setting(60, "Time limit per job, minutes; a run that hits it is requeued and resumes from "
+                            "its checkpoint, up to 100 times (signalled min(90 s, time_min x 15 s) before to write "
+                            "it).", ge=1)
     array_parallelism: int = setting(64, "At most this many tasks of an array run at once.", ge=1)
     sbatch: dict[str, str | int | float | bool] = setting({}, "Extra sbatch flags, e.g. {constraint: a100, "
                                                          "exclude: node12}.")

@@ -43,7 +43,8 @@ from sweep.record import ResultRecord, read_status, result_mtime, status_of, wri
 from sweep.results import (AlreadyRunning, EndedElsewhere, atomic_write, exclusive, held_elsewhere,
                            write_json_atomic)
 from sweep.stopping import stop_requests
-from sweep.status import SCHEDULER_ALIVE, jobs_of, latest_slurm_job, read_manifest, scheduler_states
+from sweep.status import (SCHEDULER_ALIVE, jobs_of, latest_slurm_job, live_local_launches, read_manifest,
+                          scheduler_states)
 
 
 # ---------------------------------------------------------------------------------------------------- run state
@@ -67,7 +68,8 @@ def to_do(grid: Grid, results: str | Path, rerun_failed: bool) -> tuple[list[Run
     scheduler is asked once) or that a process on this machine is training now. A pruned run counts as failed."""
     todo: list[Run] = []
     skipped: dict[str, list] = {"completed": [], "failed": [], "live": []}
-    entries = sweep_manifest(results, grid.sweep)["runs"]
+    manifest = sweep_manifest(results, grid.sweep)
+    entries = manifest["runs"]
     undone = []
     for run in grid.runs:
         status = read_status(sweep_dir(results, grid.sweep) / run.run_id)
@@ -77,12 +79,16 @@ def to_do(grid: Grid, results: str | Path, rerun_failed: bool) -> tuple[list[Run
             undone.append(run)
     jobs = {run.run_id: job for run in undone if (job := latest_slurm_job(entries.get(run.run_id, {})))}
     scheduler = scheduler_states(list(jobs.values()))
+    queued = live_local_launches(manifest)
     for run in undone:
         info = scheduler.get(jobs.get(run.run_id, ""))
         if info and info["state"] in SCHEDULER_ALIVE:
             skipped["live"].append((run, f"slurm job {jobs[run.run_id]} {info['state'].lower()}"))
         elif held_elsewhere(sweep_dir(results, grid.sweep) / run.run_id):
             skipped["live"].append((run, "being trained by another process"))
+        elif run.run_id in queued:
+            skipped["live"].append((run, "queued by the local launch of "
+                                         f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.localtime(queued[run.run_id]))}"))
         else:
             todo.append(run)
     return todo, skipped
@@ -452,7 +458,7 @@ def _kill(jobs: list) -> None:
 
 
 def launch_local(run_dirs: list[Path], folder: Path, workers: list[dict[str, Any]], fail_fast: bool,
-                 progress: bool) -> dict[str, Any]:
+                 progress: bool, command: str = "launch") -> dict[str, Any]:
     started = time.time()
 
     def tick(bar) -> bool:  # the statuses of the results written by this launch
@@ -462,7 +468,7 @@ def launch_local(run_dirs: list[Path], folder: Path, workers: list[dict[str, Any
         return fail_fast and "failed" in states
 
     run_local_workers(folder, workers, work_queue, ([str(d) for d in run_dirs], fail_fast, started), len(run_dirs),
-                      "run", tick, progress, "launch")
+                      "run", tick, progress, command)
     return {"executor": "local", "workers": len(workers), "tasks_per_worker": workers[0]["tasks_per_node"],
             "jobs": {}}
 
@@ -479,11 +485,18 @@ def max_array_size() -> int:
     return 1001  # Slurm's default
 
 
+MAX_REQUEUES = 100  # time limits a run may reach, resuming after each (a run that never checkpoints stops there)
+
+
 def slurm_executor(folder: Path, opts: SlurmOptions, name: str) -> submitit.AutoExecutor:
     """A submitit executor whose jobs have the resources of `opts` (one job per array task)."""
-    executor = submitit.AutoExecutor(folder=folder / "%j", cluster="slurm")
+    # A run longer than its time limit is requeued from its checkpoint at each limit (submitit's default gives up
+    # after 3, and counts any signal as a time-out when the limit is 10 minutes or less); the signal comes early
+    # enough to write the checkpoint, but not before a short job has trained a step.
+    executor = submitit.AutoExecutor(folder=folder / "%j", cluster="slurm", slurm_max_num_timeout=MAX_REQUEUES)
     params: dict[str, Any] = {
         "name": name, "timeout_min": opts.time_min, "nodes": opts.nodes,
+        "slurm_signal_delay_s": min(90, opts.time_min * 15),
         "tasks_per_node": opts.tasks, "cpus_per_task": opts.cpus, "mem_gb": opts.mem_gb,
         "slurm_array_parallelism": opts.array_parallelism, "slurm_additional_parameters": dict(opts.sbatch),
     }
@@ -498,18 +511,24 @@ def slurm_executor(folder: Path, opts: SlurmOptions, name: str) -> submitit.Auto
     return executor
 
 
-def launch_slurm(run_dirs: list[Path], folder: Path, opts: SlurmOptions, sweep: str) -> dict[str, Any]:
+def launch_slurm(run_dirs: list[Path], folder: Path, opts: SlurmOptions, sweep: str,
+                 record: dict[str, Any]) -> None:
+    """Submit one job array per MaxArraySize runs, adding each array's job ids to `record` (`jobs`, `arrays`) as
+    soon as it is queued: an array refused later (or a Ctrl-C) leaves the earlier ones recorded, never lost."""
     executor = slurm_executor(folder, opts, f"sweep-{sweep}")
     chunk = max(1, max_array_size() - 1)
-    jobs: dict[str, str] = {}
-    arrays = []
+    jobs, arrays = record.setdefault("jobs", {}), record.setdefault("arrays", [])
     for start in range(0, len(run_dirs), chunk):
         part = run_dirs[start:start + chunk]
-        with executor.batch():
-            submitted = [executor.submit(SlurmRun(), str(d)) for d in part]
+        try:
+            with executor.batch():
+                submitted = [executor.submit(SlurmRun(), str(d)) for d in part]
+        except submitit.core.utils.FailedJobError as err:  # sbatch refused it: a partition, account, resource
+            said = next((line for line in str(err).splitlines() if line.strip()), "no reason given")
+            before = f"; the {len(jobs)} runs submitted before it are queued" if jobs else ""
+            raise ConfigError("slurm", f"sbatch refused the job array: {said}{before}", "command line") from None
         arrays.append(submitted[0].job_id.split("_")[0])
         jobs.update({d.name: job.job_id for d, job in zip(part, submitted)})
-    return {"executor": "slurm", "arrays": arrays, "jobs": jobs}
 
 
 def launch_debug(run_dirs: list[Path]) -> dict[str, Any]:
@@ -530,8 +549,9 @@ def threads_per_run(executor: str, max_parallel: int, opts: SlurmOptions, runs: 
 
 def launch(grid: Grid, results: str | Path, executor: str, todo: list[Run], skipped: dict[str, list], *,
            max_parallel: int, fail_fast: bool, slurm: SlurmOptions, progress: bool = True,
-           note: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Start `todo` (from `to_do`); returns the launch record (also appended to the manifest, with `note`)."""
+           note: dict[str, Any] | None = None, command: str = "launch") -> dict[str, Any]:
+    """Start `todo` (from `to_do`); returns the launch record (also appended to the manifest, with `note`).
+    `command`: the sweep command that launches, as its messages name it."""
     launch_record: dict[str, Any] = {**(note or {}), "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "executor": executor,
                                      "runs": [r.run_id for r in todo],
                                      "skipped": {k: len(v) for k, v in skipped.items()},
@@ -550,13 +570,16 @@ def launch(grid: Grid, results: str | Path, executor: str, todo: list[Run], skip
     run_dirs = prepare_run_dirs(grid, results, todo, threads_per_run(executor, max_parallel, slurm, len(todo)))
     folder = sweep_dir(results, grid.sweep) / ".submitit"
     if executor == "slurm":
-        launch_record.update(launch_slurm(run_dirs, folder, slurm, grid.sweep))
-        write_manifest(grid, results, launch_record)
+        try:
+            launch_slurm(run_dirs, folder, slurm, grid.sweep, launch_record)
+        finally:  # what was queued, also when a later array is refused or the submission is interrupted
+            if launch_record.get("jobs"):
+                write_manifest(grid, results, launch_record)
         return launch_record
     try:
         if executor == "local":
             workers = local_workers(max_parallel, slurm, len(todo), local_gpus())
-            launch_record.update(launch_local(run_dirs, folder, workers, fail_fast, progress))
+            launch_record.update(launch_local(run_dirs, folder, workers, fail_fast, progress, command))
         else:
             launch_record.update(launch_debug(run_dirs))
     finally:  # also when interrupted

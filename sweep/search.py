@@ -219,7 +219,10 @@ def judge(curve: Curve, values: dict[int, list[float]], spec: SearchSpec, sigma:
         verdict.train += [(min(above), grid_seeds)] if above else []
         verdict.train += [(max(below), grid_seeds)] if below else []
     between = [t for t in curve.lengths if verdict.lower < t < verdict.upper]
-    verdict.resolved = not between
+    # cells measured on fewer seeds than the grid has (seeds added to it since, a round cut short) get them first
+    short = [t for t in (curve.full, *drops) if len(values[t]) < grid_seeds]
+    verdict.train = [(t, grid_seeds) for t in short] + verdict.train
+    verdict.resolved = not between and not short
     if not verdict.train and between:
         verdict.why = f"{', '.join(map(str, unsure))} within noise of the tolerance at {spec.max_seeds} seed(s)"
     return verdict
@@ -344,8 +347,10 @@ def plan(grid, results: str | Path, retry: frozenset[str] | set[str] = frozenset
         verdicts[curve.label] = verdict
     todo = [run for rid, run in wanted.items() if rid not in done_ids]
     todo.sort(key=lambda r: (not r.baseline, r.run_id))  # baselines first when the budget runs short
-    room = max(0, budget - spent)
-    return Plan(todo[:room], verdicts, curves, spent, budget, blocked, sigma, per_curve)
+    # a run trained again was counted against the budget when it first ended: only new runs need room
+    again = [run for run in todo if run.run_id in ended]
+    new = [run for run in todo if run.run_id not in ended][:max(0, budget - spent)]
+    return Plan(again + new, verdicts, curves, spent, budget, blocked, sigma, per_curve)
 
 
 def retrainable(run_dir: Path) -> bool:
@@ -377,7 +382,7 @@ def report(grid, results: str | Path, found: Plan) -> str:
         seeds = curve.seed_list(spec.max_seeds)
         ids = {run_id(curve.config(t, s)) for t in curve.lengths for s in seeds}
         baseline_ids = {run_id(curve.config(curve.full, s)) for s in seeds}
-        baselines |= baseline_ids
+        baselines |= {run_id(curve.config(curve.full, s)) for s in curve.seeds}  # more seeds: seeds the grid lacks
         cells = found.ended[curve.label] & ids  # the baseline's runs are the model's, not the curve's
         trained |= found.ended[curve.label]
         if v.resolved:
@@ -390,7 +395,8 @@ def report(grid, results: str | Path, found: Plan) -> str:
             state = "budget spent"
         bracket = f"({v.lower:g}, {v.upper:g}]"
         fit = fitted.get((setup_of(curve.base), curve.axis, curve.strategy), "-")
-        lines.append(f"{curve.label:<{width}} {bracket:>10} {v.measured:>8g} {fit:>20} {len(cells):>4} "
+        measured = f"{v.measured:g}" if math.isfinite(v.measured) else "-"
+        lines.append(f"{curve.label:<{width}} {bracket:>10} {measured:>8} {fit:>20} {len(cells):>4} "
                      f"{len(curve.lengths) * len(curve.seeds):>4}  {state}")
     in_grid = trained & {r.run_id for r in grid.runs}
     outside = {"full-length baselines the grid leaves out": len((trained - in_grid) & baselines),
@@ -420,17 +426,20 @@ def _fitted(folder: Path, spec: SearchSpec) -> dict[tuple[str, str, str], str]:
     from analysis.pipeline import analyze
 
     out = {}
-    try:
-        table = load_results(folder, progress=False)
-    except (AnalysisInputError, ValueError, KeyError):
-        return out
-    for setup, runs in table.groupby("setup_id"):
+    with warnings.catch_warnings():  # what is wrong with a run is the report's and sweep status's to say
+        warnings.simplefilter("ignore")
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                result = analyze(runs, metric=spec.metric, stage=spec.stage, max_drop=spec.max_drop, n_boot=200)
+            table = load_results(folder, progress=False)
         except (AnalysisInputError, ValueError, KeyError):
-            continue
+            return out
+        results = {}
+        for setup, runs in table.groupby("setup_id"):
+            try:
+                results[setup] = analyze(runs, metric=spec.metric, stage=spec.stage, max_drop=spec.max_drop,
+                                         n_boot=200)
+            except (AnalysisInputError, ValueError, KeyError):
+                continue
+    for setup, result in results.items():
         for row in result.min_tokens.itertuples():
             fit = f"{row.min_tokens_fit:.1f}" if np.isfinite(row.min_tokens_fit) else "n/a"
             interval = f" [{row.ci_low:.1f}, {row.ci_high:.1f}]" if np.isfinite(row.ci_low) else ""

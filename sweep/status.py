@@ -198,6 +198,8 @@ def run_state(run_dir: str | Path, job_id: str | None, scheduler: dict[str, dict
     if since is not None and not job_alive and (beat is None or beat < since):
         return "pending", f"waiting for a worker of the local launch of " \
                           f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.localtime(since))}"
+    if info and not job_alive and held_elsewhere(Path(run_dir)):  # a local launch took it over since
+        return "running", f"by a process on this machine (slurm job {job_id} has ended)"
     if info:
         state = info["state"]
         if state == "COMPLETING" and info.get("ended"):
@@ -215,7 +217,7 @@ def run_state(run_dir: str | Path, job_id: str | None, scheduler: dict[str, dict
         if state in SCHEDULER_FAILED:
             what = "cancelled (scancel)" if state == "CANCELLED" else info["detail"].lower()
             code = f", exit code {info['exit_code']}" if info.get("exit_code") else ""
-            return "failed", f"slurm job {job_id} {what}{code}"
+            return "failed", f"slurm job {job_id} {what}{code}; relaunch to {_resume(run_dir)}"
         if state == "COMPLETED":
             return "failed", f"slurm job {job_id} completed without writing result.json"
     if beat is not None and now - beat < STALE_AFTER_S:

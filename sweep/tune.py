@@ -55,10 +55,11 @@ import submitit
 
 from sweep.analysis_spec import DEFAULT_METRIC, check_readout
 from sweep.config import OPERATIONAL, RunConfig, config_from_dict, identity
-from sweep.grid import STRUCTURED, full_length
+from sweep.grid import FULL_LENGTH, STRUCTURED, full_length
 from sweep.settings import ConfigError, Number, Settings, setting
 
 JOURNAL = "optuna.journal"
+CELL = {"model", "seed", *FULL_LENGTH}  # the settings that place a run in the grid
 
 
 class Param(Settings):
@@ -132,6 +133,8 @@ def check_tune(raw: Any, runs: list, axes_keys: set[str], source: str | Path) ->
         field = RunConfig.model_fields.get(name)
         if field is None or name in OPERATIONAL or name in STRUCTURED:
             raise bad(where, "is not a scientific setting of a run (see sweep train --help)")
+        if name in CELL:  # a study compares settings within one cell, or one model's baseline
+            raise bad(where, "says which grid cell a run is, not how it trains; make it an axis of the grid")
         if name in axes_keys:
             raise bad(where, "is also an axis of the grid; a setting is either swept or tuned")
         if param.choices is not None:

@@ -191,9 +191,10 @@ def test_figures_have_labels_log_token_axes_error_bars_legends_and_the_tolerance
         assert fig is not None, name
         assert fig.legends or any(ax.get_legend() for ax in fig.axes), name
         for ax in fig.axes:
-            if ax.get_visible():  # panels of a row share their y axis, labelled once on the left
-                assert ax.get_xlabel() and ax.get_xscale() == "log", (name, ax.get_title())
-                assert ax.get_ylabel() or not ax.get_subplotspec().is_first_col(), (name, ax.get_title())
+            if ax.get_visible():  # the panels of a row share their axes' labels, set on its first panel
+                assert ax.get_xscale() == "log", (name, ax.get_title())
+                assert ax.get_xlabel() and ax.get_ylabel() or not ax.get_subplotspec().is_first_col(), \
+                    (name, ax.get_title())
     for name in ("accuracy_vs_tokens", "drop_vs_tokens"):
         panels = [ax for ax in figures[name].axes if ax.get_visible()]
         assert len(panels) == 8
@@ -225,10 +226,11 @@ def test_figures_keep_every_label_inside_the_page_and_apart_from_the_others():
 
 
 def assert_labels_inside_and_apart(name, fig):
+    """`fig` fits a paper's text width, every label inside the page, no two tick labels of an axis on top of each
+    other, and no legend over a panel, its labels or another legend."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.text import Text
 
-    """Every label of `fig` inside the page, and no two tick labels of an axis on top of each other."""
     canvas = FigureCanvasAgg(fig)
     canvas.draw()  # places the labels where they are drawn
     renderer = canvas.get_renderer()
@@ -237,6 +239,12 @@ def assert_labels_inside_and_apart(name, fig):
     drawn = [t for t in fig.findobj(Text) if id(t) not in ticks and t.get_visible() and t.get_text().strip()]
     drawn += [t for ax in fig.axes if ax.get_visible() for axis in (ax.xaxis, ax.yaxis)
               for t in drawn_tick_labels(axis)]
+    assert fig.get_figwidth() <= 7.5, (name, fig.get_figwidth())
+    panels = [ax.get_tightbbox(renderer, bbox_extra_artists=[]) for ax in fig.axes if ax.get_visible()]
+    legends = [legend.get_window_extent(renderer) for legend in fig.legends + [ax.get_legend() for ax in fig.axes]
+               if legend is not None]
+    for i, legend in enumerate(legends):
+        assert not any(legend.overlaps(other) for other in panels + legends[i + 1:]), name
     page = fig.bbox
     for text in drawn:
         if text.axes is not None and not text.axes.get_visible():

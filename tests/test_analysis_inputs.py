@@ -169,7 +169,7 @@ def test_the_scaling_figure_names_its_interval_and_joins_models_of_one_size():
         FigureCanvasAgg(fig).draw()
         image, text = fig.axes
         rows = result.min_tokens[result.min_tokens["axis"] == "image"]
-        legend = [t.get_text() for t in image.get_legend().get_texts()]
+        legend = [t.get_text() for t in fig.legends[0].get_texts()]  # what the markers mean, for every panel
         # fitted crossings whose interval the grid resolves are filled, the others open, and the legend says so
         fitted = [line for line in image.get_lines() if line.get_marker() == "o" for _ in line.get_xdata()]
         open_points = sum(line.get_markerfacecolor() == "white" for line in fitted)

@@ -29,6 +29,7 @@ from sweep.evaluate import class_features, evaluate_on_disk
 from sweep.record import read_record
 from sweep.results import held_elsewhere
 from sweep.strategies.text import TextReducer
+from sweep.train.distributed import Distributed
 from sweep.train.loop import training_batches
 from sweep.train.state import TrainState
 
@@ -233,6 +234,46 @@ def test_ranks_read_distinct_samples_that_together_cover_each_epoch_once(n, rank
         while (key := batches.next_batch()[2][0]) and batches.epoch == 0:
             everything.append(key)
     assert len(everything) == len(set(everything)) == n  # distinct across ranks, all of them
+
+
+@settings(max_examples=15, deadline=None)
+@given(n=st.integers(4, 60), ranks=st.integers(2, 4), batch=st.integers(1, 3))
+def test_ranks_with_unequal_data_end_every_epoch_together_and_never_share_a_pair(n, ranks, batch):
+    """Rank r holds every ranks-th stream, so with n % ranks != 0 the ranks hold unequal data; each ends an epoch
+    after its share of epoch_samples, at the same step, and no global batch holds one pair twice (the share a
+    whole number of batches: a batch that straddles two epochs may hold a pair of each, on one process too)."""
+    source = Rows(n)
+    least = n // ranks  # the rows of the rank holding fewest
+    if min(STREAMS, n) < ranks or least < batch:
+        return
+    share = least // batch * batch
+    loaders = [StreamedBatches(source, seed=0, stage=0, batch_size=batch, image_size=8, workers=0,
+                               epoch_samples=share * ranks, rank=r, ranks=ranks) for r in range(ranks)]
+    for _ in range(3 * share // batch):
+        keys = [key for loader in loaders for key in loader.next_batch()[2]]
+        assert len(keys) == len(set(keys))
+        assert len({loader.epoch for loader in loaders}) == 1
+    if n % ranks:  # a share above what the rank holding fewest has: it says so when its streams run out
+        short = StreamedBatches(source, seed=0, stage=0, batch_size=1, image_size=8, workers=0,
+                                epoch_samples=(least + 1) * ranks, rank=ranks - 1, ranks=ranks)
+        with pytest.raises(RuntimeError, match=f"held {least} usable samples, fewer than its share"):
+            keys_of(short, least + 1)
+
+
+def test_a_run_on_several_processes_on_files_needs_an_epoch_size(demo, tmp_path, capsys):
+    cfg = config_from_dict({"dataset": "webdataset", "train_data": shards(demo), "batch_size": 16, "workers": 0})
+    with pytest.raises(ValueError, match="needs train_num_samples"):
+        training_batches(cfg, "pretrain", None, TrainState(), here=Distributed(rank=1, world_size=2))
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(yaml.safe_dump({"sweep": "files", "slurm": {"tasks_per_node": 2}, "settings": {
+        "dataset": "webdataset", "train_data": shards(demo), "batch_size": 16, "pretrain_samples": 64},
+        "axes": {"seed": [0]}}))
+    results = tmp_path / "results"
+    assert main(["launch", str(grid), "--results", str(results), "--executor", "local", "--dry-run"]) == 2
+    assert "settings.train_num_samples: is needed to train on files with 2 processes" in capsys.readouterr().err
+    assert not results.exists()
+    grid.write_text(grid.read_text().replace("pretrain_samples: 64", "pretrain_samples: 64\n  train_num_samples: 500"))
+    assert main(["launch", str(grid), "--results", str(results), "--executor", "local", "--dry-run"]) == 0
 
 
 @given(workers=st.integers(1, 64), streams=st.integers(1, 300))

@@ -149,8 +149,9 @@ def test_two_ranks_train_on_distinct_shards_and_resume_only_on_two(tmp_path):
     make_data(tmp_path / "demo", train_samples=512, shard_size=64, corrupt=2, zeroshot_samples=40,
               retrieval_images=20, progress=False)
     shards = str(tmp_path / "demo" / "shards" / "train-{00000..00007}.tar")
+    # 510 usable samples (2 corrupt), unevenly over the ranks; each rank's epoch is 240 of them, a step 16
     config = write_config(tmp_path, dataset="webdataset", train_data=shards, workers=1, finetune_samples=0,
-                          text_strategy="none", text_tokens=32)
+                          text_strategy="none", text_tokens=32, train_num_samples=480)
     out = tmp_path / "run"
     wait_all(start_ranks(config, out, 2))
     record = read_record(out)
@@ -160,3 +161,21 @@ def test_two_ranks_train_on_distinct_shards_and_resume_only_on_two(tmp_path):
     assert len(positions) == 2
     read = [{s for s, n in enumerate(p["consumed"]) if n} for p in positions]
     assert read[0] and read[1] and not read[0] & read[1]  # each rank read its own streams of shards
+
+
+def test_a_failure_on_another_rank_than_0_is_recorded_by_that_rank(tmp_path):
+    """Rank 0 hears of rank 1's error only as a lost peer (which it does not record): rank 1 writes the record."""
+    from sweep.data.generate import make_data
+
+    make_data(tmp_path / "demo", train_samples=72, shard_size=64, zeroshot_samples=40, retrieval_images=20,
+              progress=False)  # shards of 64 and 8 samples; with seed 0 rank 1 reads the short one first
+    shards = str(tmp_path / "demo" / "shards" / "train-{00000..00001}.tar")
+    config = write_config(tmp_path, dataset="webdataset", train_data=shards, workers=0, finetune_samples=0,
+                          text_strategy="none", text_tokens=32, train_num_samples=64, seed=0)
+    out = tmp_path / "run"
+    procs = start_ranks(config, out, 2)
+    outputs = [p.communicate(timeout=300)[0].decode() for p in procs]
+    assert [p.returncode for p in procs] == [1, 1], outputs
+    record = read_record(out)
+    assert record.status == "failed" and record.error.endswith("(on rank 1)"), record.error
+    assert "held 8 usable samples, fewer than its share (32) of train_num_samples" in record.error

@@ -247,6 +247,22 @@ def test_a_run_a_live_local_launch_is_to_train_again_is_pending_not_its_earlier_
     assert live_local_launches({"launches": launches}) == {"r": since}
 
 
+def test_a_launch_leaves_the_runs_a_live_local_launch_is_to_train_to_it(tmp_path):
+    from sweep.grid import load_grid
+    from sweep.launch import to_do, write_manifest
+
+    grid = load_grid(grid_file(tmp_path))
+    results = tmp_path / "results"
+    first, *others = grid.runs
+    started = time.strftime("%Y-%m-%dT%H:%M:%S")
+    write_manifest(grid, results, {"time": started, "executor": "local", "runs": [first.run_id], "jobs": {},
+                                   "ended": None, "pid": os.getpid(), "host": os.uname().nodename})
+    todo, skipped = to_do(grid, results, rerun_failed=False)
+    assert [r.run_id for r in todo] == [r.run_id for r in others]
+    assert [(run.run_id, why) for run, why in skipped["live"]] == [
+        (first.run_id, f"queued by the local launch of {started}")]
+
+
 def test_a_fresh_heartbeat_of_a_run_nobody_holds_is_stale(tmp_path):
     from sweep.results import exclusive
 
@@ -274,6 +290,31 @@ def test_the_scheduler_decides_before_the_heartbeat(tmp_path):
     assert run_state(run_dir, "7_2", {"7_2": slurm("RUNNING")}, now)[0] == "running"
     assert run_state(run_dir, "7_2", {"7_2": slurm("FAILED", exit_code="1:0")}, now) == ("failed", "boom")
     assert run_state(run_dir, "7_2", {}, now) == ("failed", "boom")  # heartbeat older than the record
+
+
+def test_a_run_whose_slurm_job_ended_says_a_relaunch_resumes_it_unless_a_local_process_trains_it(tmp_path):
+    from sweep.results import exclusive
+
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    (run_dir / "checkpoint.pt").touch()
+    now = time.time()
+    state, reason = run_state(run_dir, "7_1", {"7_1": slurm("FAILED", exit_code="1:0")}, now)
+    assert state == "failed" and reason.endswith("relaunch to resume from the checkpoint")
+    with exclusive(run_dir):  # a local launch has taken the run over since the job ended
+        state, reason = run_state(run_dir, "7_1", {"7_1": slurm("CANCELLED by 0")}, now)
+        assert state == "running" and "slurm job 7_1 has ended" in reason
+        assert run_state(run_dir, "7_1", {"7_1": slurm("PENDING", "Priority")}, now)[0] == "requeued"  # job's
+
+
+def test_slurm_jobs_requeue_at_many_time_limits_and_are_signalled_in_time_to_checkpoint(tmp_path):
+    from sweep.config import SlurmOptions
+    from sweep.launch import MAX_REQUEUES, slurm_executor
+
+    for minutes, signal_before in ((1, 15), (4, 60), (60, 90)):
+        executor = slurm_executor(tmp_path, SlurmOptions(time_min=minutes), "x")._executor
+        assert executor.max_num_timeout == MAX_REQUEUES >= 100
+        assert executor.parameters["signal_delay_s"] == signal_before, minutes  # sbatch --signal=USR2@<it>
 
 
 @pytest.mark.parametrize("text,expected", [

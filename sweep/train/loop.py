@@ -147,6 +147,10 @@ def training_batches(cfg: RunConfig, stage: str, data: Data | None, state: Train
     own, into pinned memory)."""
     if cfg.dataset == "synthetic":
         return InMemoryBatches(data, cfg.seed, stage, cfg.batch_size, state.step, here.rows(cfg.batch_size))
+    if here.world_size > 1 and cfg.train_num_samples is None:
+        raise ValueError("a run on several processes on files needs train_num_samples (at most the training set's "
+                         "usable samples): each process ends every epoch after its share of it, so that they stay in "
+                         "step and never read one shard at once")
     positions = state.data or [None] * here.world_size
     if len(positions) != here.world_size:
         raise RuntimeError(f"the checkpoint was written by a run on {len(positions)} processes and this one has "
@@ -335,7 +339,9 @@ def evaluate(model, cfg: RunConfig, runtime: Runtime, settings: tuple[str, int, 
     return metrics
 
 
-def versions() -> dict[str, str | None]:
+def versions(cfg: RunConfig) -> dict[str, str | None]:
+    """The code a run's result came from; for a syntax run also the tagger (`spacy_pipeline`: package and version,
+    or a folder's name, version and hash), as its tags shape which words a caption keeps."""
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
                                 text=True, timeout=5).stdout.strip() or None
@@ -348,6 +354,11 @@ def versions() -> dict[str, str | None]:
             out[pkg] = version(pkg)
         except PackageNotFoundError:
             out[pkg] = None
+    if cfg.text_strategy == "syntax":
+        from sweep.strategies.syntax import pipeline_id
+
+        out["spacy"] = version("spacy")
+        out["spacy_pipeline"] = pipeline_id(cfg.spacy_model)
     return out
 
 
@@ -413,7 +424,7 @@ def _run(cfg: RunConfig, run_dir: Path, here: Distributed, progress: bool, handl
     record: dict[str, Any] = dict(  # the fields of the ResultRecord that _finish writes
         run_id=run_dir.name, sweep=run_dir.parent.name, status="completed", model=cfg.model,
         image_strategy=cfg.image_strategy, image_tokens=cfg.image_tokens, text_strategy=cfg.text_strategy,
-        text_tokens=cfg.text_tokens, seed=cfg.seed, config=cfg.to_dict(), versions=versions(),
+        text_tokens=cfg.text_tokens, seed=cfg.seed, config=cfg.to_dict(), versions=versions(cfg),
         open_clip_model=cfg.spec.open_clip_name, trial=trial)
     state, runtime = TrainState(), None
     try:
@@ -456,9 +467,10 @@ def _run(cfg: RunConfig, run_dir: Path, here: Distributed, progress: bool, handl
     except Exception as err:  # any other failure is recorded so `sweep status` can say why, then re-raised
         if here.world_size > 1 and lost_peer(err):  # as a killed one-process run: no record, resumed on a relaunch
             raise
-        record.update(status="failed", error=f"{type(err).__name__}: {err}")
-        if here.main:
-            _finish(record, state, runtime, here, started, run_dir)
+        record.update(status="failed", error=f"{type(err).__name__}: {err}" + ("" if here.main else
+                                                                                f" (on rank {here.rank})"))
+        # written by the rank that failed, whichever it is: rank 0 hears of another rank's error only as a lost peer
+        _finish(record, state, runtime, here, started, run_dir)
         raise
     finished = here.on_main(lambda: _finish(record, state, runtime, here, started, run_dir))  # others wait for it
     return finished or read_record(run_dir)
