@@ -65,14 +65,15 @@ def sweep_manifest(results: str | Path, sweep: str) -> dict[str, Any]:
 def to_do(grid: Grid, results: str | Path, rerun_failed: bool) -> tuple[list[Run], dict[str, list]]:
     """The runs a launch starts, and the ones it skips grouped by why: `completed`, `failed` (unless
     rerun_failed) and `live`: (run, reason) pairs for runs whose Slurm job is still queued or running (the
-    scheduler is asked once) or that a process on this machine is training now. A pruned run counts as failed."""
+    scheduler is asked once), that a process on this machine is training now, or that a live local launch on this
+    machine has yet to train. A pruned run counts as failed."""
     todo: list[Run] = []
     skipped: dict[str, list] = {"completed": [], "failed": [], "live": []}
     manifest = sweep_manifest(results, grid.sweep)
-    entries = manifest["runs"]
+    entries, folder = manifest["runs"], sweep_dir(results, grid.sweep)
     undone = []
     for run in grid.runs:
-        status = read_status(sweep_dir(results, grid.sweep) / run.run_id)
+        status = read_status(folder / run.run_id)
         if status and (status[0] == "completed" or not rerun_failed):
             skipped["completed" if status[0] == "completed" else "failed"].append(run)  # pruned: not completed
         else:
@@ -81,14 +82,15 @@ def to_do(grid: Grid, results: str | Path, rerun_failed: bool) -> tuple[list[Run
     scheduler = scheduler_states(list(jobs.values()))
     queued = live_local_launches(manifest)
     for run in undone:
-        info = scheduler.get(jobs.get(run.run_id, ""))
+        info, since = scheduler.get(jobs.get(run.run_id, "")), queued.get(run.run_id)
         if info and info["state"] in SCHEDULER_ALIVE:
             skipped["live"].append((run, f"slurm job {jobs[run.run_id]} {info['state'].lower()}"))
-        elif held_elsewhere(sweep_dir(results, grid.sweep) / run.run_id):
+        elif held_elsewhere(folder / run.run_id):
             skipped["live"].append((run, "being trained by another process"))
-        elif run.run_id in queued:
+        elif since is not None and (result_mtime(folder / run.run_id) or 0) < since:
+            # a live local launch has yet to reach it (a run it has ended, it does not train again)
             skipped["live"].append((run, "queued by the local launch of "
-                                         f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.localtime(queued[run.run_id]))}"))
+                                         f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.localtime(since))}"))
         else:
             todo.append(run)
     return todo, skipped

@@ -179,3 +179,8 @@ def test_a_failure_on_another_rank_than_0_is_recorded_by_that_rank(tmp_path):
     record = read_record(out)
     assert record.status == "failed" and record.error.endswith("(on rank 1)"), record.error
     assert "held 8 usable samples, fewer than its share (32) of train_num_samples" in record.error
+    # an error every rank meets is rank 0's record
+    procs = start_ranks(write_config(tmp_path, batch_size=33), tmp_path / "odd", 2)
+    assert [p.communicate(timeout=300)[0] and p.returncode for p in procs] == [1, 1]
+    record = read_record(tmp_path / "odd")
+    assert record.error == "ValueError: batch_size 33 does not split into 2 equal rank batches; use a multiple of 2"

@@ -261,6 +261,11 @@ def test_a_launch_leaves_the_runs_a_live_local_launch_is_to_train_to_it(tmp_path
     assert [r.run_id for r in todo] == [r.run_id for r in others]
     assert [(run.run_id, why) for run, why in skipped["live"]] == [
         (first.run_id, f"queued by the local launch of {started}")]
+    # once that launch has ended the run (failed here), it does not train it again: --rerun-failed does
+    (results / grid.sweep / first.run_id).mkdir(parents=True)
+    (results / grid.sweep / first.run_id / "result.json").write_text('{"status": "failed", "error": "nan"}')
+    os.utime(results / grid.sweep / first.run_id / "result.json", (time.time() + 2, time.time() + 2))
+    assert first.run_id in [r.run_id for r in to_do(grid, results, rerun_failed=True)[0]]
 
 
 def test_a_fresh_heartbeat_of_a_run_nobody_holds_is_stale(tmp_path):

@@ -33,6 +33,10 @@ TIMEOUT = timedelta(minutes=60)
 ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
+class RankZeroFailed(RuntimeError):
+    """What the other ranks raise when rank 0 failed at work it does alone (rank 0 records why)."""
+
+
 @dataclass(frozen=True)
 class Distributed:
     """This process's place in the run; `Distributed()` is the one-process run."""
@@ -72,7 +76,7 @@ class Distributed:
         if failure is not None:
             raise failure
         if why is not None:
-            raise RuntimeError(f"rank 0 failed: {why}")
+            raise RankZeroFailed(f"rank 0 failed: {why}")
         return result
 
     def gather(self, value: Any) -> list[Any]:

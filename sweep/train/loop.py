@@ -39,7 +39,7 @@ from sweep.record import Compute, ResultRecord, read_record, result_mtime, statu
 from sweep.results import AlreadyRunning, EndedElsewhere, atomic_write, exclusive
 from sweep.strategies.image import reduce_images, side_of
 from sweep.strategies.text import TextReducer
-from sweep.train.distributed import Distributed, join, lost_peer, wrap
+from sweep.train.distributed import Distributed, RankZeroFailed, join, lost_peer, wrap
 from sweep.train.signals import Interrupted, StopSignals, heartbeat
 from sweep.train.state import TrainState
 from sweep.train.step import (ContrastiveStep, Encoders, Runtime, compile_blocks, device_name, eager, lr_at,
@@ -469,8 +469,14 @@ def _run(cfg: RunConfig, run_dir: Path, here: Distributed, progress: bool, handl
             raise
         record.update(status="failed", error=f"{type(err).__name__}: {err}" + ("" if here.main else
                                                                                 f" (on rank {here.rank})"))
-        # written by the rank that failed, whichever it is: rank 0 hears of another rank's error only as a lost peer
-        _finish(record, state, runtime, here, started, run_dir)
+        # Written by the rank that failed, whichever it is: rank 0 hears of another rank's error only as a lost peer.
+        # An error every rank meets (a setting they all refuse) is rank 0's to record: the others give it a moment.
+        if here.main:
+            _finish(record, state, runtime, here, started, run_dir)
+        elif not isinstance(err, RankZeroFailed):
+            time.sleep(1.0)
+            if (result_mtime(run_dir) or 0) < started:
+                _finish(record, state, runtime, here, started, run_dir)
         raise
     finished = here.on_main(lambda: _finish(record, state, runtime, here, started, run_dir))  # others wait for it
     return finished or read_record(run_dir)
