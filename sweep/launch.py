@@ -43,8 +43,8 @@ from sweep.record import ResultRecord, read_status, result_mtime, status_of, wri
 from sweep.results import (AlreadyRunning, EndedElsewhere, atomic_write, exclusive, held_elsewhere,
                            write_json_atomic)
 from sweep.stopping import stop_requests
-from sweep.status import (SCHEDULER_ALIVE, jobs_of, latest_slurm_job, live_local_launches, read_manifest,
-                          scheduler_states)
+from sweep.status import (SCHEDULER_ALIVE, jobs_of, latest_slurm_job, live_local_launches, local_launch,
+                          read_manifest, scheduler_states, yet_to_train)
 
 
 # ---------------------------------------------------------------------------------------------------- run state
@@ -87,10 +87,8 @@ def to_do(grid: Grid, results: str | Path, rerun_failed: bool) -> tuple[list[Run
             skipped["live"].append((run, f"slurm job {jobs[run.run_id]} {info['state'].lower()}"))
         elif held_elsewhere(folder / run.run_id):
             skipped["live"].append((run, "being trained by another process"))
-        elif since is not None and (result_mtime(folder / run.run_id) or 0) < since:
-            # a live local launch has yet to reach it (a run it has ended, it does not train again)
-            skipped["live"].append((run, "queued by the local launch of "
-                                         f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.localtime(since))}"))
+        elif yet_to_train(folder / run.run_id, since):
+            skipped["live"].append((run, f"queued by {local_launch(since)}"))
         else:
             todo.append(run)
     return todo, skipped

@@ -165,6 +165,17 @@ def live_local_launches(manifest: dict[str, Any]) -> dict[str, float]:
     return queued
 
 
+def yet_to_train(run_dir: str | Path, since: float | None) -> bool:
+    """Whether the live local launch started at `since` (`live_local_launches`) has yet to reach the run: it has
+    written no record since (a run it has ended, it does not train again)."""
+    return since is not None and (result_mtime(run_dir) or 0) < since
+
+
+def local_launch(since: float) -> str:
+    """A local launch as messages name it: by its start."""
+    return f"the local launch of {time.strftime('%Y-%m-%dT%H:%M:%S', time.localtime(since))}"
+
+
 def _alive(pid: Any) -> bool:
     try:
         os.kill(pid, 0)
@@ -191,13 +202,12 @@ def run_state(run_dir: str | Path, job_id: str | None, scheduler: dict[str, dict
     if done:
         # a failed record with a rerun alive (a job in the queue, a heartbeat newer than the record, or a live
         # local launch started after it) is that rerun
-        rerun_alive = job_alive or (since is not None and (result_mtime(run_dir) or 0) < since) or (
+        rerun_alive = job_alive or yet_to_train(run_dir, since) or (
             not info and beat is not None and now - beat < STALE_AFTER_S and beat > (result_mtime(run_dir) or 0))
         if done[0] == "completed" or not rerun_alive:
             return done
     if since is not None and not job_alive and (beat is None or beat < since):
-        return "pending", f"waiting for a worker of the local launch of " \
-                          f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.localtime(since))}"
+        return "pending", f"waiting for a worker of {local_launch(since)}"
     if info and not job_alive and held_elsewhere(Path(run_dir)):  # a local launch took it over since
         return "running", f"by a process on this machine (slurm job {job_id} has ended)"
     if info:
