@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     """Run the analysis for parsed arguments: 0 on success, 2 on bad input (one line on stderr, nothing written)."""
     prog = "sweep analyze"
     grid = grid_defaults(args.path)
-    args.metric, args.stage, args.max_drop = as_the_grid_says(args.path, args.metric, args.stage, args.max_drop)
+    args.metric, args.stage, args.max_drop = as_the_grid_says(args.path, args.metric, args.stage, args.max_drop, grid)
     if args.max_drop < 0 or args.max_drop != args.max_drop:
         print(f"{prog}: error: --max-drop: must be a number >= 0, got {args.max_drop}", file=sys.stderr)
         return 2
@@ -111,19 +111,21 @@ def grid_defaults(path: str) -> dict:
     its manifest.json), or {} (a table, a directory of several sweeps, a grid without the section)."""
     manifest = Path(path) / "manifest.json"
     try:
-        section = json.loads(manifest.read_text()).get("analysis") if manifest.is_file() else None
+        recorded = json.loads(manifest.read_text()) if manifest.is_file() else None
     except (OSError, ValueError):
         return {}
+    section = recorded.get("analysis") if isinstance(recorded, dict) else None
     return section if isinstance(section, dict) else {}
 
 
-def as_the_grid_says(path: str, metric: str | None, stage: str | None, max_drop: float | None
-                     ) -> tuple[str, str | None, float]:
-    """(metric, stage, max_drop): each one given, else the grid's `analysis:` section's (`grid_defaults`), else the
-    defaults (a stage left None is chosen from the table: `analysis.drop.default_stage`)."""
+def as_the_grid_says(path: str, metric: str | None, stage: str | None, max_drop: float | None,
+                     grid: dict | None = None) -> tuple[str, str | None, float]:
+    """(metric, stage, max_drop): each one given, else the grid's `analysis:` section's (`grid`, read from `path` by
+    `grid_defaults` unless given), else the defaults (a stage left None is chosen from the table:
+    `analysis.drop.default_stage`)."""
     from sweep.analysis_spec import DEFAULT_MAX_DROP, DEFAULT_METRIC
 
-    grid = grid_defaults(path)
+    grid = grid_defaults(path) if grid is None else grid
     return (metric or grid.get("metric") or DEFAULT_METRIC, stage or grid.get("stage"),
             max_drop if max_drop is not None else grid.get("max_drop", DEFAULT_MAX_DROP))
 

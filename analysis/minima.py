@@ -272,7 +272,7 @@ def min_tokens_table(
     stage = runs.attrs.get("stage", "")
     used = runs[runs["in_analysis"]].reset_index(drop=True)
     values = used[metric].to_numpy(dtype=float)
-    by_cell = used.groupby(["model", "axis", "strategy", "tokens"], sort=False).indices
+    by_cell = used.groupby(["model", "axis", "strategy", "setup_id", "tokens"], sort=False).indices
     full_rows = used[used["axis"] == "full"]
     base_positions = {  # per (model, setup_id): where its full-length runs are
         key: full_rows.index.to_numpy()[idx] for key, idx in full_rows.groupby(BASELINE_KEYS).indices.items()
@@ -304,8 +304,7 @@ def min_tokens_table(
             row["extrapolated"] = bool(row["min_tokens_fit"] < row["shortest_tokens"]) if np.isfinite(
                 row["min_tokens_fit"]) else False
             if fit.usable:
-                baseline = np.concatenate([base_positions[(model, s)] for s in based])
-                measured.append((row, fit, tokens, drops, weights, baseline))
+                measured.append((row, fit, tokens, drops, weights, based))
         fits[(model, axis, strategy)] = fit
         row.update(fit_status=fit.status, fit_reason=fit.reason, fit_a=fit.a, fit_b=fit.b, fit_r2=fit.r2,
                    fit_rmse=fit.rmse)
@@ -314,11 +313,19 @@ def min_tokens_table(
     # one curve's three to seven points leave it one to five degrees of freedom.
     noise = {axis: residual_scale([(d, f.predict(t), w) for r, f, t, d, w, _ in measured if r["axis"] == axis])
              for axis in {r["axis"] for r, *_ in measured}}
-    for row, fit, tokens, drops, weights, baseline in measured:
-        key = (row["model"], row["axis"], row["strategy"])
+    for row, fit, tokens, drops, weights, based in measured:
+        model, key = row["model"], (row["model"], row["axis"], row["strategy"])
         if n_boot > 0:
-            point_values = [values[by_cell[(*key, t)]] for t in tokens]
-            row.update(bootstrap_crossing(tokens, point_values, values[baseline],
+            # The runs of the setups the curve keeps, each setup's moved by its own baseline's distance from the
+            # curve's (all its setups' baseline runs): the resampled drops are then the ones fitted, each run's
+            # against its own setup's baseline
+            base = {s: values[base_positions[(model, s)]] for s in based}
+            common = np.concatenate(list(base.values())).mean()
+            shift = {s: common - base[s].mean() if len(based) > 1 else 0.0 for s in based}
+            point_values = [np.concatenate([values[by_cell[(*key, s, t)]] + shift[s] for s in based
+                                            if (*key, s, t) in by_cell]) for t in tokens]
+            baseline = np.concatenate([base[s] + shift[s] for s in based])
+            row.update(bootstrap_crossing(tokens, point_values, baseline,
                                           row["full_tokens"], fit, max_drop, n_boot, rng, confidence,
                                           residual_noise=noise[row["axis"]]))
         estimate = 0.0 if fit.status == "flat" else row["min_tokens_fit"]

@@ -490,8 +490,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "every run that has no result yet (and the failed ones with --rerun-failed): locally (worker "
                     "processes, waiting to the end with a progress bar) or as Slurm job arrays through submitit "
                     "(returning after submission). Relaunching is always safe: finished runs and runs still queued "
-                    "or training are skipped, and no result is ever duplicated. Locally it exits 1 when a run is "
-                    "left failed, stale or pending; Ctrl-C stops the workers after each run in progress has "
+                    "or training are skipped, and no result is ever duplicated. Locally it exits 1 when a run it "
+                    "started is left failed, stale or pending; Ctrl-C stops the workers after each run in progress has "
                     "written a checkpoint (press it twice to kill them).")
     p.add_argument("grid", help="grid YAML file (e.g. grids/smoke.yaml)")
     p.add_argument("--results", default="results", help="results directory (default: results)")
@@ -651,6 +651,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from sweep.config import ConfigError
     from sweep.settings import cache_dir
+    from sweep.status import SchedulerSilent
 
     args = build_parser().parse_args(argv)
     try:
@@ -671,6 +672,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"sweep {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except SchedulerSilent as err:  # not bad input: the same command works once Slurm answers
+        print(f"sweep {args.command}: error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:  # Ctrl-C: local workers stopped after their runs wrote a checkpoint
         print(f"\nsweep {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -78,6 +78,10 @@ class RunConfig(Settings):
     csv_img_key: str = setting("filepath", "csv: the image path column (paths relative to the table).")
     csv_caption_key: str = setting("title", "csv: the caption column.")
     csv_separator: str = setting("\t", "csv: the column separator.")
+    min_crop_scale: Number = setting(ADDED_SETTINGS["min_crop_scale"], "webdataset/csv: the smallest share of an "
+                                     "image's area a training crop covers (random resized crop, share drawn from "
+                                     "[it, 1]): 0.9 as open_clip_train, 0.4 in the CLIPA recipe. The embedded data "
+                                     "is not cropped.", gt=0, le=1)
     data_seed: int = setting(0, "Which synthetic scenes (the same for every run of a study, unlike `seed`).", ge=0)
     train_scenes: int = setting(20000, "Distinct synthetic training scenes; pre-training cycles through them in a "
                                 "new order every epoch.", gt=0)
@@ -204,14 +208,16 @@ class RunConfig(Settings):
                 raise invalid(where, f"{separator!r} must be one character (in YAML a tab is \"\\t\", with double "
                               "quotes)")
         # paths may name an environment variable ($CLIPA_DATA/...), so a recipe says where its data lives once
-        self.train_data = _expand_env("train_data", self.train_data)
+        self.train_data = _expand_path("train_data", self.train_data)
         for i, eval_set in enumerate(self.eval_sets):
             for key in ("data", "zeroshot_classnames", "zeroshot_templates"):
-                setattr(eval_set, key, _expand_env(f"eval_sets.{i}.{key}", getattr(eval_set, key)))
+                setattr(eval_set, key, _expand_path(f"eval_sets.{i}.{key}", getattr(eval_set, key)))
         if self.dataset == "synthetic":
             for name in ("train_data", "train_num_samples"):
                 if getattr(self, name) is not None:
                     raise invalid(name, "is only read with dataset webdataset or csv")
+            if self.min_crop_scale != ADDED_SETTINGS["min_crop_scale"]:
+                raise invalid("min_crop_scale", "is only read with dataset webdataset or csv")
         elif not self.train_data:
             raise invalid("train_data", f"must be set with dataset {self.dataset}")
         elif (found := (self.dataset, self.train_data, self.csv_img_key, self.csv_caption_key,
@@ -371,15 +377,18 @@ def _choice(name: str, value: str, allowed) -> None:
 _FOUND: dict[tuple, int | None] = {}
 
 
-def _expand_env(name: str, value: str | None) -> str | None:
-    """`value` with $VAR and ${VAR} replaced from the environment; an unset one is an error naming it."""
-    if value is None or "$" not in value:
+def _expand_path(name: str, value: str | None) -> str | None:
+    """`value` with $VAR and ${VAR} replaced from the environment (an unset one is an error naming it) and a `~`
+    that begins it, or one of its ::-joined parts, read as the home folder."""
+    if value is None:
         return value
-    unset = [m.group(1) or m.group(2) for m in re.finditer(r"\$(?:\{(\w+)\}|(\w+))", value)
-             if (m.group(1) or m.group(2)) not in os.environ]
-    if unset:
-        raise invalid(name, f"environment variable {unset[0]} is not set (export {unset[0]}=/path/to/the/data)")
-    return os.path.expandvars(value)
+    if "$" in value:
+        unset = [m.group(1) or m.group(2) for m in re.finditer(r"\$(?:\{(\w+)\}|(\w+))", value)
+                 if (m.group(1) or m.group(2)) not in os.environ]
+        if unset:
+            raise invalid(name, f"environment variable {unset[0]} is not set (export {unset[0]}=/path/to/the/data)")
+        value = os.path.expandvars(value)
+    return "::".join(os.path.expanduser(part) for part in value.split("::")) if "~" in value else value
 
 
 def _files_exist(name: str, paths: list[str]) -> None:

@@ -14,4 +14,5 @@ ID_SETTINGS_V1 = ("batch_size", "beta1", "beta2", "data_seed", "dataset", "eval_
 ADDED_SETTINGS: dict[str, Any] = {
     "train_data": None, "train_num_samples": None, "csv_img_key": "filepath", "csv_caption_key": "title",
     "csv_separator": "\t", "eval_embedded": True, "eval_sets": [], "eval_full_length": False,
+    "min_crop_scale": 0.9,  # open_clip_train's (sweep.data.images.MIN_CROP_SCALE)
 }

@@ -43,8 +43,8 @@ from sweep.record import ResultRecord, read_status, result_mtime, status_of, wri
 from sweep.results import (AlreadyRunning, EndedElsewhere, atomic_write, exclusive, held_elsewhere,
                            write_json_atomic)
 from sweep.stopping import stop_requests
-from sweep.status import (SCHEDULER_ALIVE, jobs_of, latest_slurm_job, live_local_launches, local_launch,
-                          read_manifest, scheduler_states, yet_to_train)
+from sweep.status import (SCHEDULER_ALIVE, SchedulerSilent, job_state_line, jobs_of, latest_slurm_job,
+                          live_local_launches, local_launch, read_manifest, scheduler_states, yet_to_train)
 
 
 # ---------------------------------------------------------------------------------------------------- run state
@@ -79,12 +79,15 @@ def to_do(grid: Grid, results: str | Path, rerun_failed: bool) -> tuple[list[Run
         else:
             undone.append(run)
     jobs = {run.run_id: job for run in undone if (job := latest_slurm_job(entries.get(run.run_id, {})))}
-    scheduler = scheduler_states(list(jobs.values()))
+    scheduler, unanswered = scheduler_states(list(jobs.values()))
+    if "squeue" in unanswered:  # a queued job looks like none: its run would be queued twice
+        raise SchedulerSilent(f"{unanswered['squeue']}; cannot tell whether the Slurm jobs of {len(jobs)} runs are "
+                              "still queued, so nothing is launched: try again once the controller answers")
     queued = live_local_launches(manifest)
     for run in undone:
         info, since = scheduler.get(jobs.get(run.run_id, "")), queued.get(run.run_id)
         if info and info["state"] in SCHEDULER_ALIVE:
-            skipped["live"].append((run, f"slurm job {jobs[run.run_id]} {info['state'].lower()}"))
+            skipped["live"].append((run, job_state_line(jobs[run.run_id], info)))
         elif held_elsewhere(folder / run.run_id):
             skipped["live"].append((run, "being trained by another process"))
         elif yet_to_train(folder / run.run_id, since):
@@ -300,11 +303,14 @@ def work_queue(run_dirs: list[str], fail_fast: bool = False, since: float = 0.0)
         from sweep.train import Interrupted
 
         join_job_tasks()
+        alone = submitit.JobEnvironment().num_tasks == 1
         outcome: dict[str, str] = {}
         for run_dir in run_dirs:
             if stopping or (fail_fast and any(v.startswith("failed") for v in outcome.values())):
                 break
-            if status_of(run_dir) == "completed" or (result_mtime(run_dir) or 0) >= since > 0:
+            # a worker of several tasks leaves this to the trainer, where rank 0 decides for all: each task looking
+            # for itself could see another worker's result appear between their looks, and the tasks part ways
+            if alone and (status_of(run_dir) == "completed" or (result_mtime(run_dir) or 0) >= since > 0):
                 continue
             try:
                 outcome[run_dir] = train_run_dir(run_dir, since=since)
@@ -314,7 +320,7 @@ def work_queue(run_dirs: list[str], fail_fast: bool = False, since: float = 0.0)
                 outcome[run_dir] = str(err)
             except Exception as err:  # recorded in the run's result.json by the trainer; go on with the next run
                 outcome[run_dir] = f"failed: {type(err).__name__}: {err}"
-                if submitit.JobEnvironment().num_tasks > 1:
+                if not alone:
                     # the run's processes may be out of step or their group broken (a peer died): this worker ends
                     # and the runs it did not reach stay pending for the next launch, rather than each failing
                     break
@@ -560,18 +566,24 @@ def launch(grid: Grid, results: str | Path, executor: str, todo: list[Run], skip
         launch_record["jobs"] = {}
         write_manifest(grid, results, launch_record)
         return launch_record
-    if executor == "slurm":  # recorded once submitted, with its job ids
-        write_manifest(grid, results, None)
+    folder = sweep_dir(results, grid.sweep)
+    if executor == "slurm":  # recorded once submitted, with its job ids; what it makes goes if it queues nothing
+        made = [p for p in (folder, *folder.parents) if not p.exists()][-1:]  # the outermost new folder
+        new = made or [p for p in [folder / ".submitit", *(folder / r.run_id for r in todo)] if not p.exists()]
     else:  # recorded before it trains (a launch killed midway is in the manifest too), then when it has ended
         # pid and host: `sweep status` tells the runs this launch has yet to train (a failed one rerun, say)
         started = {**launch_record, "jobs": {}, "ended": None, "pid": os.getpid(), "host": socket.gethostname()}
         write_manifest(grid, results, started)
     prepare_text(todo, progress)
     run_dirs = prepare_run_dirs(grid, results, todo, threads_per_run(executor, max_parallel, slurm, len(todo)))
-    folder = sweep_dir(results, grid.sweep) / ".submitit"
     if executor == "slurm":
         try:
-            launch_slurm(run_dirs, folder, slurm, grid.sweep, launch_record)
+            launch_slurm(run_dirs, folder / ".submitit", slurm, grid.sweep, launch_record)
+        except ConfigError:
+            if not launch_record.get("jobs"):  # sbatch refused the first array: the launch leaves nothing behind
+                for path in new:
+                    shutil.rmtree(path, ignore_errors=True)
+            raise
         finally:  # what was queued, also when a later array is refused or the submission is interrupted
             if launch_record.get("jobs"):
                 write_manifest(grid, results, launch_record)
@@ -579,7 +591,7 @@ def launch(grid: Grid, results: str | Path, executor: str, todo: list[Run], skip
     try:
         if executor == "local":
             workers = local_workers(max_parallel, slurm, len(todo), local_gpus())
-            launch_record.update(launch_local(run_dirs, folder, workers, fail_fast, progress, command))
+            launch_record.update(launch_local(run_dirs, folder / ".submitit", workers, fail_fast, progress, command))
         else:
             launch_record.update(launch_debug(run_dirs))
     finally:  # also when interrupted

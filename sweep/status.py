@@ -14,7 +14,8 @@ States:
 When a run has a Slurm job, the scheduler decides before the heartbeat does, so a cancelled job shows as failed
 at the next `sweep status`, not once its heartbeat goes stale. The scheduler is asked once per call: `squeue`
 (the controller's current view, which includes jobs that ended in the last minutes) and, for jobs it no longer
-knows, `sacct` (the accounting history).
+knows, `sacct` (the accounting history). When either gives no answer, `sweep status` warns and reads the run
+folders alone; `sweep launch` launches nothing while squeue is silent (a queued job would look like none).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -120,32 +122,60 @@ def parse_scheduler_lines(text: str, columns: tuple[str, ...] = ("job", "state",
     return states
 
 
-def _call(cmd: list[str]) -> str | None:
+def _call(cmd: list[str]) -> tuple[str | None, str]:
+    """(its output, "") or (None, why it gave none, in one line)."""
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout if out.returncode == 0 else None
+    except subprocess.TimeoutExpired:
+        return None, f"{cmd[0]} did not answer in 60 s"
+    except (OSError, subprocess.SubprocessError) as err:
+        return None, f"{cmd[0]}: {one_line(str(err))}"
+    said = next((line.strip() for line in out.stderr.splitlines() if line.strip()), f"exit code {out.returncode}")
+    if out.returncode == 0 or "Invalid job id" in said:  # older squeue: every job asked about has left its memory
+        return out.stdout, ""
+    return None, f"{cmd[0]} failed: {said}"
 
 
-def scheduler_states(job_ids: list[str]) -> dict[str, dict[str, str]]:
-    """job id -> {state, detail, reason, exit_code} for the given Slurm jobs (array tasks `123_4` or plain ids).
+def scheduler_states(job_ids: list[str]) -> tuple[dict[str, dict[str, str]], dict[str, str]]:
+    """job id -> {state, detail, reason, exit_code} for the given Slurm jobs (array tasks `123_4` or plain ids), and
+    command -> why it gave no answer (`squeue`: the controller is down; `sacct`: accounting is).
 
     One squeue call (every task of the jobs' arrays, including those that ended minutes ago, straight from the
     controller); one sacct call only for jobs squeue no longer knows. Jobs neither knows are absent."""
     if not job_ids or not shutil.which("squeue"):
-        return {}
+        return {}, {}
     arrays = sorted({j.split("_")[0] for j in job_ids})
-    out = _call(["squeue", "--noheader", "--array", "--states=all", "--jobs", ",".join(arrays),
-                 "--format=%i|%T|%e|%r"])
+    out, failed = _call(["squeue", "--noheader", "--array", "--states=all", "--jobs", ",".join(arrays),
+                         "--format=%i|%T|%e|%r"])
+    unanswered = {"squeue": failed} if failed else {}
     states = parse_scheduler_lines(out or "", ("job", "state", "end", "reason"))
     missing = sorted({j.split("_")[0] for j in job_ids if j not in states})
     if missing and shutil.which("sacct"):
-        out = _call(["sacct", "--allocations", "--noheader", "--parsable2", "--jobs", ",".join(missing),
-                     "--format=JobID,State,ExitCode,Reason"])
+        out, failed = _call(["sacct", "--allocations", "--noheader", "--parsable2", "--jobs", ",".join(missing),
+                             "--format=JobID,State,ExitCode,Reason"])
+        unanswered.update({"sacct": failed} if failed else {})
         for job, info in parse_scheduler_lines(out or "").items():
             states.setdefault(job, info)
-    return states
+    return states, unanswered
+
+
+# reasons a pending job gives that no wait clears: the request itself does not fit (too many CPUs for a node, a
+# time or size over the partition's or QOS's per-job limit, an account or QOS not allowed)
+NEVER_STARTS = re.compile(r"BadConstraints|PartitionConfig|PartitionNodeLimit|PartitionTimeLimit|InvalidAccount|"
+                          r"InvalidQOS|AccountNotAllowed|QOSNotAllowed|(Assoc|QOS)Max\w*PerJob\w*")
+
+
+class SchedulerSilent(RuntimeError):
+    """Slurm's controller did not answer where a wrong guess would train a run twice."""
+
+
+def job_state_line(job_id: str, info: dict[str, str]) -> str:
+    """A live job's state and what it waits for, as status and launch say it."""
+    reason = info.get("reason", "")
+    said = f"slurm job {job_id} {info['state'].lower()}" + (f" ({reason})" if reason not in ("", "None") else "")
+    if NEVER_STARTS.fullmatch(reason):
+        said += f"; it cannot start as submitted: scancel {job_id.split('_')[0]} and relaunch with other resources"
+    return said
 
 
 # ------------------------------------------------------------------------------------------------- a run's state
@@ -223,7 +253,7 @@ def run_state(run_dir: str | Path, job_id: str | None, scheduler: dict[str, dict
             # a completing job with no end time is being requeued (Slurm restarts its clock)
             return "requeued", f"slurm job {job_id} requeued; resumes from its checkpoint"
         if state in SCHEDULER_ALIVE:
-            return "pending", f"slurm job {job_id} {state.lower()} ({info['reason']})"
+            return "pending", job_state_line(job_id, info)
         if state in SCHEDULER_FAILED:
             what = "cancelled (scancel)" if state == "CANCELLED" else info["detail"].lower()
             code = f", exit code {info['exit_code']}" if info.get("exit_code") else ""
@@ -267,7 +297,9 @@ def collect(path: str | Path) -> list[dict[str, Any]]:
     path = Path(path)
     manifests = [(p.parent, _check_entries(read_manifest(p), p)) for p in find_manifests(path)]
     job_ids = [j for _, m in manifests for entry in m["runs"].values() if (j := latest_slurm_job(entry))]
-    scheduler = scheduler_states(job_ids)
+    scheduler, unanswered = scheduler_states(job_ids)
+    for why in unanswered.values():
+        print(f"warning: {why}; the states below come from the run folders alone", file=sys.stderr)
     now = time.time()
     rows = []
     for sweep_path, manifest in manifests:

@@ -594,6 +594,8 @@ def show(grid, results: str | Path, figures: bool = True) -> str:
         if figures and len(complete) >= 2:
             for path in write_figures(opened, folder / "figures"):
                 lines.append(f"  figure: {path}")
+        elif figures:
+            lines.append(f"  figure: none yet (a history needs two complete trials, it has {len(complete)})")
     return "\n".join(lines)
 
 
@@ -705,6 +707,14 @@ def apply_best(grid, tune_dir: str | Path) -> tuple[Any, list[str]]:
                    "no model study has its size and no cell study its settings")
             raise ConfigError("--from-tune", f"no study in {tune_dir} covers {run.run_id}: {why} (studies: "
                               f"{tuned})", "command line")
+        rates = [k for k in ("lr", "finetune_lr") if k in match["best"]]
+        batch = match["base"].get("batch_size", cfg.batch_size)
+        if rates and "batch_size" not in match["best"] and batch != cfg.batch_size:
+            # a rate is not a property of the model alone: the paper scales it with the batch (8e-6 x batch / 256)
+            raise ConfigError("--from-tune", f"{match['name']} tuned {' and '.join(rates)} at batch_size {batch} and "
+                              f"{run.run_id} trains at {cfg.batch_size}: a rate does not carry over to another "
+                              "batch; set it in the grid, scaled as you see fit (sweep tune --show prints the best)",
+                              "command line")
         tuned = config_from_dict({**cfg.to_dict(), **match["best"]}, source=f"{tune_dir} ({match['name']})")
         new = Run(run_id(tuned), tuned, run.baseline, tuple(sorted(match["best"])))
         if new.run_id in runs:  # two runs of the grid told apart only by a setting the study tuned

@@ -84,6 +84,28 @@ def test_a_curve_that_pools_runs_of_different_setups_is_warned_about(tmp_path):
         mixed.runs["setup_id"])
 
 
+def test_a_curves_interval_comes_from_the_runs_its_fit_uses_each_against_its_own_baseline():
+    def interval(setups: dict[str, tuple[float, bool]]) -> list[float]:  # setup -> (its level, has a baseline)
+        rows, rng = [], np.random.default_rng(0)
+        for setup, (level, based) in setups.items():
+            for seed in range(3):
+                for tokens in [65] * based + [50, 37, 26, 17, 10, 5]:
+                    rows.append(dict(model="cpu-s", params=1e6, image_strategy="random" if tokens < 65 else "none",
+                                     image_tokens=tokens, text_strategy="none", text_tokens=32, seed=seed,
+                                     stage="pretrain", setup_id=setup,
+                                     zeroshot_top1=level - 0.8 * ((65 / tokens) ** 1.4 - 1) + rng.normal(0, 0.2)))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            row = analyze(pd.DataFrame(rows), n_boot=200).min_tokens.iloc[0]
+        return row[["min_tokens_fit", "ci_low", "ci_high", "bracket_low", "bracket_high"]].to_list()
+
+    # a setup without a baseline is left out of the curve, its interval included
+    assert interval({"A": (70.0, True), "B": (40.0, False)}) == interval({"A": (70.0, True)})
+    # two setups whose baselines are 30 points apart: each run's drop is from its own setup's baseline
+    assert interval({"A": (70.0, True), "B": (40.0, True)}) == pytest.approx(interval({"A": (70.0, True),
+                                                                                      "B": (70.0, True)}))
+
+
 def test_symlinked_sweeps_are_read_and_a_link_loop_is_not_followed(tmp_path):
     results(tmp_path / "elsewhere", "study")
     (tmp_path / "root").mkdir()

@@ -115,6 +115,28 @@ def test_reduced_size_decoding_gives_the_same_picture_as_a_full_decode():
         load_image(data[: len(data) // 3], 64)
 
 
+@settings(max_examples=200, deadline=None)
+@given(min_crop_scale=st.floats(0.05, 1.0), width=st.integers(1, 600), height=st.integers(1, 600),
+       seed=st.integers(0, 2**32 - 1))
+def test_a_training_crop_covers_between_min_crop_scale_and_all_of_the_image(min_crop_scale, width, height, seed):
+    import random
+
+    left, top, right, bottom = crop_box(random.Random(seed), width, height, min_crop_scale)
+    assert 0 <= left < right <= 1 + 1e-9 and 0 <= top < bottom <= 1 + 1e-9
+    share = (right - left) * (bottom - top)
+    centre = crop_box(None, width, height)  # after ten draws that do not fit, as torchvision
+    assert min_crop_scale - 1e-9 <= share <= 1 + 1e-9 or (left, top, right, bottom) == centre
+
+
+def test_min_crop_scale_is_a_setting_of_runs_on_files_only(tmp_path):
+    with pytest.raises(ConfigError, match="min_crop_scale: is only read with dataset webdataset or csv"):
+        config_from_dict({"min_crop_scale": 0.4})
+    for wrong in (0, 1.5):
+        with pytest.raises(ConfigError, match="min_crop_scale"):
+            config_from_dict({"min_crop_scale": wrong})
+    assert config_from_dict({}).min_crop_scale == images_module.MIN_CROP_SCALE  # open_clip_train's (0.9, 1)
+
+
 def pil_reference(data: bytes, size: int, rng, draft: bool) -> np.ndarray:
     """What load_image computed before it decoded JPEGs with simplejpeg: PIL open, draft, convert, resize."""
     img = Image.open(io.BytesIO(data))
@@ -729,6 +751,14 @@ def test_eval_set_name_and_template_files_may_name_environment_variables(demo, m
         config_from_dict({"eval_sets": [{"name": "shapes", "type": "zeroshot", "data": str(demo / "zeroshot"),
                                          "zeroshot_templates": "$NOT_SET_ANYWHERE/t.txt"}]}, "run.yaml")
     assert err.value.field == "eval_sets.0.zeroshot_templates"
+    # and the home folder, as ~ at the start of a path or of one of its ::-joined parts
+    monkeypatch.setenv("HOME", str(demo.parent))
+    shards = sorted(p.name for p in (demo / "shards").glob("*.tar"))
+    cfg = config_from_dict({"dataset": "webdataset", "train_data": f"~/{demo.name}/shards/{shards[0]}::"
+                            f"~/{demo.name}/shards/{shards[1]}", "eval_sets": [{
+                                "name": "shapes", "type": "zeroshot", "data": f"~/{demo.name}/zeroshot"}]})
+    assert cfg.train_data == f"{demo}/shards/{shards[0]}::{demo}/shards/{shards[1]}"
+    assert cfg.eval_sets[0].data == str(demo / "zeroshot")
 
 
 def test_a_stray_quote_in_a_table_is_refused_naming_its_line_instead_of_swallowing_the_rows_below(demo, tmp_path):

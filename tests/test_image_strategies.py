@@ -152,3 +152,18 @@ def test_grid_stays_inside_the_patch_grid_for_a_draw_next_to_one():
     _, keep = reduce_images(images, "grid", 17, 8, torch.Generator().manual_seed(17),
                             rows=slice(1321408, 1321409), batch_size=2**21)
     assert keep.max() < 64 and keep.unique().numel() == 16
+
+
+@settings(max_examples=20, deadline=None)
+@given(full=st.integers(2, 16), data=st.data())
+def test_resize_trains_every_entry_of_the_full_length_position_table(full, data):
+    # the fine-tune at full length starts from the whole table: an entry no reduced grid reads keeps its initial value
+    from types import SimpleNamespace
+
+    from sweep.models import position_embedding_for_grid
+
+    grid = data.draw(st.integers(1, full - 1))
+    visual = SimpleNamespace(grid_size=(full, full), positional_embedding=torch.randn(full * full + 1, 4,
+                                                                                      requires_grad=True))
+    (position_embedding_for_grid(visual, grid) * torch.randn(grid * grid + 1, 4)).sum().backward()
+    assert (visual.positional_embedding.grad.abs().sum(-1) > 0).all()

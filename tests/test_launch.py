@@ -2,6 +2,7 @@
 import json
 import os
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -310,6 +311,48 @@ def test_a_run_whose_slurm_job_ended_says_a_relaunch_resumes_it_unless_a_local_p
         state, reason = run_state(run_dir, "7_1", {"7_1": slurm("CANCELLED by 0")}, now)
         assert state == "running" and "slurm job 7_1 has ended" in reason
         assert run_state(run_dir, "7_1", {"7_1": slurm("PENDING", "Priority")}, now)[0] == "requeued"  # job's
+
+
+def test_a_job_that_cannot_start_as_submitted_says_to_scancel_it(tmp_path):
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    now = time.time()
+    state, reason = run_state(run_dir, "7_1", {"7_1": slurm("PENDING", "PartitionConfig")}, now)
+    assert state == "pending" and reason == ("slurm job 7_1 pending (PartitionConfig); it cannot start as "
+                                             "submitted: scancel 7 and relaunch with other resources")
+    for waits in ("Priority", "Resources", "QOSMaxJobsPerUserLimit", "JobArrayTaskLimit"):  # these clear
+        assert run_state(run_dir, "7_1", {"7_1": slurm("PENDING", waits)}, now)[1] == f"slurm job 7_1 pending ({waits})"
+
+
+@pytest.mark.skipif(not shutil.which("squeue"), reason="needs Slurm's commands (scripts/slurm/up.sh installs them)")
+def test_a_slurm_controller_that_does_not_answer_stops_a_launch_and_status_says_so(tmp_path, capsys, monkeypatch):
+    # the real squeue and sacct, pointed at a controller nobody runs (answers at once: connect refused)
+    conf = tmp_path / "slurm.conf"
+    conf.write_text("ClusterName=nowhere\nSlurmctldHost=localhost\nSlurmctldPort=9\nMessageTimeout=1\n"
+                    "TCPTimeout=1\nNodeName=localhost CPUs=1\nPartitionName=debug Nodes=localhost Default=YES\n")
+    monkeypatch.setenv("SLURM_CONF", str(conf))
+    grid, results = grid_file(tmp_path), tmp_path / "results"
+    from sweep.grid import load_grid
+
+    run_ids = [r.run_id for r in load_grid(grid).runs]
+    manifest = {"sweep": "tiny", "launches": [], "runs": {run_id: {
+        "config": config_from_dict({"model": "cpu-s"}).to_dict(),
+        "jobs": [{"executor": "slurm", "job_id": f"5_{i}", "submitted": "2026-11-29T10:00:00"}]}
+        for i, run_id in enumerate(run_ids)}}
+    (results / "tiny").mkdir(parents=True)
+    (results / "tiny" / "manifest.json").write_text(json.dumps(manifest))
+    before = sorted(p.name for p in (results / "tiny").iterdir())
+    assert main(["launch", str(grid), "--results", str(results), "--executor", "local"]) == 1
+    err = capsys.readouterr().err
+    assert re.fullmatch(r"sweep launch: error: squeue failed: .*Unable to contact slurm controller.*; cannot tell "
+                        r"whether the Slurm jobs of \d+ runs are still queued, so nothing is launched: try again "
+                        r"once the controller answers\n", err), err
+    assert sorted(p.name for p in (results / "tiny").iterdir()) == before
+    assert json.loads((results / "tiny" / "manifest.json").read_text()) == manifest
+    assert main(["status", str(results / "tiny")]) == 0
+    out, err = capsys.readouterr()
+    assert "warning: squeue failed: " in err and "the states below come from the run folders alone" in err
+    assert f"{len(run_ids)} runs: {len(run_ids)} pending" in out
 
 
 def test_slurm_jobs_requeue_at_many_time_limits_and_are_signalled_in_time_to_checkpoint(tmp_path):

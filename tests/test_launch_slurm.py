@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from sweep.cli import main
+from sweep.grid import load_grid
 from sweep.launch import slurm_available
 from sweep.status import collect
 
@@ -177,7 +178,6 @@ def test_a_run_on_two_tasks_writes_one_result_and_a_requeue_resumes_every_task(t
 def test_tune_with_the_slurm_executor_completes_a_small_study_through_a_job_array(tmp_path, capsys):
     import yaml
 
-    from sweep.grid import load_grid
     from sweep.tune import progress, remaining
 
     path = tmp_path / "tune.yaml"
@@ -207,7 +207,6 @@ def test_tune_with_the_slurm_executor_completes_a_small_study_through_a_job_arra
 def test_search_on_slurm_submits_one_round_per_call_and_each_call_continues_from_the_results(tmp_path, capsys):
     import yaml
 
-    from sweep.grid import load_grid
 
     path = tmp_path / "search.yaml"
     path.write_text(yaml.safe_dump({
@@ -234,11 +233,38 @@ def test_search_on_slurm_submits_one_round_per_call_and_each_call_continues_from
     assert trained < {r.run_id for r in load_grid(path).runs}
 
 
-def test_an_array_sbatch_refuses_is_one_line_and_no_job_is_recorded(tmp_path, capsys):
-    grid = write_grid(tmp_path, "refused", ["{image_strategy: random, image_tokens: 17}"])
+def test_an_array_sbatch_refuses_is_one_line_and_the_launch_leaves_nothing_behind(tmp_path, capsys):
+    grid = write_grid(tmp_path, "refused", ["{image_strategy: random, image_tokens: 17}",
+                                            "{image_strategy: grid, image_tokens: 17}"])
     results = tmp_path / "results"
     code = main(["launch", str(grid), "--results", str(results), "--executor", "slurm", "--partition", "nosuch"])
     err = capsys.readouterr().err
     assert code == 2 and "slurm: sbatch refused the job array: sbatch: error: invalid partition" in err, err
-    manifest = json.loads((results / "refused" / "manifest.json").read_text())
-    assert not manifest["launches"] and all(not e["jobs"] for e in manifest["runs"].values())
+    assert not results.exists()  # no manifest, no run folder: status has nothing to call pending
+    # a sweep launched before keeps its manifest as it was and its runs' folders; only the new folders go
+    sweep = results / "refused"
+    old = sweep / load_grid(grid).runs[0].run_id
+    old.mkdir(parents=True)
+    (old / "checkpoint.pt").write_bytes(b"an earlier try")
+    manifest = '{"sweep": "refused", "runs": {}, "launches": []}'
+    (sweep / "manifest.json").write_text(manifest)
+    code = main(["launch", str(grid), "--results", str(results), "--executor", "slurm", "--partition", "nosuch"])
+    assert code == 2 and (sweep / "manifest.json").read_text() == manifest
+    assert sorted(p.name for p in sweep.iterdir()) == sorted([old.name, "manifest.json"])
+    assert (old / "checkpoint.pt").read_bytes() == b"an earlier try"
+
+
+def test_a_job_the_partition_can_never_run_says_to_scancel_it_in_status_and_launch(tmp_path, capsys):
+    grid = write_grid(tmp_path, "toobig", ["{image_strategy: random, image_tokens: 17}"])
+    results = tmp_path / "results"
+    assert main(["launch", str(grid), "--results", str(results), "--executor", "slurm", "--cpus", "64"]) == 0
+    job = json.loads((results / "toobig" / "manifest.json").read_text())["launches"][-1]["arrays"][0]
+    try:
+        reason = wait_for(lambda: "PartitionConfig" in (r := states(results / "toobig").popitem()[1]["reason"])
+                          and r, 30, "the controller to give the pending job a reason")
+        assert reason.endswith(f"it cannot start as submitted: scancel {job} and relaunch with other resources")
+        capsys.readouterr()
+        assert main(["launch", str(grid), "--results", str(results), "--executor", "slurm"]) == 0
+        assert f"scancel {job} and relaunch" in capsys.readouterr().out  # skipped, saying why
+    finally:
+        subprocess.run(["scancel", job], check=False)

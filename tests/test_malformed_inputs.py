@@ -139,10 +139,13 @@ def test_analyze_on_a_directory_without_results_says_so(tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("hello")
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "data.bin").write_bytes(b"\x00\x01")
-    assert main(["analyze", str(tmp_path)]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "no result.json" in err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "sub"]
+    for manifest in (None, "[1, 2]", '{"runs": {}, "analysis": [1]}', "{"):  # one that is not a sweep's is ignored
+        if manifest is not None:
+            (tmp_path / "manifest.json").write_text(manifest)
+        assert main(["analyze", str(tmp_path)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "no result.json" in err
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json"] * bool(manifest) + ["notes.txt", "sub"]
 
 
 def test_analyze_on_result_files_that_are_not_records_says_so(tmp_path, capsys):

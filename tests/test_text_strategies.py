@@ -94,9 +94,15 @@ def test_truncation_keeps_the_first_words(text_tokens: int, expected: str) -> No
     assert masked(DOG, "truncation", text_tokens) == expected
 
 
-def test_truncation_stops_at_a_word_that_does_not_fit() -> None:
-    assert masked("a quokka and a red kangaroo", "truncation", 4) == "a"  # never half a word
-    assert masked("a quokka and a red kangaroo", "truncation", 6) == "a quokka"
+def test_truncation_keeps_the_first_tokens_as_open_clip_cuts_a_caption() -> None:
+    import open_clip
+
+    caption = "a quokka and a red kangaroo"  # "quokka" is 3 BPE tokens: qu ok ka
+    assert masked(caption, "truncation", 4) == "a qu"  # half a word, as CLIPA's truncation
+    assert masked(caption, "truncation", 6) == "a quokka"
+    for text_tokens in (4, 5, 6, 8):
+        row = TextReducer("truncation", text_tokens, cache_dir=CACHE_DIR)([caption])[0]
+        assert row.tolist() == open_clip.tokenize([caption], context_length=text_tokens)[0].tolist()
 
 
 @pytest.mark.parametrize("text_tokens", [4, 6, 8])
@@ -254,7 +260,7 @@ def test_rows_are_well_formed(caption: str, strategy: str, text_tokens: int, see
     body = ids[1:end]
     assert len(body) <= text_tokens - 2
     word_ids = [_word_ids(w) for w in split_words(caption)[2]]
-    if strategy == "none":
+    if strategy in ("none", "truncation"):  # the first tokens
         flat = [t for ids_ in word_ids for t in ids_]
         assert body == flat[: text_tokens - 2]
     else:
@@ -275,7 +281,7 @@ def test_strategies_respect_the_budget(lengths: list[int], budget: int, seed: in
         tuple(["NOUN", "ADJ", "VERB", "DET"][i % 4] for i in range(len(lengths))),
     )
     for name, fn in TEXT_STRATEGIES.items():
-        if name == "none":
+        if name in ("none", "truncation"):  # every word: the encoder cuts them at the budget
             continue
         kept = list(fn(caption, budget, np.random.default_rng(seed)))
         assert kept == sorted(set(kept))

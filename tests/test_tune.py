@@ -149,6 +149,18 @@ def test_a_model_size_swept_over_another_setting_has_a_study_per_value_and_each_
         apply_best(load_grid(write(tmp_path, other, "other.yaml")), tmp_path / "tuned")
 
 
+def test_show_says_a_study_with_one_complete_trial_has_no_figure_yet(tmp_path):
+    from sweep.tune import load_study, show
+
+    grid = load_grid(write(tmp_path, TINY))
+    folder = tmp_path / "results" / TINY["sweep"]
+    opened = load_study(studies_of(grid)[0], grid.tune, storage(folder))
+    opened.add_trial(optuna.trial.create_trial(params={"lr": 1e-3}, value=5.0, distributions={
+        "lr": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)}))
+    assert "figure: none yet (a history needs two complete trials, it has 1)" in show(grid, tmp_path / "results")
+    assert not (folder / "figures").exists()
+
+
 def test_a_damaged_journal_line_is_one_error_naming_it_and_a_line_being_written_is_left_alone(tmp_path, capsys):
     grid_path = write(tmp_path, TINY)
     folder = tmp_path / "results" / TINY["sweep"]
@@ -222,6 +234,11 @@ def test_launch_from_tune_gives_each_model_its_best_learning_rate(tmp_path, caps
     swept["axes"]["lr"] = [1e-3, 2e-3]  # tuned and swept: the axis would collapse into one run per cell
     assert main(["launch", str(write(tmp_path, swept)), "--from-tune", str(folder), "--dry-run"]) == 2
     assert "differ only in lr" in capsys.readouterr().err
+    bigger = yaml.safe_load(study.path.read_text())
+    bigger["settings"]["batch_size"] *= 8  # a rate tuned at one batch is not the rate of another
+    assert main(["launch", str(write(tmp_path, bigger)), "--from-tune", str(folder), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert f"tuned lr at batch_size {study.runs[0].config.batch_size} and" in err and "does not carry over" in err
 
 
 # ---------------------------------------------------------------------------------------------- running studies

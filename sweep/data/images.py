@@ -42,7 +42,7 @@ from torchvision.ops import roi_align
 # anything with uniform(low, high): random.Random (the loader's, cheap to seed per sample) or a numpy Generator
 Random = Union[random.Random, np.random.Generator]
 
-TRAIN_SCALE = (0.9, 1.0)  # open_clip_train's RandomResizedCrop scale
+MIN_CROP_SCALE = 0.9  # open_clip_train's RandomResizedCrop scale is (0.9, 1): the min_crop_scale setting's default
 TRAIN_RATIO = (3 / 4, 4 / 3)
 DRAFT_SLACK = 0.9
 ROI_IMAGES = 256  # decoded images resampled at once on a device: 256 256-px images are 200 MB as floats
@@ -52,10 +52,12 @@ class BadImage(ValueError):
     """An image that cannot be decoded; the loader skips the sample and counts it."""
 
 
-def crop_box(rng: Random | None, width: int, height: int) -> tuple[float, float, float, float]:
-    """(left, top, right, bottom) as fractions of the image: a random resized crop, or the centre square for
-    `rng=None`. Sampled like torchvision's RandomResizedCrop.get_params, but from `rng`, so that a sample's crop
-    is a function of its seed and not of the process that decodes it."""
+def crop_box(rng: Random | None, width: int, height: int, min_crop_scale: float = MIN_CROP_SCALE
+             ) -> tuple[float, float, float, float]:
+    """(left, top, right, bottom) as fractions of the image: a random resized crop covering between `min_crop_scale`
+    and all of its area, or the centre square for `rng=None`. Sampled like torchvision's
+    RandomResizedCrop.get_params, but from `rng`, so that a sample's crop is a function of its seed and not of the
+    process that decodes it."""
     if rng is None:
         side = min(width, height)
         w, h = side / width, side / height
@@ -63,7 +65,7 @@ def crop_box(rng: Random | None, width: int, height: int) -> tuple[float, float,
     area = width * height
     log_ratio = (math.log(TRAIN_RATIO[0]), math.log(TRAIN_RATIO[1]))
     for _ in range(10):
-        target = area * rng.uniform(*TRAIN_SCALE)
+        target = area * rng.uniform(min_crop_scale, 1.0)
         ratio = math.exp(rng.uniform(*log_ratio))
         w, h = math.sqrt(target * ratio), math.sqrt(target / ratio)
         if 0 < w <= width and 0 < h <= height:
@@ -90,10 +92,10 @@ def _open(data: bytes) -> Image.Image:
         return Image.open(io.BytesIO(data))
 
 
-def load_image(file: bytes | str | Path, size: int, rng: Random | None = None, *,
-               draft: bool = True) -> np.ndarray:
-    """Decode an image (bytes or a path) to uint8 [size, size, 3]: a training crop drawn from `rng`, or the
-    evaluation resize + centre crop when `rng` is None. Raises BadImage for anything that cannot be decoded."""
+def load_image(file: bytes | str | Path, size: int, rng: Random | None = None, *, draft: bool = True,
+               min_crop_scale: float = MIN_CROP_SCALE) -> np.ndarray:
+    """Decode an image (bytes or a path) to uint8 [size, size, 3]: a training crop drawn from `rng` (`crop_box`),
+    or the evaluation resize + centre crop when `rng` is None. Raises BadImage for anything that cannot be decoded."""
     try:
         data = bytes(file) if isinstance(file, (bytes, bytearray, memoryview)) else Path(file).read_bytes()
         img = None
@@ -107,7 +109,7 @@ def load_image(file: bytes | str | Path, size: int, rng: Random | None = None, *
         else:
             img = _open(data)
             width, height = img.size
-        box = crop_box(rng, width, height)
+        box = crop_box(rng, width, height, min_crop_scale)
         need = draft_need(box, size)
         scale = draft_scale(width, height, need) if draft else 1
         if img is None:
@@ -127,7 +129,8 @@ def load_image(file: bytes | str | Path, size: int, rng: Random | None = None, *
     return np.asarray(img)
 
 
-def jpeg_crop(data: bytes, rng: Random) -> tuple[float, float, float, float] | None:
+def jpeg_crop(data: bytes, rng: Random, min_crop_scale: float = MIN_CROP_SCALE
+              ) -> tuple[float, float, float, float] | None:
     """The training crop (left, top, right, bottom, in pixels) of a JPEG that `decode_crops` can decode later, drawn
     from `rng` as `load_image` draws it; None for a file `load_image` must handle: not a YCbCr or grey JPEG, over
     PIL's pixel limit, or damaged. Damage is found as `load_image` finds it: libjpeg decodes the whole file, at 1/8
@@ -139,7 +142,7 @@ def jpeg_crop(data: bytes, rng: Random) -> tuple[float, float, float, float] | N
         simplejpeg.decode_jpeg(data, "RGB", min_width=math.ceil(width / 8), min_height=math.ceil(height / 8))
     except ValueError:
         return None
-    left, top, right, bottom = crop_box(rng, width, height)
+    left, top, right, bottom = crop_box(rng, width, height, min_crop_scale)
     return left * width, top * height, right * width, bottom * height
 
 

@@ -49,7 +49,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from sweep.data.images import BadImage, decode_crops, jpeg_crop, load_image
+from sweep.data.images import MIN_CROP_SCALE, BadImage, decode_crops, jpeg_crop, load_image
 from sweep.data.sources import RawSample, ShardSource, TableSource
 from sweep.results import drop_inherited_locks
 
@@ -109,10 +109,11 @@ class Chunk:
     bad: list[tuple[int, str, str, bool]] = field(default_factory=list)
 
 
-def decode(sample: RawSample, image_size: int, rng: random.Random, defer: bool = False
-           ) -> np.ndarray | tuple[bytes, tuple[float, float, float, float]]:
-    """The sample's training image (uint8 [S, S, 3]); with `defer`, its JPEG file and crop box instead where the
-    trainer's device can decode that file (`jpeg_crop`); or ValueError saying why the sample is unusable."""
+def decode(sample: RawSample, image_size: int, rng: random.Random, defer: bool = False,
+           min_crop_scale: float = MIN_CROP_SCALE) -> np.ndarray | tuple[bytes, tuple[float, float, float, float]]:
+    """The sample's training image (uint8 [S, S, 3], a crop of `min_crop_scale` to all of its area); with `defer`,
+    its JPEG file and crop box instead where the trainer's device can decode that file (`jpeg_crop`); or ValueError
+    saying why the sample is unusable."""
     if sample.lost:
         raise ValueError(sample.lost)
     if lacking := sample.lacks():
@@ -122,8 +123,8 @@ def decode(sample: RawSample, image_size: int, rng: random.Random, defer: bool =
     except OSError as err:
         raise ValueError(f"cannot read image {sample.image} ({err.strerror or err})") from None
     try:
-        box = jpeg_crop(file, rng) if defer else None
-        return (file, box) if box is not None else load_image(file, image_size, rng)
+        box = jpeg_crop(file, rng, min_crop_scale) if defer else None
+        return (file, box) if box is not None else load_image(file, image_size, rng, min_crop_scale=min_crop_scale)
     except BadImage as err:
         raise ValueError(f"image does not decode ({err})") from None
 
@@ -135,10 +136,10 @@ class EpochChunks(IterableDataset):
 
     def __init__(self, source: ShardSource | TableSource, seed: int, stage: int, epoch: int, streams: int,
                  read: range, start: list[int], image_size: int, text: "TextReducer | None" = None,
-                 defer: bool = False):
+                 defer: bool = False, min_crop_scale: float = MIN_CROP_SCALE):
         self.source, self.seed, self.stage, self.epoch = source, seed, stage, epoch
         self.streams, self.read, self.start, self.image_size, self.text = streams, read, start, image_size, text
-        self.defer = defer
+        self.defer, self.min_crop_scale = defer, min_crop_scale
 
     def __iter__(self) -> Iterator[Chunk]:
         info = get_worker_info()
@@ -170,7 +171,7 @@ class EpochChunks(IterableDataset):
                 # the crop of a sample is a function of the sample's place in the epoch, not of the worker
                 rng = random.Random(f"{self.seed}/{self.stage}/{self.epoch}/{s}/{position}")
                 try:
-                    image = decode(sample, self.image_size, rng, self.defer)
+                    image = decode(sample, self.image_size, rng, self.defer, self.min_crop_scale)
                     later = isinstance(image, tuple)  # (file, box): the trainer's device decodes it
                     if later:
                         files.append(image[0])
@@ -217,10 +218,11 @@ class StreamedBatches:
     def __init__(self, source: ShardSource | TableSource, *, seed: int, stage: int, batch_size: int,
                  image_size: int, workers: int, epoch_samples: int | None = None,
                  position: dict[str, Any] | None = None, text: "TextReducer | None" = None, rank: int = 0,
-                 ranks: int = 1, pin: bool = False, decode_on: torch.device | str | None = None):
+                 ranks: int = 1, pin: bool = False, decode_on: torch.device | str | None = None,
+                 min_crop_scale: float = MIN_CROP_SCALE):
         self.source, self.seed, self.stage, self.batch_size = source, seed, stage, batch_size
         self.text = text if text is not None and text.deterministic and not text.needs_pos else None
-        self.image_size = image_size
+        self.image_size, self.min_crop_scale = image_size, min_crop_scale
         self.ranks = ranks
         self.epoch_samples = None if epoch_samples is None else epoch_samples // ranks  # this rank's share
         self.streams = min(max(STREAMS, ranks), source.max_streams)
@@ -344,7 +346,8 @@ class StreamedBatches:
 
     def _epoch(self, epoch: int, consumed: list[int]) -> "EpochReader":
         chunks = EpochChunks(self.source, self.seed, self.stage, epoch, self.streams, self.read, consumed,
-                             self.image_size, self.text, defer=self.decode_on is not None)
+                             self.image_size, self.text, defer=self.decode_on is not None,
+                             min_crop_scale=self.min_crop_scale)
         loader = DataLoader(chunks, batch_size=None, num_workers=self.workers, worker_init_fn=worker_init,
                             prefetch_factor=4 if self.workers else None)
         return EpochReader(iter(loader), {s: consumed[s] for s in self.read})

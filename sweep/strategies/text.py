@@ -12,8 +12,8 @@ never cut off. Words get `text_tokens - 2` BPE tokens in all (the word budget).
 Strategies (`TEXT_STRATEGIES`, name -> function choosing which words to keep):
   - `none`: every word, cut at the budget token by token: exactly open_clip's plain tokenization (the baseline;
     only at the full context length).
-  - `truncation`: the first words, whole: it stops at the first word whose tokens do not all fit (so a word is never
-    cut in half; the words kept are a prefix of the caption).
+  - `truncation`: the first tokens, as open_clip cuts a caption to a shorter context (and CLIPA truncates): every
+    word, cut at the budget token by token, so the last word kept may lose its last BPE tokens.
   - `random`: a uniformly random subset of words: words in a random order, each kept if its tokens still fit.
   - `block`: a random contiguous span of words: a start word drawn uniformly among the starts whose span is not cut
     short by the caption's end, then words from there while they fit.
@@ -118,15 +118,9 @@ def keep_everything(caption: CaptionWords, budget: int, rng: np.random.Generator
 
 
 @register_text_strategy("truncation")
-def truncation(caption: CaptionWords, budget: int, rng: np.random.Generator | None) -> list[int]:
-    """The first words, whole: stop at the first word that does not fit."""
-    kept, used = [], 0
-    for i, n in enumerate(caption.lengths):
-        if used + n > budget:
-            break
-        kept.append(i)
-        used += n
-    return kept
+def truncation(caption: CaptionWords, budget: int, rng: np.random.Generator | None) -> range:
+    """The first tokens: all words, which the encoder cuts at the budget token by token (half a word included)."""
+    return range(len(caption.words))
 
 
 @register_text_strategy("random", deterministic=False)

@@ -155,7 +155,7 @@ def training_batches(cfg: RunConfig, stage: str, data: Data | None, state: Train
     if len(positions) != here.world_size:
         raise RuntimeError(f"the checkpoint was written by a run on {len(positions)} processes and this one has "
                            f"{here.world_size}: the streams of a file dataset are split by rank, so resume it on "
-                           f"{len(positions)}")
+                           f"{len(positions)} (sweep launch --rerun-failed with that many processes)")
     image_strategy, image_tokens, _, _ = cfg.stage_settings(stage)
     size = cfg.spec.image_size
     if image_strategy == "resize":  # decode straight to the reduced resolution: small images cost less to load
@@ -165,7 +165,8 @@ def training_batches(cfg: RunConfig, stage: str, data: Data | None, state: Train
                               batch_size=cfg.batch_size // here.world_size, image_size=size, workers=workers,
                               epoch_samples=cfg.train_num_samples, position=positions[here.rank], text=text,
                               rank=here.rank, ranks=here.world_size, pin=device.type == "cuda",
-                              decode_on=device if cfg.decode == "device" else None)
+                              decode_on=device if cfg.decode == "device" else None,
+                              min_crop_scale=cfg.min_crop_scale)
     return Prefetched(batches) if device.type == "cuda" else batches
 
 
