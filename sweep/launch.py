@@ -298,7 +298,8 @@ def record_start_failure(run_dir: Path, err: Exception) -> None:
 def work_queue(run_dirs: list[str], fail_fast: bool = False, since: float = 0.0) -> dict[str, str]:
     """A local worker: train every run of the list that nobody else holds, in order (all its tasks together). A
     run with a result written since `since` (the launch's start) was trained by another worker of this launch,
-    completed or not: it is not trained again."""
+    completed or not: it is not trained again (the trainer says so, rank 0 for all of a worker's tasks: each task
+    looking for itself could see another worker's result appear between their looks, and the tasks part ways)."""
     with stop_requests(signal.SIGTERM) as stopping:  # the launcher stops its workers (Ctrl-C, --fail-fast)
         from sweep.train import Interrupted
 
@@ -308,10 +309,6 @@ def work_queue(run_dirs: list[str], fail_fast: bool = False, since: float = 0.0)
         for run_dir in run_dirs:
             if stopping or (fail_fast and any(v.startswith("failed") for v in outcome.values())):
                 break
-            # a worker of several tasks leaves this to the trainer, where rank 0 decides for all: each task looking
-            # for itself could see another worker's result appear between their looks, and the tasks part ways
-            if alone and (status_of(run_dir) == "completed" or (result_mtime(run_dir) or 0) >= since > 0):
-                continue
             try:
                 outcome[run_dir] = train_run_dir(run_dir, since=since)
             except Interrupted as err:  # SIGTERM / SIGUSR2: the run has its checkpoint; the worker stops with it
